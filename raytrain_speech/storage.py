@@ -1,0 +1,136 @@
+"""One place that turns a storage URI into a pyarrow filesystem.
+
+Shards, checkpoints, metrics and run cards all live under URIs that may be local paths, ``file://``
+URIs or ``s3://bucket/prefix``. Every reader and writer goes through ``resolve`` so that a custom
+endpoint (MinIO, Ceph, the test server) and the retry/timeout policy are set once. Credentials are
+never part of the config: pyarrow takes them from the standard AWS environment, profile or instance
+role, so they cannot leak into saved configs or logs.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """Storage is unreachable or a path is missing; the message names the URI and the fix."""
+
+
+@dataclass
+class StorageConfig:
+    """How to reach object storage (credentials come from the environment, never from here)."""
+
+    endpoint_url: str | None = None
+    """S3-compatible endpoint, e.g. http://127.0.0.1:9000 (MinIO); None = AWS (or $AWS_ENDPOINT_URL)."""
+    region: str | None = None
+    """S3 region; None = $AWS_REGION / $AWS_DEFAULT_REGION / us-east-1."""
+    connect_timeout_s: float = 10.0
+    """Give up connecting after this long, so an unreachable endpoint fails instead of hanging."""
+    request_timeout_s: float = 60.0
+    """Give up on one request after this long."""
+    max_attempts: int = 5
+    """Attempts per request (retries with backoff on throttling and 5xx)."""
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _endpoint(storage: StorageConfig) -> str | None:
+    return storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
+    """An S3 filesystem for the configured endpoint; the same object is passed to Ray Data and Train."""
+    kwargs: dict = {
+        "region": storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1",
+        "connect_timeout": storage.connect_timeout_s,
+        "request_timeout": storage.request_timeout_s,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=storage.max_attempts),
+    }
+    endpoint = _endpoint(storage)
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path, file:// URI or s3:// URI."""
+    storage = storage or StorageConfig()
+    if uri.startswith("file://"):
+        return pafs.LocalFileSystem(), os.path.abspath(uri[len("file://"):])
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    scheme, rest = uri.split("://", 1)
+    if scheme == "s3":
+        return s3_filesystem(storage), rest.rstrip("/")
+    if scheme in ("gs", "gcs"):
+        return pafs.GcsFileSystem(), rest.rstrip("/")
+    raise StorageError(f"unsupported storage scheme '{scheme}://' in {uri}; use a local path, s3:// or gs://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI without touching its scheme."""
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{posixpath.join(rest, *parts)}"
+    return os.path.join(uri, *parts)
+
+
+def _describe(uri: str, err: Exception) -> str:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    fix = ("check the bucket name, endpoint_url and AWS credentials in the environment"
+           if is_remote(uri) else "check that the path exists")
+    return f"{uri}: {reason} ({fix})"
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    fs, path = resolve(uri, storage)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, FileNotFoundError) as err:
+        raise StorageError(_describe(uri, err)) from None
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    """Write a whole object (object stores have no append: callers rewrite small files)."""
+    fs, path = resolve(uri, storage)
+    try:
+        parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    except OSError as err:
+        raise StorageError(_describe(uri, err)) from None
+
+
+def exists(uri: str, storage: StorageConfig | None = None) -> bool:
+    fs, path = resolve(uri, storage)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as err:
+        raise StorageError(_describe(uri, err)) from None
+
+
+def check_reachable(uri: str, storage: StorageConfig | None = None) -> None:
+    """Fail fast with one line if the bucket/endpoint behind ``uri`` cannot be listed."""
+    if not is_remote(uri):
+        return
+    fs, path = resolve(uri, storage)
+    bucket = path.split("/", 1)[0]
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as err:
+        raise StorageError(_describe(uri, err)) from None
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"{uri}: bucket '{bucket}' does not exist (create it, or fix the URI)")
