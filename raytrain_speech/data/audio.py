@@ -1,0 +1,61 @@
+"""Decode, resample and validate audio (pure functions; no Ray, no I/O beyond bytes in memory).
+
+Every problem raises ``AudioError`` with a short reason so the pipeline can count and log the skip
+with the utterance id instead of crashing a worker or silently dropping the row.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+
+class AudioError(ValueError):
+    """An utterance's audio is unusable; the message is the reason (logged with the utterance id)."""
+
+
+def decode(audio_bytes: bytes) -> tuple[np.ndarray, int]:
+    """FLAC/WAV/OGG bytes -> (float32 mono samples in [-1, 1], sample rate in Hz)."""
+    if not audio_bytes:
+        raise AudioError("empty audio bytes")
+    try:
+        samples, sample_rate_hz = sf.read(io.BytesIO(audio_bytes), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        raise AudioError(f"cannot decode audio: {str(err).splitlines()[0]}") from None
+    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    return np.ascontiguousarray(mono, dtype=np.float32), int(sample_rate_hz)
+
+
+def resample(samples: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
+    """Band-limited resampling (torchaudio's sinc interpolation); a no-op at equal rates."""
+    if from_hz == to_hz:
+        return samples
+    out = AF.resample(torch.from_numpy(samples), orig_freq=from_hz, new_freq=to_hz)
+    return out.numpy()
+
+
+def validate(samples: np.ndarray, sample_rate_hz: int, min_duration_s: float = 0.0) -> None:
+    if samples.size == 0:
+        raise AudioError("zero-length audio")
+    if not np.isfinite(samples).all():
+        raise AudioError("audio contains NaN or Inf samples")
+    if samples.size / sample_rate_hz < min_duration_s:
+        raise AudioError(f"audio shorter than {min_duration_s} s")
+
+
+def load(audio_bytes: bytes, sample_rate_hz: int) -> np.ndarray:
+    """Decode + mono + resample to ``sample_rate_hz`` + validate: the one entry point for readers."""
+    samples, source_hz = decode(audio_bytes)
+    validate(samples, source_hz)
+    return resample(samples, source_hz, sample_rate_hz)
+
+
+def encode_flac(samples: np.ndarray, sample_rate_hz: int) -> bytes:
+    """float samples in [-1, 1] -> 16-bit FLAC bytes (the shard format's audio encoding)."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(samples, -1.0, 1.0), sample_rate_hz, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()

@@ -1,0 +1,104 @@
+"""Log-mel front end and per-utterance normalisation.
+
+Shapes: T = samples, F = frames, M = mel bins.
+
+Runs inside Ray Data on CPU (``features.placement = data``) so training workers receive ready
+features; it is a plain torch module so it can also run on the training device later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torchaudio
+
+from raytrain_speech.configlib import require
+
+
+@dataclass
+class FeatureConfig:
+    """The acoustic front end (defaults: 80 log-mel, 25 ms Hamming window, 10 ms hop, 16 kHz)."""
+
+    sample_rate_hz: int = 16000
+    """Every utterance is resampled to this rate before features."""
+    n_mels: int = 80
+    """Mel bins."""
+    win_length_ms: float = 25.0
+    """Analysis window length."""
+    hop_length_ms: float = 10.0
+    """Frame shift."""
+    n_fft: int = 400
+    """FFT size in samples (>= window length in samples)."""
+    window: Literal["hamming", "hann"] = "hamming"
+    """Analysis window shape."""
+    log_floor: float = 1e-6
+    """Added to mel power before the log so silence does not give -inf."""
+    normalize: Literal["utterance", "none"] = "utterance"
+    """Per-utterance zero-mean unit-variance per mel bin, or raw log-mel."""
+    kind: Literal["log_mel", "waveform"] = "log_mel"
+    """log_mel for spectrogram models; waveform for raw-audio models (no front end)."""
+
+    @property
+    def win_length(self) -> int:
+        return round(self.sample_rate_hz * self.win_length_ms / 1000)
+
+    @property
+    def hop_length(self) -> int:
+        return round(self.sample_rate_hz * self.hop_length_ms / 1000)
+
+    def validate(self) -> None:
+        require(self.sample_rate_hz > 0, "features.sample_rate_hz", "must be positive")
+        require(self.n_mels > 0, "features.n_mels", "must be positive")
+        require(0 < self.hop_length_ms <= self.win_length_ms, "features.hop_length_ms",
+                "must be positive and at most win_length_ms")
+        require(self.n_fft >= self.win_length, "features.n_fft",
+                f"must be >= the window length in samples ({self.win_length})")
+
+    def num_frames(self, num_samples: int) -> int:
+        return 1 + num_samples // self.hop_length
+
+
+class LogMel(torch.nn.Module):
+    """waveform_T (or batch waveform_BT) -> log-mel (…, F, M)."""
+
+    def __init__(self, cfg: FeatureConfig):
+        super().__init__()
+        self.cfg = cfg
+        window_fn = torch.hamming_window if cfg.window == "hamming" else torch.hann_window
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate_hz, n_fft=cfg.n_fft, win_length=cfg.win_length,
+            hop_length=cfg.hop_length, n_mels=cfg.n_mels, window_fn=window_fn, power=2.0,
+            center=True, mel_scale="htk",
+        )
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        mel_MF = self.mel(waveform)
+        logmel = torch.log(mel_MF + self.cfg.log_floor)
+        return logmel.transpose(-1, -2)
+
+
+def normalize_utterance(feats_FM: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance per mel bin over the utterance's frames."""
+    mean = feats_FM.mean(dim=0, keepdim=True)
+    std = feats_FM.std(dim=0, keepdim=True, unbiased=False).clamp_min(1e-5)
+    return (feats_FM - mean) / std
+
+
+class FeatureExtractor:
+    """waveform (numpy, float32, cfg rate) -> float32 features_FM ready for the model."""
+
+    def __init__(self, cfg: FeatureConfig):
+        self.cfg = cfg
+        self.logmel = LogMel(cfg) if cfg.kind == "log_mel" else None
+
+    @torch.no_grad()
+    def __call__(self, samples_T: np.ndarray) -> np.ndarray:
+        if self.logmel is None:
+            return samples_T.astype(np.float32, copy=False)
+        feats_FM = self.logmel(torch.from_numpy(samples_T))
+        if self.cfg.normalize == "utterance":
+            feats_FM = normalize_utterance(feats_FM)
+        return feats_FM.numpy()

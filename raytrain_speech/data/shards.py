@@ -1,0 +1,118 @@
+"""The shard format: Parquet files of encoded utterances plus a JSON manifest (see docs/shards.md).
+
+A corpus root holds ``manifest.json`` and ``<split>/shard-NNNNN.parquet``. The manifest lists each
+split's shards with their utterance counts and hours so readers never need to list a bucket, and
+gives every utterance a stable integer ``index`` (0..n-1 per split) that exactly-once accounting
+keys on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raytrain_speech import storage
+from raytrain_speech.storage import StorageConfig, StorageError
+
+FORMAT = "raytrain-speech-shards/1"
+MANIFEST = "manifest.json"
+
+SCHEMA = pa.schema([
+    pa.field("index", pa.int64(), nullable=False),
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("audio", pa.binary(), nullable=False),
+    pa.field("sample_rate_hz", pa.int32(), nullable=False),
+    pa.field("duration_s", pa.float32(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("language", pa.string()),
+    pa.field("speaker", pa.string()),
+])
+REQUIRED_COLUMNS = ("index", "id", "audio", "sample_rate_hz", "duration_s", "text")
+
+
+@dataclass
+class SplitInfo:
+    shards: list[str] = field(default_factory=list)
+    utterances: list[int] = field(default_factory=list)
+    hours: float = 0.0
+
+    @property
+    def num_utterances(self) -> int:
+        return sum(self.utterances)
+
+
+@dataclass
+class Manifest:
+    splits: dict[str, SplitInfo] = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "format": FORMAT,
+            "splits": {k: {"shards": v.shards, "utterances": v.utterances, "hours": round(v.hours, 4)}
+                       for k, v in self.splits.items()},
+            "source": self.source,
+        }, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Manifest:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise StorageError(f"{where}: not a valid manifest ({err})") from None
+        if raw.get("format") != FORMAT:
+            raise StorageError(f"{where}: manifest format {raw.get('format')!r}, expected {FORMAT!r}")
+        splits = {k: SplitInfo(v["shards"], v["utterances"], v["hours"]) for k, v in raw["splits"].items()}
+        return cls(splits=splits, source=raw.get("source", {}))
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}/shard-{number:05d}.parquet"
+
+
+def write_shard(root: str, relpath: str, table: pa.Table, cfg: StorageConfig | None = None) -> None:
+    """Write one shard; audio is already FLAC so only the small columns get compressed."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=128, compression={"audio": "none"},
+                   use_dictionary=["language", "speaker"])
+    storage.write_bytes(storage.join(root, relpath), buf.getvalue(), cfg)
+
+
+def write_manifest(root: str, manifest: Manifest, cfg: StorageConfig | None = None) -> None:
+    storage.write_bytes(storage.join(root, MANIFEST), manifest.to_json().encode(), cfg)
+
+
+def read_manifest(root: str, cfg: StorageConfig | None = None) -> Manifest:
+    uri = storage.join(root, MANIFEST)
+    if not storage.exists(uri, cfg):
+        raise StorageError(f"{uri} not found: no shard corpus at {root} "
+                           f"(run `raytrain-speech synth --out {root}` or fix data.root)")
+    return Manifest.from_json(storage.read_bytes(uri, cfg).decode(), uri)
+
+
+def shard_uris(root: str, split: str, cfg: StorageConfig | None = None) -> list[str]:
+    manifest = read_manifest(root, cfg)
+    if split not in manifest.splits:
+        raise StorageError(f"{root}: no split '{split}' (have: {', '.join(sorted(manifest.splits))})")
+    return [storage.join(root, s) for s in manifest.splits[split].shards]
+
+
+def read_shard(uri: str, cfg: StorageConfig | None = None) -> pa.Table:
+    """Read one shard, checking it is Parquet with the required columns."""
+    data = storage.read_bytes(uri, cfg)
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise StorageError(f"{uri}: not a readable Parquet shard ({str(err).splitlines()[0]})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise StorageError(f"{uri}: shard is missing columns {', '.join(missing)}")
+    return table

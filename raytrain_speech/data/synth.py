@@ -1,0 +1,283 @@
+"""Synthesized speech corpus for the embedded demo and the tests (espeak-ng through ctypes).
+
+Why synthesize: the demo and CI must run with no downloads beyond package registries, on real
+audio with a real train/test gap. espeak-ng ships as a wheel (``espeakng-loader``); we drive
+libespeak-ng directly with ctypes. A *speaker* is an accent x voice variant with its own base pitch,
+pitch range and speaking rate; utterances jitter rate and pitch around that. Dev and test use
+speakers (accent+variant combinations) and sentences that training never sees.
+
+Everything is a function of ``SynthConfig.seed``: the same config gives the same audio bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import multiprocessing
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from raytrain_speech.configlib import require, to_dict
+from raytrain_speech.data import audio, shards
+from raytrain_speech.data.words import WORDS
+from raytrain_speech.storage import StorageConfig
+
+ACCENTS = ("en", "en-us", "en-029", "en-gb-scotland", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan",
+           "en-gb-x-gbcwmd")
+VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5", "klatt",
+            "klatt2", "klatt3", "klatt4", "Andy", "Annie", "adam", "anika", "boris", "caleb", "david",
+            "edward", "ian", "iven", "john", "linda", "max", "Michael", "norbert", "steph", "travis",
+            "victor", "paul", "robert", "quincy", "shelby", "benjamin", "belinda", "aunty", "grandpa")
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass
+class SynthConfig:
+    """The synthesized corpus: its size, speakers and prosody ranges."""
+
+    seed: int = 1234
+    """Everything (speakers, sentences, prosody, silence) derives from this."""
+    train_hours: float = 6.0
+    """Approximate hours of training audio (the manifest records the exact figure)."""
+    dev_utterances: int = 200
+    """Utterances in the dev split (held-out speakers and sentences)."""
+    test_utterances: int = 400
+    """Utterances in the test split (held-out speakers and sentences)."""
+    train_speakers: int = 160
+    """Distinct speakers (accent x variant, with their own pitch and rate) in train."""
+    heldout_speakers: int = 16
+    """Speakers in dev and in test each; never used in train."""
+    min_words: int = 3
+    """Shortest sentence in words."""
+    max_words: int = 8
+    """Longest sentence in words."""
+    rate_wpm: tuple[int, int] = (130, 210)
+    """Range of speakers' base speaking rates (words per minute)."""
+    pitch: tuple[int, int] = (20, 80)
+    """Range of speakers' base pitch (espeak 0-100)."""
+    sample_rate_hz: int = 16000
+    """Output sample rate (espeak renders at 22.05 kHz and is resampled)."""
+    shard_utterances: int = 500
+    """Utterances per Parquet shard."""
+    workers: int = 0
+    """Synthesis processes; 0 = one per CPU core."""
+
+    def validate(self) -> None:
+        require(self.train_hours > 0, "synth.train_hours", "must be positive")
+        require(1 <= self.min_words <= self.max_words, "synth.min_words", "must be >= 1 and <= max_words")
+        n_combos = len(ACCENTS) * len(VARIANTS)
+        need = self.train_speakers + 2 * self.heldout_speakers
+        require(need <= n_combos, "synth.train_speakers",
+                f"train_speakers + 2*heldout_speakers must be <= {n_combos} voice combinations")
+        require(self.shard_utterances >= 1, "synth.shard_utterances", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Speaker:
+    name: str
+    voice: str
+    pitch: int
+    pitch_range: int
+    rate_wpm: int
+
+
+@dataclass(frozen=True)
+class UtteranceSpec:
+    index: int
+    split: str
+    text: str
+    speaker: Speaker
+    rate_wpm: int
+    pitch: int
+    lead_s: float
+    tail_s: float
+    gain: float
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.split}-{self.index:06d}"
+
+
+def make_speakers(cfg: SynthConfig) -> dict[str, list[Speaker]]:
+    """Draw speakers without replacement from accent x variant so splits share no voice."""
+    rng = random.Random(f"{cfg.seed}/speakers")
+    combos = [(a, v) for a in ACCENTS for v in VARIANTS]
+    rng.shuffle(combos)
+    counts = {"dev": cfg.heldout_speakers, "test": cfg.heldout_speakers, "train": cfg.train_speakers}
+    out, pos = {}, 0
+    for split in ("dev", "test", "train"):
+        speakers = []
+        for accent, variant in combos[pos: pos + counts[split]]:
+            pitch = rng.randint(*cfg.pitch)
+            rate = rng.randint(*cfg.rate_wpm)
+            speakers.append(Speaker(f"{accent}+{variant}", f"{accent}+{variant}", pitch,
+                                    rng.randint(30, 90), rate))
+        out[split] = speakers
+        pos += counts[split]
+    return out
+
+
+def _estimate_duration_s(n_words: int, rate_wpm: int) -> float:
+    return n_words * 60.0 / rate_wpm * 0.97 + 0.4
+
+
+def make_specs(cfg: SynthConfig) -> dict[str, list[UtteranceSpec]]:
+    """All utterance specs; held-out sentences are drawn first and excluded from train."""
+    speakers = make_speakers(cfg)
+    used: set[str] = set()
+    specs: dict[str, list[UtteranceSpec]] = {}
+    for split in ("dev", "test", "train"):
+        rng = random.Random(f"{cfg.seed}/{split}")
+        out: list[UtteranceSpec] = []
+        total_s = 0.0
+        while True:
+            if split == "train" and total_s >= cfg.train_hours * 3600:
+                break
+            if split != "train" and len(out) >= getattr(cfg, f"{split}_utterances"):
+                break
+            words = rng.choices(WORDS, k=rng.randint(cfg.min_words, cfg.max_words))
+            text = " ".join(words)
+            if text in used:
+                continue
+            used.add(text)
+            spk = rng.choice(speakers[split])
+            rate = max(80, round(spk.rate_wpm * rng.uniform(0.9, 1.1)))
+            pitch = min(99, max(0, spk.pitch + rng.randint(-6, 6)))
+            spec = UtteranceSpec(len(out), split, text, spk, rate, pitch, rng.uniform(0.05, 0.3),
+                                 rng.uniform(0.05, 0.3), rng.uniform(0.3, 0.9), rng.getrandbits(31))
+            out.append(spec)
+            total_s += _estimate_duration_s(len(words), rate)
+        specs[split] = out
+    return specs
+
+
+class Espeak:
+    """Synchronous libespeak-ng bound through ctypes; one instance per process (the library is global)."""
+
+    AUDIO_OUTPUT_SYNCHRONOUS = 2
+    RATE, VOLUME, PITCH, RANGE = 1, 2, 3, 4
+    CHARS_UTF8 = 1
+    _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+    def __init__(self):
+        import espeakng_loader
+
+        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.data_path = espeakng_loader.get_data_path()
+        self.sample_rate_hz = self.lib.espeak_Initialize(
+            self.AUDIO_OUTPUT_SYNCHRONOUS, 0, self.data_path.encode(), 0)
+        if self.sample_rate_hz <= 0:
+            raise RuntimeError(f"espeak-ng failed to initialise with data at {self.data_path}")
+        self._chunks: list[np.ndarray] = []
+        self._cb = self._CALLBACK(self._on_audio)  # keep a reference: ctypes does not
+        self.lib.espeak_SetSynthCallback(self._cb)
+
+    def _on_audio(self, wav, n, _events) -> int:
+        if n > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+
+    def has_variant(self, variant: str) -> bool:
+        return os.path.exists(os.path.join(self.data_path, "voices", "!v", variant))
+
+    def synthesize(self, text: str, voice: str, rate_wpm: int, pitch: int, pitch_range: int,
+                   seed: int) -> np.ndarray:
+        """int16 samples at ``self.sample_rate_hz``; ``seed`` fixes espeak's internal noise/jitter."""
+        self.lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise RuntimeError(f"espeak-ng voice {voice!r} not found")
+        for param, value in ((self.RATE, rate_wpm), (self.PITCH, pitch), (self.RANGE, pitch_range)):
+            self.lib.espeak_SetParameter(param, int(value), 0)
+        self._chunks.clear()
+        data = text.encode("utf-8")
+        err = self.lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, self.CHARS_UTF8, None, None)
+        self.lib.espeak_Synchronize()
+        if err != 0 or not self._chunks:
+            raise RuntimeError(f"espeak-ng produced no audio for {text!r} (error {err})")
+        return np.concatenate(self._chunks)
+
+
+_ESPEAK: Espeak | None = None
+
+
+def _espeak() -> Espeak:
+    global _ESPEAK
+    if _ESPEAK is None:
+        _ESPEAK = Espeak()
+    return _ESPEAK
+
+
+def render(spec: UtteranceSpec, sample_rate_hz: int) -> np.ndarray:
+    """One utterance as float32 at ``sample_rate_hz`` with its silence padding and gain."""
+    engine = _espeak()
+    pcm = engine.synthesize(spec.text, spec.speaker.voice, spec.rate_wpm, spec.pitch,
+                            spec.speaker.pitch_range, seed=spec.seed)
+    wav = audio.resample(pcm.astype(np.float32) / 32768.0, engine.sample_rate_hz, sample_rate_hz)
+    peak = float(np.abs(wav).max()) or 1.0
+    wav = wav * (spec.gain / peak)
+    lead = np.zeros(int(spec.lead_s * sample_rate_hz), np.float32)
+    tail = np.zeros(int(spec.tail_s * sample_rate_hz), np.float32)
+    return np.concatenate([lead, wav, tail]).astype(np.float32)
+
+
+def _write_shard(job: tuple) -> tuple[str, int, float]:
+    import torch
+
+    torch.set_num_threads(1)
+    root, relpath, specs, sample_rate_hz, storage_cfg = job
+    rows = []
+    for spec in specs:
+        wav = render(spec, sample_rate_hz)
+        rows.append({
+            "index": spec.index, "id": spec.id, "audio": audio.encode_flac(wav, sample_rate_hz),
+            "sample_rate_hz": sample_rate_hz, "duration_s": len(wav) / sample_rate_hz,
+            "text": spec.text, "language": "en", "speaker": spec.speaker.name,
+        })
+    shards.write_shard(root, relpath, shards.rows_to_table(rows), storage_cfg)
+    return relpath, len(rows), sum(r["duration_s"] for r in rows)
+
+
+def check_voices() -> None:
+    """Checks the voice files without loading the library (the parent must stay espeak-free)."""
+    import espeakng_loader
+
+    variants_dir = os.path.join(espeakng_loader.get_data_path(), "voices", "!v")
+    missing = [v for v in VARIANTS if not os.path.exists(os.path.join(variants_dir, v))]
+    if missing:
+        raise RuntimeError(f"espeak-ng data lacks voice variants {missing}; reinstall espeakng-loader")
+
+
+def synthesize(cfg: SynthConfig, out_uri: str, storage_cfg: StorageConfig | None = None,
+               log=print) -> shards.Manifest:
+    """Render every split to ``out_uri`` as shards and write the manifest last (its presence = done)."""
+    check_voices()
+    specs = make_specs(cfg)
+    jobs = []
+    for split in SPLITS:
+        items = specs[split]
+        for n in range(math.ceil(len(items) / cfg.shard_utterances)):
+            chunk = items[n * cfg.shard_utterances: (n + 1) * cfg.shard_utterances]
+            jobs.append((out_uri, shards.shard_name(split, n), chunk, cfg.sample_rate_hz, storage_cfg))
+    workers = cfg.workers or os.cpu_count() or 1
+    manifest = shards.Manifest(source={"kind": "synth", "config": to_dict(cfg)})
+    for split in SPLITS:
+        manifest.splits[split] = shards.SplitInfo()
+    # libespeak-ng keeps state between utterances (pitch flutter, wave generator phase) that neither
+    # a seed nor re-initialisation resets, so each shard is rendered by a fresh process forked from a
+    # clean server: shard bytes then depend only on the config, not on which worker ran what before.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    with ctx.Pool(processes=min(workers, len(jobs)), maxtasksperchild=1) as pool:
+        for done, (relpath, n, seconds) in enumerate(pool.imap(_write_shard, jobs), start=1):
+            info = manifest.splits[relpath.split("/")[0]]
+            info.shards.append(relpath)
+            info.utterances.append(n)
+            info.hours += seconds / 3600
+            log(f"synth: {done}/{len(jobs)} shards ({relpath}, {n} utterances, {seconds / 60:.1f} min)")
+    shards.write_manifest(out_uri, manifest, storage_cfg)
+    return manifest
+

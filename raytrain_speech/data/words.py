@@ -1,0 +1,46 @@
+"""Built-in vocabulary for the synthesized demo corpus.
+
+Common English words, chosen so that no two share a pronunciation (no "their"/"there",
+"two"/"too"): sentences are random word sequences with no context to tell homophones apart, so a
+homophone pair would put an error floor under the WER that has nothing to do with training.
+"""
+
+WORDS: tuple[str, ...] = tuple("""
+able about above across act add afraid after again against age ago agree air all almost alone
+along already also always among animal answer any apple area arm army around art ask asleep
+autumn away baby back bad bag ball bank basket bath beach bean bear beautiful because bed
+before begin behind believe bell below best better between bicycle big bird birthday black blanket
+blue boat body bone book borrow bottle bottom box boy brain branch brave bread breakfast bridge
+bright bring broken brother brown build burn bus busy butter button cake call camera camp candle
+captain car card care carry castle cat catch chair change cheap cheese chicken child chocolate
+choose church circle city clean clever climb clock close cloud coat coffee cold collect colour come
+common cook cool copy corner country cousin cover cow crazy cross crowd cry cup cut dance danger
+dark daughter day dead decide deep desk different dinner dirty doctor dog dollar door down dragon
+draw dream dress drink drive drop dry duck during early earth easy eat egg eight empty end enemy
+engine enjoy enough evening every example expensive explain eye face fact fall family famous far
+farm fast father favourite feather feel field fight finger finish fire first fish five floor
+flower fly follow food foot forest forget fork free fresh friend frog front fruit full funny
+future game garden gate gentle giant gift girl give glad glass gold good grass green ground group
+grow guess guitar gun hair half hammer hand happy hard hat have head healthy heavy help hill
+history hold holiday home honest hope horse hospital hot hotel hour house huge hungry hurry
+husband ice idea important island jacket job join journey juice jump jungle just keep kettle key
+kind king kitchen kite knife ladder lake lamp language large last late laugh lazy leaf learn leave
+left leg lemon letter library light like lion listen little live long look lose loud love lucky
+lunch machine magic map market matter maybe meat medicine middle milk minute mirror money monkey
+month moon morning mother mountain mouse mouth move much music nature near neck never new news
+next nice night nine noise north nose nothing number ocean office often old open orange other
+outside over page paint paper parent park party pass past pencil people pepper perhaps person
+piano picture pillow pink pizza place planet plant plate play pocket police poor potato pretty
+prince problem promise pull purple push queen question quick quiet rabbit race radio rain rainbow
+ready reason remember rice rich river road robot rock roof room round run sad safe salt same sand
+sandwich save school science scissors season second secret seven shadow share sheep shirt shoe
+short shoulder show sick silver simple sing sister sit six sky sleep slow small smell smile snake
+snow soap soft soldier soon sorry soup south space speak special spider spoon spring square
+station stone stop story strange street strong student study sugar summer sun supper sweet swim
+table tail talk tall teacher team telephone tell ten thank thing think thirsty three ticket tiger
+tired today together tomorrow tongue tonight tooth top town toy train travel tree trouble truck
+true try turn twelve umbrella uncle under understand until usual valley vegetable village visit
+voice wait walk wall want warm wash watch water week welcome west wet what wheel when white why
+wide wife wild window winter wish without woman wonderful wood word work world worry yellow
+yesterday young zebra zero
+""".split())
