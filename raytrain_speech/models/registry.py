@@ -1,0 +1,73 @@
+"""Model families and their named presets: the only place a config's ``model`` section is read.
+
+A family is (config dataclass, presets, module class, objective). Presets are plain dicts of
+overrides on the family's defaults, so a recipe names a preset and may still override any field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from raytrain_speech.configlib import ConfigError, from_dict, to_dict
+from raytrain_speech.models import conformer
+
+
+@dataclass
+class ModelSpec:
+    """Which model to build: a family, one of its presets, and field overrides."""
+
+    family: str = "conformer_ctc"
+    """Model family (see `raytrain-speech models`)."""
+    preset: str = "tiny"
+    """Named size/hyperparameter preset of the family."""
+    overrides: dict = field(default_factory=dict)
+    """Fields of the family's config that replace the preset's values."""
+
+    def validate(self) -> None:
+        resolve(self)
+
+
+@dataclass(frozen=True)
+class Family:
+    config_cls: type
+    presets: dict[str, dict]
+    builder: Any
+    objective: str
+    input_kind: str
+
+
+FAMILIES: dict[str, Family] = {
+    "conformer_ctc": Family(conformer.ConformerCTCConfig, conformer.PRESETS, conformer.ConformerCTC,
+                            objective="ctc", input_kind="log_mel"),
+}
+
+
+def family(spec: ModelSpec) -> Family:
+    if spec.family not in FAMILIES:
+        raise ConfigError(f"model.family: unknown family {spec.family!r} (known: {', '.join(FAMILIES)})")
+    return FAMILIES[spec.family]
+
+
+def resolve(spec: ModelSpec) -> Any:
+    """The family's typed config: defaults <- preset <- overrides (unknown fields are errors)."""
+    fam = family(spec)
+    if spec.preset not in fam.presets:
+        raise ConfigError(f"model.preset: {spec.family} has no preset {spec.preset!r} "
+                          f"(known: {', '.join(fam.presets)})")
+    merged = {**fam.presets[spec.preset], **spec.overrides}
+    return from_dict(fam.config_cls, merged, prefix="model.overrides.")
+
+
+def build_model(spec: ModelSpec, vocab_size: int) -> nn.Module:
+    return family(spec).builder(resolve(spec), vocab_size)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(spec: ModelSpec) -> dict:
+    return {"family": spec.family, "preset": spec.preset, **to_dict(resolve(spec))}

@@ -1,0 +1,83 @@
+"""Optimizer and learning-rate schedule.
+
+The schedule is a pure function of the optimizer step, so a resumed run (any worker count) lands on
+exactly the LR it would have had, and recipes state warmup/decay in their papers' terms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from raytrain_speech.configlib import require
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and LR schedule."""
+
+    name: Literal["adamw", "adam"] = "adamw"
+    """adamw (decoupled weight decay) or adam (L2 added to the gradient, as fairseq's wav2vec 2.0)."""
+    lr_peak: float = 3e-3
+    """LR reached at the end of warmup."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """Adam moment decay rates."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.01
+    """Weight decay on matrices and convolution kernels (never on norms and biases)."""
+    warmup_steps: int = 200
+    """Linear warmup from 0 to lr_peak, in optimizer steps."""
+    warmup_fraction: float | None = None
+    """Warmup as a fraction of total steps; replaces warmup_steps when set."""
+    schedule: Literal["cosine", "polynomial", "constant"] = "cosine"
+    """Decay after warmup."""
+    lr_final: float = 1e-6
+    """LR at the last step (cosine and polynomial)."""
+    poly_power: float = 1.0
+    """Exponent of polynomial decay (0.5 = square-root decay)."""
+
+    def validate(self) -> None:
+        require(self.lr_peak > 0, "optim.lr_peak", "must be positive")
+        require(0 <= self.lr_final <= self.lr_peak, "optim.lr_final", "must be in [0, lr_peak]")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        require(self.warmup_fraction is None or 0 <= self.warmup_fraction < 1, "optim.warmup_fraction",
+                "must be in [0, 1)")
+        require(all(0 <= b < 1 for b in self.betas), "optim.betas", "must be in [0, 1)")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only tensors with >= 2 dims (weights), not norms, biases or scalars."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr_peak, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """LR for optimizer step ``step`` (0-based) of ``total_steps``."""
+    warmup = round(cfg.warmup_fraction * total_steps) if cfg.warmup_fraction is not None else cfg.warmup_steps
+    if step < warmup:
+        return cfg.lr_peak * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr_peak
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if cfg.schedule == "cosine":
+        return cfg.lr_final + (cfg.lr_peak - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr_final + (cfg.lr_peak - cfg.lr_final) * (1 - progress) ** cfg.poly_power
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,118 @@
+"""One optimizer step: autocast, backward over micro-batches, unscale, clip, step (plain torch).
+
+Kept free of Ray and of data loading so that the step benchmark and the unit tests drive exactly
+the code that training runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from raytrain_speech.configlib import require
+from raytrain_speech.data.batching import Batch
+
+Objective = Callable[[Batch, dict, float, int], tuple[torch.Tensor, dict]]
+
+
+@dataclass
+class StepConfig:
+    """Numerics of one optimizer step."""
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """fp32; bf16 autocast; fp16 autocast with dynamic loss scaling; auto = bf16 where the
+    hardware computes it natively (Ampere+ GPUs, CPUs with AVX512-BF16/AMX), else fp32."""
+    grad_clip_norm: float | None = None
+    """Clip the global gradient L2 norm to this (None = no clipping)."""
+
+    def validate(self) -> None:
+        require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "step.grad_clip_norm",
+                "must be positive or null")
+
+
+@dataclass
+class StepResult:
+    grad_norm: float
+    skipped: bool
+    loss_sum: float
+    tokens: float
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively (emulated bf16 on older CPUs is slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+class Stepper:
+    """Holds model, optimizer and scaler; ``step`` consumes one optimizer step's micro-batches."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: StepConfig,
+                 objective: Objective, device: torch.device):
+        self.model, self.optimizer, self.cfg, self.objective, self.device = model, optimizer, cfg, objective, device
+        self.precision = resolve_precision(cfg.precision, device)
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def step(self, micro_batches: list[Batch], global_tokens: float, world_size: int) -> StepResult:
+        """Backward over ``micro_batches`` (gradient sync only on the last), then one update.
+
+        ``global_tokens`` is the target-token count of this step over all ranks and micro-batches;
+        the objective divides by it so the update is a per-token mean of the global batch.
+        """
+        self.model.train()
+        # Running statistics (BatchNorm) change in the forward pass; a step that turns out to be
+        # non-finite must not leave NaNs in them, so they are restored when the step is skipped.
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        loss_sum = tokens = 0.0
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self.model(batch.features_BFM, batch.feature_lengths_B)
+                loss, stats = self.objective(batch, out, global_tokens, world_size)
+                self.scaler.scale(loss).backward()
+            loss_sum += stats["loss_sum"]
+            tokens += stats["tokens"]
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.cfg.grad_clip_norm if self.cfg.grad_clip_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        skipped = not math.isfinite(grad_norm)
+        if skipped and not self.scaler.is_enabled():
+            self.optimizer.zero_grad(set_to_none=True)  # a NaN/Inf gradient must not reach the weights
+        else:
+            scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
+        self.optimizer.zero_grad(set_to_none=True)
+        if skipped:
+            with torch.no_grad():
+                for live, saved in zip(self.model.buffers(), buffers):
+                    live.copy_(saved)
+        return StepResult(grad_norm, skipped, loss_sum, tokens)
