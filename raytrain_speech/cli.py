@@ -1,0 +1,205 @@
+"""``raytrain-speech``: synth, train, eval, demo.
+
+Configs are loaded and validated before anything starts Ray, and every expected failure (bad
+config, missing corpus, unreachable storage, a training error) ends as one ``error:`` line and exit
+status 2 rather than a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from raytrain_speech.configlib import ConfigError
+
+USAGE_ERROR = 2
+
+
+def _load(args) -> object:
+    from raytrain_speech.config import load_config
+
+    return load_config(getattr(args, "config", None), args.overrides)
+
+
+def cmd_synth(args) -> int:
+    from raytrain_speech.data.synth import synthesize
+
+    cfg = _load(args)
+    out = args.out or cfg.data.root
+    start = time.time()
+    manifest = synthesize(cfg.synth, out, cfg.storage, log=print if args.verbose else (lambda s: None))
+    for split, info in manifest.splits.items():
+        print(f"{split}: {info.num_utterances} utterances, {info.hours:.2f} h, {len(info.shards)} shards")
+    print(f"wrote {out} in {time.time() - start:.0f} s")
+    return 0
+
+
+def _ensure_corpus(cfg) -> None:
+    from raytrain_speech import storage
+    from raytrain_speech.data import shards
+    from raytrain_speech.data.synth import synthesize
+
+    storage.check_reachable(cfg.data.root, cfg.storage)
+    if storage.exists(storage.join(cfg.data.root, shards.MANIFEST), cfg.storage):
+        print(f"[demo] corpus found at {cfg.data.root}")
+        return
+    print(f"[demo] synthesizing ~{cfg.synth.train_hours:g} h of speech with espeak-ng into {cfg.data.root} ...")
+    start = time.time()
+    manifest = synthesize(cfg.synth, cfg.data.root, cfg.storage, log=lambda s: None)
+    hours = {k: f"{v.hours:.2f} h" for k, v in manifest.splits.items()}
+    print(f"[demo] synthesized {hours} in {time.time() - start:.0f} s")
+
+
+def _preflight(cfg) -> None:
+    """Storage reachable and the corpus present, checked before Ray starts."""
+    from raytrain_speech import storage
+    from raytrain_speech.data import shards
+
+    storage.check_reachable(cfg.data.root, cfg.storage)
+    storage.check_reachable(cfg.run.storage_path, cfg.storage)
+    shards.shard_uris(cfg.data.root, cfg.data.train_split, cfg.storage)
+
+
+def cmd_train(args) -> int:
+    from raytrain_speech.train.launch import fit
+
+    cfg = _load(args)
+    _preflight(cfg)
+    outcome = fit(cfg, progress=not args.no_progress)
+    print(f"run {cfg.run.name}: step {outcome.metrics.get('step')} in {outcome.wall_s:.0f} s; "
+          f"checkpoint {outcome.checkpoint_uri}")
+    return 0
+
+
+def _resolve_checkpoint(uri: str, storage_cfg) -> str:
+    """A checkpoint dir is used as is; a run dir resolves to its latest checkpoint_step* dir."""
+    from raytrain_speech import storage
+    from raytrain_speech.storage import StorageError
+    from raytrain_speech.train.checkpoint import STATE_FILE
+
+    if storage.exists(storage.join(uri, STATE_FILE), storage_cfg):
+        return uri
+    fs, path = storage.resolve(uri, storage_cfg)
+    from pyarrow.fs import FileSelector
+
+    try:
+        entries = fs.get_file_info(FileSelector(path, allow_not_found=True))
+    except OSError as err:
+        raise StorageError(f"{uri}: {err}") from None
+    ckpts = sorted(e.base_name for e in entries if e.base_name.startswith("checkpoint_"))
+    if not ckpts:
+        raise StorageError(f"{uri}: neither a checkpoint nor a run directory with checkpoints")
+    return storage.join(uri, ckpts[-1])
+
+
+def cmd_eval(args) -> int:
+    from raytrain_speech.config import Config, apply_overrides
+    from raytrain_speech.evaluate.runner import evaluate_checkpoint
+
+    storage_cfg = Config.from_dict(apply_overrides({}, args.overrides)).storage
+    ckpt = _resolve_checkpoint(args.checkpoint, storage_cfg)
+    res = evaluate_checkpoint(ckpt, storage_cfg, split=args.split, data_root=args.data)
+    print(f"{res['split']}: WER {100 * res['wer']:.2f}%  CER {100 * res['cer']:.2f}%  "
+          f"({res['utterances']} utterances, step {res['step']}, {res['bad_utterances']} skipped)")
+    for ex in res["examples"][:3]:
+        print(f"  {ex['id']}  ref: {ex['ref']}\n  {' ' * len(ex['id'])}  hyp: {ex['hyp']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from raytrain_speech import storage
+    from raytrain_speech.evaluate.runner import evaluate_checkpoint
+    from raytrain_speech.train.launch import fit
+    from raytrain_speech.train.metrics import format_duration, summary_table
+
+    cfg = _load(args)
+    start = time.time()
+    _ensure_corpus(cfg)
+    _preflight(cfg)
+    print(f"[demo] training {cfg.model.family}/{cfg.model.preset} with {cfg.run.num_workers} Ray Train workers "
+          f"for {cfg.train.max_steps} steps; run directory {storage.join(cfg.run.storage_path, cfg.run.name)}")
+    outcome = fit(cfg, progress=True)
+    print(f"[demo] evaluating {outcome.checkpoint_uri} on the {cfg.eval.split} split "
+          "(speakers and sentences never seen in training) ...")
+    res = evaluate_checkpoint(outcome.checkpoint_uri, cfg.storage, split=cfg.eval.split)
+    m = outcome.metrics
+    rows = [
+        ("steps", str(m.get("step"))),
+        ("audio hours seen", f"{m.get('audio_hours_seen', 0):.2f}"),
+        ("throughput", f"{m.get('throughput_audio_s_per_s', 0):.0f} audio-s/s "
+                       f"({m.get('world_size', cfg.run.num_workers)} workers)"),
+        ("training time", format_duration(m.get("train_wall_s", 0))),
+        ("wall time (demo)", format_duration(time.time() - start)),
+        (f"{cfg.eval.split} WER", f"{100 * res['wer']:.2f}%"),
+        (f"{cfg.eval.split} CER", f"{100 * res['cer']:.2f}%"),
+        ("run directory", outcome.run_dir),
+    ]
+    print(summary_table(rows))
+    summary = {"metrics": m, "eval": res, "wall_s": time.time() - start}
+    storage.write_bytes(storage.join(outcome.run_dir, "summary.json"),
+                        json.dumps(summary, indent=2).encode(), cfg.storage)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="raytrain-speech", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def with_config(p, required=False):
+        p.add_argument("--config", required=required, help="recipe YAML (e.g. examples/conformer_ctc_tiny.yaml)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields, e.g. train.max_steps=50")
+
+    p = sub.add_parser("synth", help="synthesize the espeak-ng demo corpus into shards")
+    with_config(p)
+    p.add_argument("--out", help="corpus root (local path or s3://bucket/prefix); default data.root")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("train", help="train with Ray Train (resumes a run of the same name)")
+    with_config(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="WER/CER of a checkpoint (or a run's latest checkpoint) on a split")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (local or s3://)")
+    p.add_argument("--split", help="split to score (default: the checkpoint config's eval.split)")
+    p.add_argument("--data", help="corpus root (default: the checkpoint config's data.root)")
+    p.add_argument("--out", help="write the full result as JSON here")
+    p.add_argument("overrides", nargs="*", metavar="storage.key=value", help="storage settings, e.g. storage.endpoint_url=...")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("demo", help="synth (if absent) -> train 2 workers on local Ray -> eval, with a summary table")
+    with_config(p)
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from raytrain_speech.data.audio import AudioError
+    from raytrain_speech.storage import StorageError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, StorageError, AudioError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as err:
+        from raytrain_speech.train.launch import TrainingFailed
+
+        if isinstance(err, TrainingFailed):
+            print(f"error: training failed: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

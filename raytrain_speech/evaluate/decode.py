@@ -1,0 +1,24 @@
+"""CTC decoding (greedy; beam search with LM fusion arrives with the decoding issue).
+
+Shapes: B = batch, T = encoder frames, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raytrain_speech.data.text import BLANK_ID
+
+
+def ctc_greedy(log_probs_BTV: torch.Tensor, lengths_B: torch.Tensor) -> list[list[int]]:
+    """Best path: argmax per frame, merge repeats, drop blanks."""
+    best_BT = log_probs_BTV.argmax(dim=-1).cpu()
+    out = []
+    for row, n in zip(best_BT.tolist(), lengths_B.cpu().tolist()):
+        ids, prev = [], None
+        for tok in row[:n]:
+            if tok != prev and tok != BLANK_ID:
+                ids.append(tok)
+            prev = tok
+        out.append(ids)
+    return out

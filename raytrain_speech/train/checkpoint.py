@@ -1,0 +1,110 @@
+"""Full training state <-> a checkpoint directory <-> ``ray.train.Checkpoint``.
+
+A checkpoint directory holds ``state.pt`` (tensors and plain data only, loaded with
+``weights_only=True`` so a checkpoint cannot execute code) and ``config.yaml`` (the resolved run
+config), which is all that evaluation and export need.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import ray.train
+import torch
+from torch import nn
+
+from raytrain_speech import storage
+from raytrain_speech.storage import StorageConfig, StorageError
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class TrainState:
+    """Counters that must survive restarts (the model and optimizer are saved beside them)."""
+
+    step: int = 0
+    epoch: int = 0
+    audio_s_seen: float = 0.0
+    utterances_seen: int = 0
+    train_wall_s: float = 0.0
+    bad_utterances: int = 0
+    skipped_steps: int = 0
+    attempts: int = 0
+    world_sizes: list[int] = field(default_factory=list)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP/compile wrappers (so keys have no ``module.`` prefix)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+         scaler: torch.amp.GradScaler | None, state: TrainState, config_yaml: str) -> None:
+    payload = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "train_state": asdict(state),
+        "torch_rng": torch.get_rng_state(),
+    }
+    torch.save(payload, os.path.join(directory, STATE_FILE))
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        f.write(config_yaml)
+
+
+def load(directory: str) -> dict:
+    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def restore(payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+            scaler: torch.amp.GradScaler | None) -> TrainState:
+    unwrap(model).load_state_dict(payload["model"])
+    if optimizer is not None and payload.get("optimizer") is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    if scaler is not None and payload.get("scaler") is not None:
+        scaler.load_state_dict(payload["scaler"])
+    if payload.get("torch_rng") is not None:
+        torch.set_rng_state(payload["torch_rng"])
+    return TrainState(**payload["train_state"])
+
+
+def latest_ray_checkpoint() -> dict | None:
+    """The payload of the latest committed checkpoint of this run, or None on a fresh start."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return load(d)
+
+
+def report(metrics: dict, checkpoint_dir_name: str | None = None, save_fn=None) -> None:
+    """``ray.train.report`` (a barrier: every rank calls it at the same step).
+
+    On checkpoint steps every rank passes the same ``checkpoint_dir_name`` and rank 0 passes
+    ``save_fn(dir)``, which fills the checkpoint directory that Ray then uploads.
+    """
+    if save_fn is None:
+        ray.train.report(metrics, checkpoint_dir_name=checkpoint_dir_name)
+        return
+    with tempfile.TemporaryDirectory(prefix="rts-ckpt-") as d:
+        save_fn(d)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=checkpoint_dir_name)
+
+
+def read_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[dict, str]:
+    """(state payload, resolved config YAML) of a checkpoint directory given by path or s3:// URI."""
+    try:
+        state_bytes = storage.read_bytes(storage.join(uri, STATE_FILE), storage_cfg)
+        config_yaml = storage.read_bytes(storage.join(uri, CONFIG_FILE), storage_cfg).decode()
+    except StorageError as err:
+        raise StorageError(f"not a raytrain-speech checkpoint: {err}") from None
+    payload = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True)
+    return payload, config_yaml
