@@ -52,7 +52,7 @@ def build_dataset(cfg: Config, split: str) -> ray.data.Dataset:
     uris = shards.shard_uris(cfg.data.root, split, cfg.storage)
     fs, _ = storage.resolve(cfg.data.root, cfg.storage)
     paths = [storage.resolve(u, cfg.storage)[1] for u in uris]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=INPUT_COLUMNS)
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(INPUT_COLUMNS)
     if cfg.data.shuffle_blocks:
         ds = ds.randomize_block_order()
     return ds.map_batches(

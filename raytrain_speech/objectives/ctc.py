@@ -17,7 +17,7 @@ from raytrain_speech.data.text import BLANK_ID
 def loss(batch: Batch, out: dict[str, torch.Tensor], global_tokens: float, world_size: int = 1,
          ) -> tuple[torch.Tensor, dict[str, float]]:
     """(loss to backpropagate, stats with the summed loss and token count of this rank)."""
-    log_probs_TBV = out["log_probs_BTV"].transpose(0, 1)
+    log_probs_TBV = out["log_probs_BTV"].float().transpose(0, 1)  # CTC has no bf16/fp16 kernels
     summed = F.ctc_loss(log_probs_TBV, batch.targets_BL, out["lengths_B"], batch.target_lengths_B,
                         blank=BLANK_ID, reduction="sum", zero_infinity=True)
     tokens = float(batch.target_lengths_B.sum())

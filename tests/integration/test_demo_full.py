@@ -1,0 +1,22 @@
+"""The full embedded demo and its accuracy target (slow: ~15 minutes on 2 cores; `make test-slow`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_full_demo_reaches_25_percent_wer_on_unseen_voices(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "raytrain_speech.cli", "demo", f"data.root={tmp_path}/corpus",
+         f"run.storage_path={tmp_path}/runs"],
+        capture_output=True, text=True, timeout=30 * 60,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "demo" / "summary.json").read_text())
+    assert summary["eval"]["split"] == "test"
+    assert summary["eval"]["wer"] <= 0.25, summary["eval"]
