@@ -97,6 +97,49 @@ def _quiet_report_logs() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+@dataclass
+class Window:
+    """Per-rank sums since the last report."""
+
+    loss_sum: float = 0.0
+    tokens: float = 0.0
+    padding: float = 0.0
+    grad_norm: float = 0.0
+    steps: int = 0
+
+    def add(self, result, group: list[Batch]) -> None:
+        self.loss_sum += result.loss_sum
+        self.tokens += result.tokens
+        self.padding += sum(b.padding_fraction for b in group) / len(group)
+        self.grad_norm += result.grad_norm
+        self.steps += 1
+
+
+class BadInputCounter:
+    """Counts rows the preprocessor rejected; logs the first few with their ids and reasons."""
+
+    def __init__(self, log_first: int = 5):
+        self.count, self.log_first = 0, log_first
+
+    def __call__(self, utt_id: str, reason: str) -> None:
+        self.count += 1
+        if self.count <= self.log_first:
+            print(f"[raytrain-speech] skipped utterance {utt_id}: {reason}", file=sys.stderr, flush=True)
+
+
+def _build(cfg, device: torch.device):
+    """Model (DDP-wrapped), optimizer, stepper and the restored (or fresh) TrainState."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, CharTokenizer(cfg.text).vocab_size)
+    n_params = count_parameters(model)
+    optimizer = build_optimizer(model.to(device), cfg.optim)
+    model = ray.train.torch.prepare_model(model)
+    stepper = Stepper(model, optimizer, cfg.step, ctc.loss, device)
+    payload = checkpoint.latest_ray_checkpoint()
+    state = checkpoint.restore(payload, model, optimizer, stepper.scaler) if payload else TrainState()
+    return stepper, state, n_params, payload is not None
+
+
 def train_loop_per_worker(config: dict) -> None:
     from raytrain_speech.config import Config, dump_yaml
 
@@ -107,87 +150,69 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-
-    torch.manual_seed(tc.seed)
-    tokenizer = CharTokenizer(cfg.text)
-    model = build_model(cfg.model, tokenizer.vocab_size)
-    n_params = count_parameters(model)
-    optimizer = build_optimizer(model.to(device), cfg.optim)
-    model = ray.train.torch.prepare_model(model)
-    stepper = Stepper(model, optimizer, cfg.step, ctc.loss, device)
-    payload = checkpoint.latest_ray_checkpoint()
-    state = checkpoint.restore(payload, model, optimizer, stepper.scaler) if payload else TrainState()
+    stepper, state, n_params, resumed = _build(cfg, device)
     state.attempts += 1
     state.world_sizes.append(world)
     if rank == 0:
-        where = f"resuming at step {state.step}" if payload else "starting fresh"
+        where = f"resuming at step {state.step}" if resumed else "starting fresh"
         print(f"[raytrain-speech] {world} worker(s), {n_params / 1e6:.2f} M parameters, "
               f"{stepper.precision} on {device.type}, {where}", flush=True)
     config_yaml = dump_yaml(cfg)
     shard = ray.train.get_dataset_shard("train")
     micro_budget_s = tc.global_batch_audio_s / (world * tc.grad_accum_steps)
+    bad = BadInputCounter()
 
-    bad_local = 0
+    def save_checkpoint(snapshot: TrainState, metrics: dict) -> None:
+        """Every rank reports (a barrier); rank 0 writes the checkpoint directory."""
+        save_fn = None
+        if rank == 0:
+            def save_fn(d):
+                checkpoint.save(d, stepper.model, stepper.optimizer, stepper.scaler, snapshot, config_yaml)
+        checkpoint.report(metrics, f"checkpoint_step{snapshot.step:08d}", save_fn)
 
-    def on_bad(utt_id: str, reason: str) -> None:
-        nonlocal bad_local
-        bad_local += 1
-        if bad_local <= 5:
-            print(f"[raytrain-speech] skipped utterance {utt_id}: {reason}", file=sys.stderr, flush=True)
-
-    attempt_start, attempt_audio_s = time.time(), 0.0
-    last_wall = attempt_start
-    window = {"loss_sum": 0.0, "tokens": 0.0, "padding": 0.0, "n": 0, "grad_norm": 0.0}
+    attempt_start = last_wall = time.time()
+    attempt_audio_s = 0.0
+    window = Window()
     last_ckpt_step = state.step
     while state.step < tc.max_steps and (tc.max_epochs is None or state.epoch < tc.max_epochs):
         epoch_start_step = state.step
         rows = shard.iter_batches(batch_size=cfg.data.preprocess_batch_rows, batch_format="numpy",
                                   prefetch_batches=cfg.data.prefetch_batches)
-        batches = worker_batches(rows, micro_budget_s, cfg.batching, epoch_seed(tc.seed, state.epoch, rank), on_bad)
+        batches = worker_batches(rows, micro_budget_s, cfg.batching, epoch_seed(tc.seed, state.epoch, rank), bad)
         for group, totals in lockstep(batches, tc.grad_accum_steps, world, device):
             group = [b.to(device) for b in group]
             lr = lr_at(state.step, tc.max_steps, cfg.optim)
-            set_lr(optimizer, lr)
+            set_lr(stepper.optimizer, lr)
             result = stepper.step(group, totals[1], world)
+            now = time.time()
             state.step += 1
             state.audio_s_seen += totals[2]
             state.utterances_seen += int(totals[3])
             state.skipped_steps += int(result.skipped)
-            attempt_audio_s += totals[2]
-            now = time.time()
             state.train_wall_s += now - last_wall
+            attempt_audio_s += totals[2]
             last_wall = now
-            window["loss_sum"] += result.loss_sum
-            window["tokens"] += result.tokens
-            window["padding"] += sum(b.padding_fraction for b in group) / len(group)
-            window["grad_norm"] += result.grad_norm
-            window["n"] += 1
+            window.add(result, group)
 
             is_last = state.step >= tc.max_steps
             is_ckpt = is_last or state.step % tc.checkpoint_every_steps == 0
             if not (is_ckpt or state.step % tc.log_every_steps == 0):
                 continue
-            loss_sum, tokens, bad = all_reduce_sum([window["loss_sum"], window["tokens"], bad_local], device)
+            loss_sum, tokens, bad_total = all_reduce_sum([window.loss_sum, window.tokens, bad.count], device)
+            snapshot = TrainState(**{**state.__dict__, "bad_utterances": state.bad_utterances + int(bad_total)})
             metrics = {
                 "step": state.step, "epoch": state.epoch, "loss": loss_sum / max(tokens, 1.0), "lr": lr,
-                "grad_norm": window["grad_norm"] / window["n"],
-                "padding_fraction": window["padding"] / window["n"],
+                "grad_norm": window.grad_norm / window.steps, "padding_fraction": window.padding / window.steps,
                 "audio_hours_seen": state.audio_s_seen / 3600, "utterances_seen": state.utterances_seen,
                 "throughput_audio_s_per_s": attempt_audio_s / max(now - attempt_start, 1e-9),
                 "train_wall_s": state.train_wall_s, "world_size": world, "attempt": state.attempts,
-                "bad_utterances": state.bad_utterances + int(bad), "skipped_steps": state.skipped_steps,
+                "bad_utterances": snapshot.bad_utterances, "skipped_steps": state.skipped_steps,
                 "parameters": n_params, "checkpoint": is_ckpt,
             }
-            window = dict.fromkeys(window, 0.0)
-            window["n"] = 0
+            window = Window()
             if is_ckpt:
                 last_ckpt_step = state.step
-                snapshot = TrainState(**{**state.__dict__, "bad_utterances": state.bad_utterances + int(bad)})
-                save_fn = None
-                if rank == 0:
-                    def save_fn(d, snapshot=snapshot):
-                        checkpoint.save(d, model, optimizer, stepper.scaler, snapshot, config_yaml)
-                checkpoint.report(metrics, f"checkpoint_step{state.step:08d}", save_fn)
+                save_checkpoint(snapshot, metrics)
             else:
                 checkpoint.report(metrics)
             last_wall = time.time()  # time spent reporting/uploading is not training time
@@ -200,10 +225,8 @@ def train_loop_per_worker(config: dict) -> None:
                 "lower train.global_batch_audio_s or add data")
         state.epoch += 1
     if state.step != last_ckpt_step:  # stopped by max_epochs between checkpoints
-        save_fn = None
-        if rank == 0:
-            def save_fn(d):
-                checkpoint.save(d, model, optimizer, stepper.scaler, state, config_yaml)
-        checkpoint.report({"step": state.step, "epoch": state.epoch, "checkpoint": True,
-                           "audio_hours_seen": state.audio_s_seen / 3600, "train_wall_s": state.train_wall_s},
-                          f"checkpoint_step{state.step:08d}", save_fn)
+        (bad_total,) = all_reduce_sum([bad.count], device)
+        snapshot = TrainState(**{**state.__dict__, "bad_utterances": state.bad_utterances + int(bad_total)})
+        save_checkpoint(snapshot, {"step": state.step, "epoch": state.epoch, "checkpoint": True,
+                                   "audio_hours_seen": state.audio_s_seen / 3600,
+                                   "train_wall_s": state.train_wall_s})
