@@ -49,9 +49,10 @@ def s3fs_client(s3_endpoint):
                              secret=S3_ENV["AWS_SECRET_ACCESS_KEY"], use_listings_cache=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(s3_endpoint):
-    """A real local Ray cluster for the session (started after the S3 env so workers inherit it)."""
+    """A real local Ray cluster per test module (started after the S3 env so workers inherit it);
+    per module so that modules driving their own multi-node clusters can run in the same session."""
     import ray
 
     ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=True,

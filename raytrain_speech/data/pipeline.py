@@ -12,14 +12,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import ray
 import ray.data
+from ray.train import DataConfig as RayTrainDataConfig
 
 from raytrain_speech import storage
 from raytrain_speech.configlib import require
 from raytrain_speech.data import shards
 from raytrain_speech.data.batching import Batch, BatchingConfig, batch_by_duration, collate
 from raytrain_speech.data.preprocess import INPUT_COLUMNS, Preprocessor, to_utterances
+from raytrain_speech.data.progress import drop_consumed
 
 if TYPE_CHECKING:
     from raytrain_speech.config import Config
@@ -47,14 +50,21 @@ class DataConfig:
         require(self.preprocess_batch_rows >= 1, "data.preprocess_batch_rows", "must be >= 1")
 
 
-def build_dataset(cfg: Config, split: str) -> ray.data.Dataset:
-    """The Ray Data chain for one split (lazy: nothing runs until a consumer iterates)."""
+def build_dataset(cfg: Config, split: str, consumed: np.ndarray | None = None) -> ray.data.Dataset:
+    """The Ray Data chain for one split (lazy: nothing runs until a consumer iterates).
+
+    ``consumed`` (a bitmap over the split's utterance indices) drops rows before they are decoded:
+    that is how a resumed epoch skips what the checkpoint says was already trained on.
+    """
     uris = shards.shard_uris(cfg.data.root, split, cfg.storage)
     fs, _ = storage.resolve(cfg.data.root, cfg.storage)
     paths = [storage.resolve(u, cfg.storage)[1] for u in uris]
     ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(INPUT_COLUMNS)
     if cfg.data.shuffle_blocks:
         ds = ds.randomize_block_order()
+    if consumed is not None and consumed.any():
+        ds = ds.map_batches(drop_consumed, fn_kwargs={"consumed": consumed}, batch_format="numpy",
+                            batch_size=None, num_cpus=0.25)
     return ds.map_batches(
         _preprocess, fn_kwargs={"features": cfg.features, "text": cfg.text},
         batch_size=cfg.data.preprocess_batch_rows, batch_format="numpy", num_cpus=cfg.data.preprocess_cpus,
@@ -81,16 +91,36 @@ def worker_batches(
 ) -> Iterator[Batch]:
     """Row batches from a dataset shard -> padded training batches bounded by audio seconds.
 
-    ``on_bad(id, reason)`` is called for every row the preprocessor rejected.
+    ``on_bad(index, id, reason)`` is called for every row the preprocessor rejected.
     """
 
     def utterances():
         for rb in rows:
             good, bad = to_utterances(rb)
-            for utt_id, reason in bad:
+            for index, utt_id, reason in bad:
                 if on_bad is not None:
-                    on_bad(utt_id, reason)
+                    on_bad(index, utt_id, reason)
             yield from good
 
     for group in batch_by_duration(utterances(), max_padded_s, batching, seed=seed):
         yield collate(group)
+
+
+class UnequalSplitDataConfig(RayTrainDataConfig):
+    """Ray Train's DataConfig splits with ``equal=True``, which drops up to world_size-1 rows per epoch.
+
+    Exactly-once needs every row, so this splits with ``equal=False``; the training loop's lockstep
+    (filler micro-steps on ranks that run dry first) absorbs the uneven row counts.
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            if ds.name is None:
+                ds.set_name(name)
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            hints = worker_node_ids if getattr(self, "_enable_shard_locality", False) else None
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                output[i][name] = split
+        return output

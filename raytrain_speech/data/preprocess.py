@@ -68,12 +68,12 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def to_utterances(batch: dict) -> tuple[list[Utterance], list[tuple[str, str]]]:
-    """Preprocessed column batch -> (good utterances, [(id, reason)] for the rows that failed)."""
+def to_utterances(batch: dict) -> tuple[list[Utterance], list[tuple[int, str, str]]]:
+    """Preprocessed column batch -> (good utterances, [(index, id, reason)] for the rows that failed)."""
     good, bad = [], []
     for i in range(len(batch["index"])):
         if batch["error"][i]:
-            bad.append((str(batch["id"][i]), str(batch["error"][i])))
+            bad.append((int(batch["index"][i]), str(batch["id"][i]), str(batch["error"][i])))
             continue
         good.append(Utterance(int(batch["index"][i]), str(batch["id"][i]), float(batch["duration_s"][i]),
                               np.asarray(batch["features"][i]), np.asarray(batch["targets"][i]),

@@ -64,7 +64,7 @@ def evaluate_checkpoint(checkpoint: str, storage_cfg: StorageConfig | None = Non
             good, rejected = to_utterances(batch)
             utts.extend(good)
             bad.extend(rejected)
-    for utt_id, reason in bad[:5]:
+    for _, utt_id, reason in bad[:5]:
         log(f"[eval] skipped {utt_id}: {reason}")
     refs, hyps, ids = [], [], []
     with torch.inference_mode():

@@ -8,6 +8,7 @@ config), which is all that evaluation and export need.
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from raytrain_speech import storage
+from raytrain_speech.data.progress import CURSOR_FILE, DataCursor
 from raytrain_speech.storage import StorageConfig, StorageError
 
 STATE_FILE = "state.pt"
@@ -46,7 +48,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-         scaler: torch.amp.GradScaler | None, state: TrainState, config_yaml: str) -> None:
+         scaler: torch.amp.GradScaler | None, state: TrainState, config_yaml: str,
+         cursor: DataCursor | None = None) -> None:
     payload = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -57,6 +60,17 @@ def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | No
     torch.save(payload, os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         f.write(config_yaml)
+    if cursor is not None:
+        with open(os.path.join(directory, CURSOR_FILE), "wb") as f:
+            f.write(cursor.to_bytes())
+
+
+def load_cursor(directory: str) -> DataCursor | None:
+    path = os.path.join(directory, CURSOR_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return DataCursor.from_bytes(f.read())
 
 
 def load(directory: str) -> dict:
@@ -75,13 +89,46 @@ def restore(payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer | 
     return TrainState(**payload["train_state"])
 
 
-def latest_ray_checkpoint() -> dict | None:
-    """The payload of the latest committed checkpoint of this run, or None on a fresh start."""
+def latest_ray_checkpoint() -> tuple[dict, DataCursor | None] | None:
+    """(payload, data cursor) of the latest committed checkpoint of this run; None on a fresh start."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        return load(d)
+        return load(d), load_cursor(d)
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def latest_committed_dir(run_dir: str, storage_cfg: StorageConfig | None = None) -> str | None:
+    """The URI of the checkpoint Ray Train will restore next, from its checkpoint-manager snapshot.
+
+    Read by the dataset factory on the Train controller at each worker-group start so the pipeline can
+    drop consumed utterances before decoding. The snapshot is Ray's own file (2.60 layout); if it
+    changes shape we fail loudly rather than guess, since a wrong guess would lose or repeat data.
+    """
+    uri = storage.join(run_dir, RAY_SNAPSHOT)
+    if not storage.exists(uri, storage_cfg):
+        return None
+    snap = json.loads(storage.read_bytes(uri, storage_cfg))
+    if "latest_checkpoint_result" not in snap:
+        raise RuntimeError(f"{uri}: unrecognised Ray checkpoint snapshot (keys {sorted(snap)}); "
+                           "this Ray version is not supported by exactly-once resume")
+    latest = snap["latest_checkpoint_result"]
+    if latest is None:
+        return None
+    return storage.join(run_dir, latest["checkpoint_dir_name"])
+
+
+def latest_committed_cursor(run_dir: str, storage_cfg: StorageConfig | None = None) -> DataCursor | None:
+    directory = latest_committed_dir(run_dir, storage_cfg)
+    if directory is None:
+        return None
+    uri = storage.join(directory, CURSOR_FILE)
+    if not storage.exists(uri, storage_cfg):
+        return None
+    return DataCursor.from_bytes(storage.read_bytes(uri, storage_cfg))
 
 
 def report(metrics: dict, checkpoint_dir_name: str | None = None, save_fn=None) -> None:

@@ -7,11 +7,12 @@ committed checkpoint inside the workers.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import ray
@@ -20,8 +21,15 @@ from ray.train.torch import TorchTrainer
 
 from raytrain_speech import storage
 from raytrain_speech.configlib import require
-from raytrain_speech.data.pipeline import build_dataset
-from raytrain_speech.train.metrics import METRICS_FILE, ProgressDisplay
+from raytrain_speech.data.pipeline import UnequalSplitDataConfig, build_dataset
+from raytrain_speech.train.checkpoint import latest_committed_cursor
+from raytrain_speech.train.metrics import (
+    METRICS_FILE,
+    ProgressDisplay,
+    read_metrics,
+    run_card,
+    run_card_markdown,
+)
 
 if TYPE_CHECKING:
     from raytrain_speech.config import Config
@@ -35,12 +43,17 @@ class LaunchConfig:
     """Run name; re-running with the same name and storage_path resumes from the last checkpoint."""
     storage_path: str = "runs"
     """Where run directories go: a local path or s3://bucket/prefix."""
-    num_workers: int = 2
-    """Training workers (one per GPU when use_gpu)."""
+    num_workers: int | tuple[int, int] = 2
+    """Training workers (one per GPU when use_gpu); [min, max] makes the run elastic: it starts with
+    what the cluster can place, grows when nodes appear and shrinks when they go."""
     use_gpu: bool = False
     """One GPU per worker."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per training worker."""
+    worker_resources: dict = field(default_factory=dict)
+    """Extra Ray resources per training worker, e.g. {A100: 1} to keep workers on one node group."""
+    elastic_resize_interval_s: float = 60.0
+    """With [min, max] workers: how often Train looks for room to grow the worker group."""
     max_failures: int = 3
     """Worker-group restarts allowed after failures (-1 = unlimited)."""
     checkpoints_to_keep: int = 2
@@ -54,9 +67,16 @@ class LaunchConfig:
 
     def validate(self) -> None:
         require(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'")
-        require(self.num_workers >= 1, "run.num_workers", "must be >= 1")
+        lo, hi = self.worker_range
+        require(1 <= lo <= hi, "run.num_workers", "must be >= 1 (or [min, max] with 1 <= min <= max)")
         require(self.cpus_per_worker > 0, "run.cpus_per_worker", "must be positive")
         require(self.checkpoints_to_keep >= 1, "run.checkpoints_to_keep", "must be >= 1")
+
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else (n[0], n[1])
 
 
 def run_dir(cfg: Config) -> str:
@@ -72,29 +92,45 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, **quiet)
         return
-    num_cpus = cfg.run.local_num_cpus or (os.cpu_count() or 1) + int(cfg.run.num_workers * cfg.run.cpus_per_worker)
+    workers = cfg.run.worker_range[1]
+    num_cpus = cfg.run.local_num_cpus or (os.cpu_count() or 1) + int(workers * cfg.run.cpus_per_worker)
     # The dashboard stays on: Train's placement-group cleaner and `ray job` use its state API.
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=cfg.run.object_store_memory_mb * 2**20,
              include_dashboard=True, runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}}, **quiet)
 
 
-class MetricsFileCallback(ray.train.UserCallback):
-    """Runs on the Train controller: appends rank 0's metrics of every report to metrics.jsonl."""
+class RunRecordCallback(ray.train.UserCallback):
+    """Runs on the Train controller: appends rank 0's metrics of every report to metrics.jsonl and
+    rewrites the run card at every checkpoint."""
 
-    def __init__(self, uri: str, storage_cfg):
-        self.uri, self.storage_cfg = uri, storage_cfg
-        self.lines: list[str] | None = None
+    def __init__(self, directory: str, storage_cfg, run_info: dict):
+        self.directory, self.storage_cfg, self.run_info = directory, storage_cfg, run_info
+        self.records: list[dict] | None = None
 
     def after_report(self, run_context, metrics, checkpoint):
-        if self.lines is None:
-            from raytrain_speech.train.metrics import read_metrics
-
-            self.lines = [json.dumps(m) for m in read_metrics(self.uri, self.storage_cfg)]
+        if self.records is None:
+            self.records = read_metrics(storage.join(self.directory, METRICS_FILE), self.storage_cfg)
         record = {**(metrics[0] if metrics else {}), "time": time.time()}
         if checkpoint is not None:
             record["checkpoint_path"] = checkpoint.path
-        self.lines.append(json.dumps(record))
-        storage.write_bytes(self.uri, ("\n".join(self.lines) + "\n").encode(), self.storage_cfg)
+        self.records.append(record)
+        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        storage.write_bytes(storage.join(self.directory, METRICS_FILE), text.encode(), self.storage_cfg)
+        if checkpoint is not None:
+            write_run_card(self.directory, self.records, self.run_info, self.storage_cfg)
+
+
+def write_run_card(directory: str, records: list[dict], run_info: dict, storage_cfg) -> dict:
+    card = run_card(records, run_info)
+    storage.write_bytes(storage.join(directory, "run_card.json"), json.dumps(card, indent=2).encode(), storage_cfg)
+    storage.write_bytes(storage.join(directory, "run_card.md"), run_card_markdown(card).encode(), storage_cfg)
+    return card
+
+
+def run_info(cfg: Config) -> dict:
+    return {"name": cfg.run.name, "family": cfg.model.family, "preset": cfg.model.preset,
+            "use_gpu": cfg.run.use_gpu, "num_workers": cfg.run.num_workers,
+            "global_batch_audio_s": cfg.train.global_batch_audio_s}
 
 
 def _storage_args(cfg: Config) -> dict:
@@ -118,25 +154,40 @@ def build_trainer(cfg: Config) -> TorchTrainer:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    dataset = build_dataset(cfg, cfg.data.train_split)
     directory = run_dir(cfg)
     storage.write_bytes(storage.join(directory, "config.yaml"), dump_yaml(cfg).encode(), cfg.storage)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-            resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})},
+            num_workers=cfg.run.num_workers if isinstance(cfg.run.num_workers, int) else tuple(cfg.run.num_workers),
+            use_gpu=cfg.run.use_gpu,
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {}),
+                                  **cfg.run.worker_resources},
+            elastic_resize_monitor_interval_s=cfg.run.elastic_resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, **_storage_args(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            callbacks=[MetricsFileCallback(storage.join(directory, METRICS_FILE), cfg.storage)],
+            callbacks=[RunRecordCallback(directory, cfg.storage, run_info(cfg))],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": dataset},
+        # Callables: Train calls them at every worker-group start (first start, restart, resize).
+        datasets={"train": functools.partial(build_dataset, cfg, cfg.data.train_split),
+                  "train_resume": functools.partial(resume_dataset, cfg)},
+        dataset_config=UnequalSplitDataConfig(),
     )
+
+
+def resume_dataset(cfg: Config) -> ray.data.Dataset:
+    """The rest of the interrupted epoch: the train split minus what the latest checkpoint consumed.
+
+    Runs on the Train controller, where Ray's checkpoint manager has just picked the checkpoint the
+    workers will restore; the cursor is read from that same checkpoint directory.
+    """
+    cursor = latest_committed_cursor(run_dir(cfg), cfg.storage)
+    return build_dataset(cfg, cfg.data.train_split, None if cursor is None else cursor.consumed)
 
 
 @dataclass
@@ -145,6 +196,7 @@ class FitOutcome:
     checkpoint_uri: str | None
     metrics: dict
     wall_s: float
+    run_card: dict
 
 
 class TrainingFailed(RuntimeError):
@@ -163,7 +215,9 @@ def fit(cfg: Config, progress: bool = True, out=print) -> FitOutcome:
     else:
         result = _fit(trainer)
     ckpt = checkpoint_uri(cfg, result.checkpoint.path) if result.checkpoint else None
-    return FitOutcome(run_dir(cfg), ckpt, dict(result.metrics or {}), time.time() - start)
+    records = read_metrics(metrics_uri, cfg.storage)
+    card = write_run_card(run_dir(cfg), records, run_info(cfg), cfg.storage) if records else {}
+    return FitOutcome(run_dir(cfg), ckpt, dict(result.metrics or {}), time.time() - start, card)
 
 
 def _fit(trainer: TorchTrainer):

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
+import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -43,23 +46,35 @@ class TrainConfig:
     max_epochs: int | None = None
     """Stop earlier after this many passes over the train split (None = no limit)."""
     global_batch_audio_s: float = 120.0
-    """Padded audio seconds per optimizer step summed over all workers and micro-batches."""
-    grad_accum_steps: int = 1
-    """Micro-batches per worker per optimizer step."""
+    """Padded audio seconds per optimizer step summed over all workers and micro-batches; kept
+    constant when the worker count changes (accumulation absorbs the difference)."""
+    micro_batch_audio_s: float | None = None
+    """Most padded audio seconds one worker processes at once (its memory bound); gradient
+    accumulation = ceil(global / (workers x this)). None = no accumulation."""
     log_every_steps: int = 10
     """Report metrics (a barrier across ranks) every this many steps."""
     checkpoint_every_steps: int = 250
     """Save a full-state checkpoint every this many steps (and always at the last step)."""
     torch_threads: int = 1
     """torch intra-op threads per worker (CPU training: cores / workers)."""
+    trained_log_dir: str | None = None
+    """Audit/test hook: each rank appends the utterance indices of every step to a JSONL file here."""
 
     def validate(self) -> None:
         require(self.max_steps >= 1, "train.max_steps", "must be >= 1")
         require(self.global_batch_audio_s > 0, "train.global_batch_audio_s", "must be positive")
-        require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        require(self.micro_batch_audio_s is None or self.micro_batch_audio_s > 0, "train.micro_batch_audio_s",
+                "must be positive or null")
         require(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
         require(self.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
         require(self.torch_threads >= 1, "train.torch_threads", "must be >= 1")
+
+    def accumulation(self, world_size: int) -> tuple[int, float]:
+        """(micro-batches per worker per step, padded-seconds budget per micro-batch) at this size."""
+        if self.micro_batch_audio_s is None:
+            return 1, self.global_batch_audio_s / world_size
+        accum = math.ceil(self.global_batch_audio_s / (world_size * self.micro_batch_audio_s) - 1e-9)
+        return accum, self.global_batch_audio_s / (world_size * accum)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -74,18 +89,26 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def lockstep(batches: Iterator[Batch], accum: int, world: int, device: torch.device,
+def lockstep(batches: Iterator[Batch], accum: int, device: torch.device,
              ) -> Iterator[tuple[list[Batch], list[float]]]:
-    """Yield (micro_batches, [ranks_ready, tokens, audio_s, utterances] summed over ranks)."""
+    """Yield (this rank's 0..accum micro-batches, [ranks_with_data, tokens, audio_s, utterances] summed
+    over ranks) until every rank has run dry; ranks short of ``accum`` batches fill in (see Stepper)."""
     it = iter(batches)
     while True:
         group = list(itertools.islice(it, accum))
-        ready = 1.0 if len(group) == accum else 0.0
-        totals = all_reduce_sum([ready, sum(float(b.target_lengths_B.sum()) for b in group),
+        totals = all_reduce_sum([1.0 if group else 0.0, sum(float(b.target_lengths_B.sum()) for b in group),
                                  sum(b.audio_s for b in group), sum(b.size for b in group)], device)
-        if totals[0] < world:
+        if totals[0] == 0:
             return
         yield group, totals
+
+
+def merge_consumed(consumed, device: torch.device):
+    """OR of every rank's consumed bitmap (an all-reduce MAX over uint8)."""
+    t = torch.from_numpy(consumed.astype("uint8")).to(device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().numpy().astype(bool)
 
 
 def _quiet_report_logs() -> None:
@@ -110,123 +133,235 @@ class Window:
     def add(self, result, group: list[Batch]) -> None:
         self.loss_sum += result.loss_sum
         self.tokens += result.tokens
-        self.padding += sum(b.padding_fraction for b in group) / len(group)
+        self.padding += sum(b.padding_fraction for b in group) / len(group) if group else 0.0
         self.grad_norm += result.grad_norm
         self.steps += 1
 
 
-class BadInputCounter:
-    """Counts rows the preprocessor rejected; logs the first few with their ids and reasons."""
+def filler_batch(cfg) -> Batch:
+    """A one-row batch for filler micro-steps on a rank that has not seen data in this attempt."""
+    import numpy as np
 
-    def __init__(self, log_first: int = 5):
-        self.count, self.log_first = 0, log_first
+    from raytrain_speech.data.batching import Utterance, collate
 
-    def __call__(self, utt_id: str, reason: str) -> None:
-        self.count += 1
-        if self.count <= self.log_first:
+    shape = (100, cfg.features.n_mels) if cfg.features.kind == "log_mel" else (cfg.features.sample_rate_hz,)
+    return collate([Utterance(-1, "filler", 1.0, np.zeros(shape, np.float32), np.ones(4, np.int64))])
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+class WorkerRun:
+    """One rank's side of one attempt (worker-group start to finish or failure)."""
+
+    def __init__(self, cfg):
+        from raytrain_speech.config import dump_yaml
+        from raytrain_speech.data.progress import DataCursor
+        from raytrain_speech.data.shards import read_manifest
+
+        self.cfg, self.tc = cfg, cfg.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(self.tc.seed)
+        model = build_model(cfg.model, CharTokenizer(cfg.text).vocab_size)
+        self.n_params = count_parameters(model)
+        optimizer = build_optimizer(model.to(self.device), cfg.optim)
+        self.stepper = Stepper(ray.train.torch.prepare_model(model), optimizer, cfg.step, ctc.loss, self.device)
+        restored = checkpoint.latest_ray_checkpoint()
+        n_train = read_manifest(cfg.data.root, cfg.storage).splits[cfg.data.train_split].num_utterances
+        if restored is None:
+            self.state, self.cursor = TrainState(), DataCursor(n_train, 0)
+        else:
+            payload, cursor = restored
+            self.state = checkpoint.restore(payload, self.stepper.model, optimizer, self.stepper.scaler)
+            self.cursor = cursor if cursor is not None else DataCursor(n_train, self.state.epoch)
+        self.resumed = restored is not None
+        self.state.attempts += 1
+        self.state.world_sizes.append(self.world)
+        self.accum, self.micro_budget_s = self.tc.accumulation(self.world)
+        self.config_yaml = dump_yaml(cfg)
+        self.bad_local = 0
+        self.stale_rows = 0
+        self.filler: Batch = filler_batch(cfg)
+        self.window = Window()
+        self.attempt_start = self.last_wall = time.time()
+        self.attempt_audio_s = 0.0
+        self.last_ckpt_step = self.state.step
+        self.attempt_id = self._agree_attempt_id()
+        self.trained_log = None
+        if self.tc.trained_log_dir:
+            os.makedirs(self.tc.trained_log_dir, exist_ok=True)
+            name = f"{time.time_ns()}-rank{self.rank}-pid{os.getpid()}.jsonl"
+            self.trained_log = open(os.path.join(self.tc.trained_log_dir, name), "a")
+            self._log({"attempt_id": self.attempt_id, "attempt_start": time.time(), "rank": self.rank,
+                       "world_size": self.world,
+                       "pid": os.getpid(), "restored_step": self.state.step, "grad_accum": self.accum})
+
+    def _agree_attempt_id(self) -> str:
+        """One id for all ranks of this attempt (rank 0's), so audit logs group by attempt."""
+        import uuid
+
+        ids = [uuid.uuid4().hex]
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(ids, src=0)
+        return ids[0]
+
+    def _log(self, record: dict) -> None:
+        self.trained_log.write(json.dumps(record) + "\n")
+        self.trained_log.flush()
+
+    # -- data ------------------------------------------------------------------------------------------
+
+    def _on_bad(self, index: int, utt_id: str, reason: str) -> None:
+        """A rejected row counts as consumed (it was seen and skipped, not lost)."""
+        self.bad_local += 1
+        self.cursor.mark([index])
+        if self.bad_local <= 5:
             print(f"[raytrain-speech] skipped utterance {utt_id}: {reason}", file=sys.stderr, flush=True)
 
+    def _epoch_batches(self, shard, already_consumed) -> Iterator[Batch]:
+        rows = shard.iter_batches(batch_size=self.cfg.data.preprocess_batch_rows, batch_format="numpy",
+                                  prefetch_batches=self.cfg.data.prefetch_batches)
+        if already_consumed is not None:
+            rows = self._drop_stale(rows, already_consumed)
+        seed = epoch_seed(self.tc.seed, self.state.epoch, self.rank)
+        return worker_batches(rows, self.micro_budget_s, self.cfg.batching, seed, self._on_bad)
 
-def _build(cfg, device: torch.device):
-    """Model (DDP-wrapped), optimizer, stepper and the restored (or fresh) TrainState."""
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, CharTokenizer(cfg.text).vocab_size)
-    n_params = count_parameters(model)
-    optimizer = build_optimizer(model.to(device), cfg.optim)
-    model = ray.train.torch.prepare_model(model)
-    stepper = Stepper(model, optimizer, cfg.step, ctc.loss, device)
-    payload = checkpoint.latest_ray_checkpoint()
-    state = checkpoint.restore(payload, model, optimizer, stepper.scaler) if payload else TrainState()
-    return stepper, state, n_params, payload is not None
+    def _drop_stale(self, rows, consumed):
+        """Second line of defence: rows the restored cursor says were consumed never reach training."""
+        for rb in rows:
+            keep = ~consumed[rb["index"].astype("int64")]
+            if not keep.all():
+                self.stale_rows += int((~keep).sum())
+                rb = {k: v[keep] for k, v in rb.items()}
+            yield rb
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        if self.rank == 0:
+            where = (f"resuming at step {self.state.step} (epoch {self.cursor.epoch}, "
+                     f"{self.cursor.count}/{self.cursor.num_utterances} utterances done)"
+                     if self.resumed else "starting fresh")
+            print(f"[raytrain-speech] {self.world} worker(s) x {self.accum} micro-batch(es) of "
+                  f"<= {self.micro_budget_s:.0f} audio-s, {self.n_params / 1e6:.2f} M parameters, "
+                  f"{self.stepper.precision} on {self.device.type}, {where}", flush=True)
+        train_shard = ray.train.get_dataset_shard("train")
+        first = True
+        tc = self.tc
+        while self.state.step < tc.max_steps and (tc.max_epochs is None or self.state.epoch < tc.max_epochs):
+            resuming = first and not self.cursor.empty
+            shard = ray.train.get_dataset_shard("train_resume") if resuming else train_shard
+            already = self.cursor.consumed.copy() if resuming else None
+            first = False
+            epoch_start_step = self.state.step
+            for group, totals in lockstep(self._epoch_batches(shard, already), self.accum, self.device):
+                self._step(group, totals)
+                if self.state.step >= tc.max_steps:
+                    return self._finish()
+            self._end_epoch(epoch_start_step)
+        self._finish()
+
+    def _step(self, group: list[Batch], totals: list[float]) -> None:
+        group = [b.to(self.device) for b in group]
+        if group:
+            self.filler = group[-1]
+        fillers = [self.filler.to(self.device)] * (self.accum - len(group))
+        lr = lr_at(self.state.step, self.tc.max_steps, self.cfg.optim)
+        set_lr(self.stepper.optimizer, lr)
+        result = self.stepper.step(group, totals[1], self.world, fillers=fillers)
+        now = time.time()
+        st = self.state
+        st.step += 1
+        st.audio_s_seen += totals[2]
+        st.utterances_seen += int(totals[3])
+        st.skipped_steps += int(result.skipped)
+        st.train_wall_s += now - self.last_wall
+        self.attempt_audio_s += totals[2]
+        self.last_wall = now
+        self.window.add(result, group)
+        indices = [i for b in group for i in b.indices]
+        self.cursor.mark(indices)
+        if self.trained_log is not None:
+            self._log({"step": st.step, "epoch": self.cursor.epoch, "indices": indices})
+        is_ckpt = st.step >= self.tc.max_steps or st.step % self.tc.checkpoint_every_steps == 0
+        if is_ckpt or st.step % self.tc.log_every_steps == 0:
+            self._report(lr, now, checkpoint_now=is_ckpt)
+
+    def _metrics(self, lr: float | None, now: float) -> tuple[dict, TrainState]:
+        w = self.window
+        loss_sum, tokens, bad = all_reduce_sum([w.loss_sum, w.tokens, self.bad_local], self.device)
+        st = self.state
+        snapshot = TrainState(**{**st.__dict__, "bad_utterances": st.bad_utterances + int(bad)})
+        metrics = {
+            "step": st.step, "epoch": self.cursor.epoch, "lr": lr,
+            "audio_hours_seen": st.audio_s_seen / 3600, "utterances_seen": st.utterances_seen,
+            "throughput_audio_s_per_s": self.attempt_audio_s / max(now - self.attempt_start, 1e-9),
+            "train_wall_s": st.train_wall_s, "world_size": self.world, "grad_accum": self.accum,
+            "micro_batch_audio_s": self.micro_budget_s, "attempt": st.attempts,
+            "bad_utterances": snapshot.bad_utterances, "skipped_steps": st.skipped_steps,
+            "parameters": self.n_params, "device": device_name(self.device),
+        }
+        if w.steps:
+            metrics.update(loss=loss_sum / max(tokens, 1.0), grad_norm=w.grad_norm / w.steps,
+                           padding_fraction=w.padding / w.steps)
+        self.window = Window()
+        return metrics, snapshot
+
+    def _report(self, lr: float | None, now: float, checkpoint_now: bool) -> None:
+        metrics, snapshot = self._metrics(lr, now)
+        metrics["checkpoint"] = checkpoint_now
+        if not checkpoint_now:
+            checkpoint.report(metrics)
+        else:
+            self.cursor.consumed = merge_consumed(self.cursor.consumed, self.device)
+            metrics["epoch_utterances_done"] = self.cursor.count
+            cursor = self.cursor
+            save_fn = None
+            if self.rank == 0:
+                def save_fn(d):
+                    checkpoint.save(d, self.stepper.model, self.stepper.optimizer, self.stepper.scaler,
+                                    snapshot, self.config_yaml, cursor)
+            checkpoint.report(metrics, f"checkpoint_step{snapshot.step:08d}", save_fn)
+            self.last_ckpt_step = snapshot.step
+        self.last_wall = time.time()  # time spent reporting/uploading is not training time
+
+    def _end_epoch(self, epoch_start_step: int) -> None:
+        if self.state.step == epoch_start_step and self.cursor.empty:
+            raise RuntimeError(
+                f"epoch {self.state.epoch} gave no step: the train split is empty after filtering "
+                f"(check data.root and the bad-input messages above)")
+        merged = merge_consumed(self.cursor.consumed, self.device)
+        missing = int((~merged).sum())
+        (stale,) = all_reduce_sum([self.stale_rows], self.device)
+        if self.rank == 0 and (missing or stale):
+            print(f"[raytrain-speech] epoch {self.cursor.epoch}: {missing} utterance(s) never arrived, "
+                  f"{int(stale)} already-consumed row(s) dropped by the worker", file=sys.stderr, flush=True)
+        self.state.epoch += 1
+        self.cursor = self.cursor.next_epoch()
+
+    def _finish(self) -> None:
+        if self.state.step != self.last_ckpt_step:  # stopped by max_epochs between checkpoints
+            self._report(None, time.time(), checkpoint_now=True)
+        if self.trained_log is not None:
+            self.trained_log.close()
 
 
 def train_loop_per_worker(config: dict) -> None:
-    from raytrain_speech.config import Config, dump_yaml
+    from raytrain_speech.config import Config
 
     cfg = Config.from_dict(config)
     _quiet_report_logs()
-    tc = cfg.train
-    torch.set_num_threads(tc.torch_threads)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    stepper, state, n_params, resumed = _build(cfg, device)
-    state.attempts += 1
-    state.world_sizes.append(world)
-    if rank == 0:
-        where = f"resuming at step {state.step}" if resumed else "starting fresh"
-        print(f"[raytrain-speech] {world} worker(s), {n_params / 1e6:.2f} M parameters, "
-              f"{stepper.precision} on {device.type}, {where}", flush=True)
-    config_yaml = dump_yaml(cfg)
-    shard = ray.train.get_dataset_shard("train")
-    micro_budget_s = tc.global_batch_audio_s / (world * tc.grad_accum_steps)
-    bad = BadInputCounter()
-
-    def save_checkpoint(snapshot: TrainState, metrics: dict) -> None:
-        """Every rank reports (a barrier); rank 0 writes the checkpoint directory."""
-        save_fn = None
-        if rank == 0:
-            def save_fn(d):
-                checkpoint.save(d, stepper.model, stepper.optimizer, stepper.scaler, snapshot, config_yaml)
-        checkpoint.report(metrics, f"checkpoint_step{snapshot.step:08d}", save_fn)
-
-    attempt_start = last_wall = time.time()
-    attempt_audio_s = 0.0
-    window = Window()
-    last_ckpt_step = state.step
-    while state.step < tc.max_steps and (tc.max_epochs is None or state.epoch < tc.max_epochs):
-        epoch_start_step = state.step
-        rows = shard.iter_batches(batch_size=cfg.data.preprocess_batch_rows, batch_format="numpy",
-                                  prefetch_batches=cfg.data.prefetch_batches)
-        batches = worker_batches(rows, micro_budget_s, cfg.batching, epoch_seed(tc.seed, state.epoch, rank), bad)
-        for group, totals in lockstep(batches, tc.grad_accum_steps, world, device):
-            group = [b.to(device) for b in group]
-            lr = lr_at(state.step, tc.max_steps, cfg.optim)
-            set_lr(stepper.optimizer, lr)
-            result = stepper.step(group, totals[1], world)
-            now = time.time()
-            state.step += 1
-            state.audio_s_seen += totals[2]
-            state.utterances_seen += int(totals[3])
-            state.skipped_steps += int(result.skipped)
-            state.train_wall_s += now - last_wall
-            attempt_audio_s += totals[2]
-            last_wall = now
-            window.add(result, group)
-
-            is_last = state.step >= tc.max_steps
-            is_ckpt = is_last or state.step % tc.checkpoint_every_steps == 0
-            if not (is_ckpt or state.step % tc.log_every_steps == 0):
-                continue
-            loss_sum, tokens, bad_total = all_reduce_sum([window.loss_sum, window.tokens, bad.count], device)
-            snapshot = TrainState(**{**state.__dict__, "bad_utterances": state.bad_utterances + int(bad_total)})
-            metrics = {
-                "step": state.step, "epoch": state.epoch, "loss": loss_sum / max(tokens, 1.0), "lr": lr,
-                "grad_norm": window.grad_norm / window.steps, "padding_fraction": window.padding / window.steps,
-                "audio_hours_seen": state.audio_s_seen / 3600, "utterances_seen": state.utterances_seen,
-                "throughput_audio_s_per_s": attempt_audio_s / max(now - attempt_start, 1e-9),
-                "train_wall_s": state.train_wall_s, "world_size": world, "attempt": state.attempts,
-                "bad_utterances": snapshot.bad_utterances, "skipped_steps": state.skipped_steps,
-                "parameters": n_params, "checkpoint": is_ckpt,
-            }
-            window = Window()
-            if is_ckpt:
-                last_ckpt_step = state.step
-                save_checkpoint(snapshot, metrics)
-            else:
-                checkpoint.report(metrics)
-            last_wall = time.time()  # time spent reporting/uploading is not training time
-            if is_last:
-                break
-        if state.step == epoch_start_step:
-            raise RuntimeError(
-                f"epoch {state.epoch} gave no full step: the train split is smaller than one global batch "
-                f"({tc.global_batch_audio_s} s over {world} workers x {tc.grad_accum_steps} micro-batches); "
-                "lower train.global_batch_audio_s or add data")
-        state.epoch += 1
-    if state.step != last_ckpt_step:  # stopped by max_epochs between checkpoints
-        (bad_total,) = all_reduce_sum([bad.count], device)
-        snapshot = TrainState(**{**state.__dict__, "bad_utterances": state.bad_utterances + int(bad_total)})
-        save_checkpoint(snapshot, {"step": state.step, "epoch": state.epoch, "checkpoint": True,
-                                   "audio_hours_seen": state.audio_s_seen / 3600,
-                                   "train_wall_s": state.train_wall_s})
+    torch.set_num_threads(cfg.train.torch_threads)
+    WorkerRun(cfg).run()

@@ -108,3 +108,64 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
     line = "+" + "-" * (width + 2) + "+" + "-" * (max(len(v) for _, v in rows) + 2) + "+"
     body = [f"| {k.ljust(width)} | {v.ljust(len(line) - width - 7)} |" for k, v in rows]
     return "\n".join([line, *body, line])
+
+
+def run_card(lines: list[dict], run: dict) -> dict:
+    """The run's one-page record, derived from its metrics lines (so any process can rebuild it).
+
+    ``run`` holds what the metrics do not: name, model family/preset, global batch, whether workers
+    hold GPUs.
+    """
+    attempts: dict[int, dict] = {}
+    for m in lines:
+        a = attempts.setdefault(m.get("attempt", 1), {"attempt": m.get("attempt", 1), "first_step": m["step"],
+                                                      "start_time": m.get("time"), "start_wall_s": None})
+        a["last_step"] = m["step"]
+        a["end_time"] = m.get("time")
+        for key in ("world_size", "grad_accum", "micro_batch_audio_s", "device"):
+            if key in m:
+                a[key] = m[key]
+    last = lines[-1] if lines else {}
+    history = sorted(attempts.values(), key=lambda a: a["attempt"])
+    worker_hours = 0.0
+    for a in history:
+        if a.get("start_time") and a.get("end_time"):
+            worker_hours += (a["end_time"] - a["start_time"]) * a.get("world_size", 0) / 3600
+    train_wall_s = last.get("train_wall_s", 0.0)
+    audio_h = last.get("audio_hours_seen", 0.0)
+    return {
+        **run,
+        "parameters": last.get("parameters"),
+        "hardware": history[-1].get("device") if history else None,
+        "accelerators_per_attempt": [a.get("world_size") if run.get("use_gpu") else 0 for a in history],
+        "worker_history": [{k: a.get(k) for k in ("attempt", "world_size", "grad_accum", "micro_batch_audio_s",
+                                                  "first_step", "last_step")} for a in history],
+        "restarts_survived": max(0, len(history) - 1),
+        "train_wall_s": train_wall_s,
+        "gpu_hours" if run.get("use_gpu") else "cpu_worker_hours": round(worker_hours, 4),
+        "audio_hours_seen": audio_h,
+        "throughput_audio_s_per_s": audio_h * 3600 / train_wall_s if train_wall_s else None,
+        "final": {k: last.get(k) for k in ("step", "epoch", "loss", "lr", "bad_utterances", "skipped_steps")},
+    }
+
+
+def run_card_markdown(card: dict) -> str:
+    rows = [("run", card.get("name")), ("model", f"{card.get('family')} / {card.get('preset')}"),
+            ("parameters", f"{(card.get('parameters') or 0) / 1e6:.2f} M"), ("hardware", card.get("hardware")),
+            ("global batch", f"{card.get('global_batch_audio_s')} padded audio-s per step"),
+            ("restarts survived", card.get("restarts_survived")),
+            ("training time", format_duration(card.get("train_wall_s") or 0)),
+            ("GPU-hours" if "gpu_hours" in card else "CPU worker-hours",
+             card.get("gpu_hours", card.get("cpu_worker_hours"))),
+            ("audio hours seen", f"{card.get('audio_hours_seen', 0):.2f}"),
+            ("throughput", f"{card.get('throughput_audio_s_per_s') or 0:.0f} audio-s/s")]
+    rows += [(f"final {k}", v) for k, v in card["final"].items()]
+    out = [f"# Run card: {card.get('name')}", "", "| | |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in rows]
+    out += ["", "## Workers per attempt", "", "| attempt | workers | grad accumulation | micro-batch audio-s | steps |",
+            "|---|---|---|---|---|"]
+    for a in card["worker_history"]:
+        micro = a.get("micro_batch_audio_s")
+        out.append(f"| {a['attempt']} | {a.get('world_size')} | {a.get('grad_accum')} | "
+                   f"{micro if micro is None else round(micro, 1)} | {a['first_step']}-{a['last_step']} |")
+    return "\n".join(out) + "\n"

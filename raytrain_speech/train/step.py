@@ -77,27 +77,37 @@ class Stepper:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def step(self, micro_batches: list[Batch], global_tokens: float, world_size: int) -> StepResult:
+    def step(self, micro_batches: list[Batch], global_tokens: float, world_size: int,
+             fillers: list[Batch] = ()) -> StepResult:
         """Backward over ``micro_batches`` (gradient sync only on the last), then one update.
 
         ``global_tokens`` is the target-token count of this step over all ranks and micro-batches;
         the objective divides by it so the update is a per-token mean of the global batch.
+        ``fillers`` are micro-steps that contribute exactly zero gradient: a rank whose data ran out
+        before the others' still has to join every gradient all-reduce (DDP), so it runs them in
+        eval mode (no BatchNorm update) with the loss multiplied by zero.
         """
-        self.model.train()
         # Running statistics (BatchNorm) change in the forward pass; a step that turns out to be
         # non-finite must not leave NaNs in them, so they are restored when the step is skipped.
         buffers = [b.detach().clone() for b in self.model.buffers()]
         loss_sum = tokens = 0.0
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
+        work = [(b, False) for b in micro_batches] + [(b, True) for b in fillers]
+        for i, (batch, filler) in enumerate(work):
+            last = i == len(work) - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            self.model.train(not filler)
             with sync:
                 with self._autocast():
                     out = self.model(batch.features_BFM, batch.feature_lengths_B)
-                loss, stats = self.objective(batch, out, global_tokens, world_size)
+                if filler:
+                    loss = sum(torch.nan_to_num(v.float(), 0.0, 0.0, 0.0).sum() for v in out.values()
+                               if torch.is_tensor(v) and v.is_floating_point()) * 0.0
+                else:
+                    loss, stats = self.objective(batch, out, global_tokens, world_size)
+                    loss_sum += stats["loss_sum"]
+                    tokens += stats["tokens"]
                 self.scaler.scale(loss).backward()
-            loss_sum += stats["loss_sum"]
-            tokens += stats["tokens"]
+        self.model.train()
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.cfg.grad_clip_norm if self.cfg.grad_clip_norm is not None else math.inf

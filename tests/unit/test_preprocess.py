@@ -17,6 +17,7 @@ def test_bad_rows_are_reported_with_id_and_reason_not_dropped():
     utts, bad = to_utterances(out)
     assert [u.id for u in utts] == ["ok"]
     assert utts[0].features_FM.shape == (101, 80)
-    reasons = dict(bad)
+    reasons = {utt_id: reason for _, utt_id, reason in bad}
+    assert sorted(index for index, _, _ in bad) == [1, 2, 3]
     assert set(reasons) == {"corrupt", "badtext", "empty"}
     assert "decode" in reasons["corrupt"] and "transcript" in reasons["badtext"] and "empty" in reasons["empty"]

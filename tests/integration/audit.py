@@ -1,0 +1,63 @@
+"""Reads the per-rank trained-on logs (``train.trained_log_dir``) and checks exactly-once per epoch.
+
+A step *survives* if no later attempt restored from an earlier step (a restart rolls back to its
+checkpoint; the steps after it were redone). Over surviving steps, every utterance index of a
+completed epoch must appear exactly once, and step numbers must run 1..N with no gap or repeat.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+
+
+def read_attempts(log_dir: str) -> list[dict]:
+    """[{attempt_id, start, restored_step, world_size, pids, steps: {step: {"epoch", "indices"}}}] by start."""
+    attempts: dict[str, dict] = {}
+    for path in glob.glob(os.path.join(log_dir, "*.jsonl")):
+        with open(path) as f:
+            lines = [json.loads(x) for x in f if x.strip()]
+        if not lines or "attempt_id" not in lines[0]:
+            continue
+        head = lines[0]
+        a = attempts.setdefault(head["attempt_id"], {
+            "attempt_id": head["attempt_id"], "start": head["attempt_start"], "restored_step": head["restored_step"],
+            "world_size": head["world_size"], "grad_accum": head["grad_accum"], "pids": {}, "steps": {}})
+        a["start"] = min(a["start"], head["attempt_start"])
+        a["pids"][head["rank"]] = head["pid"]
+        for rec in lines[1:]:
+            step = a["steps"].setdefault(rec["step"], {"epoch": rec["epoch"], "indices": [], "ranks": 0})
+            step["indices"] += rec["indices"]
+            step["ranks"] += 1
+    return sorted(attempts.values(), key=lambda a: a["start"])
+
+
+def surviving_steps(attempts: list[dict]) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for k, a in enumerate(attempts):
+        later = [b["restored_step"] for b in attempts[k + 1:]]
+        cutoff = min(later) if later else float("inf")
+        for step, rec in a["steps"].items():
+            if step <= cutoff:
+                assert rec["ranks"] == a["world_size"], f"step {step}: {rec['ranks']} of {a['world_size']} ranks logged"
+                out[step] = rec
+    return out
+
+
+def assert_exactly_once(log_dir: str, num_utterances: int, final_step: int) -> list[dict]:
+    attempts = read_attempts(log_dir)
+    steps = surviving_steps(attempts)
+    assert sorted(steps) == list(range(1, final_step + 1)), f"step numbers: {sorted(steps)[:5]}...{sorted(steps)[-5:]}"
+    by_epoch: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    for rec in steps.values():
+        by_epoch[rec["epoch"]].update(rec["indices"])
+    last_epoch = max(by_epoch)
+    for epoch, counts in by_epoch.items():
+        repeated = [i for i, c in counts.items() if c > 1]
+        assert not repeated, f"epoch {epoch}: {len(repeated)} utterances trained twice, e.g. {repeated[:5]}"
+        if epoch < last_epoch:
+            missing = set(range(num_utterances)) - set(counts)
+            assert not missing, f"epoch {epoch}: {len(missing)} utterances never trained, e.g. {sorted(missing)[:5]}"
+    return attempts

@@ -1,0 +1,120 @@
+"""Chaos: faults injected mid-epoch into a 2-worker run; every utterance is trained exactly once per
+epoch over the steps that survive, step numbers continue, and loss picks up where it was."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from raytrain_speech.data.synth import synthesize
+from raytrain_speech.train.launch import fit
+from raytrain_speech.train.metrics import read_metrics
+from tests.conftest import tiny_config
+from tests.integration.audit import assert_exactly_once, read_attempts
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("chaos") / "corpus")
+    cfg = tiny_config()
+    manifest = synthesize(cfg.synth, root, log=lambda s: None)
+    return root, manifest.splits["train"].num_utterances
+
+
+def chaos_config(tmp_path, root, name, **extra):
+    return tiny_config(**{
+        "data.root": root, "run.storage_path": str(tmp_path / "runs"), "run.name": name,
+        "train.max_steps": 40, "train.log_every_steps": 2, "train.checkpoint_every_steps": 6,
+        "train.global_batch_audio_s": 20, "train.trained_log_dir": str(tmp_path / "trained"),
+        "optim.warmup_steps": 5, "run.max_failures": 3, **extra,
+    })
+
+
+def kill_when(log_dir: str, at_step: int, rank: int, timeout_s: float = 300) -> dict:
+    """In the background: SIGKILL rank ``rank``'s worker process once any rank logged ``at_step``."""
+    done: dict = {}
+
+    def watch():
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            attempts = read_attempts(log_dir) if os.path.isdir(log_dir) else []
+            if attempts and max(attempts[-1]["steps"], default=0) >= at_step and rank in attempts[-1]["pids"]:
+                done["pid"] = attempts[-1]["pids"][rank]
+                done["step"] = max(attempts[-1]["steps"])
+                os.kill(done["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return done
+
+
+def loss_continuity(metrics: list[dict]) -> tuple[float, float]:
+    """(loss of the last report before the fault, loss of the first report after the restart)."""
+    first = [m for m in metrics if m.get("attempt") == 1 and "loss" in m]
+    second = [m for m in metrics if m.get("attempt") == 2 and "loss" in m]
+    return first[-1]["loss"], second[0]["loss"]
+
+
+def test_sigkill_one_worker_resumes_exactly_once(ray_local, tmp_path, corpus):
+    root, n_train = corpus
+    cfg = chaos_config(tmp_path, root, "sigkill")
+    killed = kill_when(str(tmp_path / "trained"), at_step=9, rank=1)
+    outcome = fit(cfg, progress=False)
+    assert killed, "the fault was never injected"
+    assert outcome.metrics["step"] == 40
+    attempts = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=40)
+    assert len(attempts) == 2
+    assert attempts[1]["restored_step"] == 6  # the last checkpoint before the kill at step >= 9
+    assert killed["pid"] not in attempts[1]["pids"].values()
+    metrics = read_metrics(str(tmp_path / "runs" / "sigkill" / "metrics.jsonl"))
+    before, after = loss_continuity(metrics)
+    assert abs(after - before) < 0.35 * before, (before, after)
+    assert outcome.run_card["restarts_survived"] == 1
+    assert [a["world_size"] for a in outcome.run_card["worker_history"]] == [2, 2]
+
+
+def _cli_args(cfg_overrides: dict) -> list[str]:
+    return [f"{k}={v}" for k, v in cfg_overrides.items()]
+
+
+def test_driver_killed_then_same_command_resumes(tmp_path, corpus):
+    """SIGKILL the driver (and the local Ray it started: the whole process group), run it again."""
+    import subprocess
+    import sys
+
+    root, n_train = corpus
+    log_dir = tmp_path / "trained"
+    overrides = {
+        "data.root": root, "run.storage_path": str(tmp_path / "runs"), "run.name": "driverkill",
+        "train.max_steps": 30, "train.log_every_steps": 2, "train.checkpoint_every_steps": 6,
+        "train.global_batch_audio_s": 20, "train.trained_log_dir": str(log_dir), "optim.warmup_steps": 5,
+        "run.object_store_memory_mb": 400,
+    }
+    cmd = [sys.executable, "-m", "raytrain_speech.cli", "train", "--config", "examples/conformer_ctc_tiny.yaml",
+           "--no-progress", *_cli_args(overrides)]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            attempts = read_attempts(str(log_dir)) if log_dir.exists() else []
+            if attempts and max(attempts[-1]["steps"], default=0) >= 9:
+                break
+            assert first.poll() is None, "the first run ended before the fault"
+            time.sleep(0.1)
+        else:
+            pytest.fail("the first run never reached step 9")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    time.sleep(2)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    attempts = assert_exactly_once(str(log_dir), n_train, final_step=30)
+    assert [a["restored_step"] for a in attempts] == [0, 6]
+    metrics = read_metrics(str(tmp_path / "runs" / "driverkill" / "metrics.jsonl"))
+    assert metrics[-1]["step"] == 30 and metrics[-1]["attempt"] == 2
