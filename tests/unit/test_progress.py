@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+from raytrain_speech.data.progress import DataCursor, drop_consumed
+from raytrain_speech.train.loop import TrainConfig
+from raytrain_speech.train.metrics import run_card
+
+
+def test_cursor_marks_merges_and_round_trips():
+    a, b = DataCursor(1000, epoch=3), DataCursor(1000, epoch=3)
+    a.mark([0, 5, 999])
+    b.mark([5, 6])
+    a.merge(b)
+    assert a.count == 4 and not a.empty and not a.complete
+    back = DataCursor.from_bytes(a.to_bytes())
+    assert back.epoch == 3 and (back.consumed == a.consumed).all()
+    assert len(a.to_bytes()) < 1000  # packed bits, compressed
+    nxt = back.next_epoch()
+    assert nxt.epoch == 4 and nxt.empty
+    with pytest.raises(ValueError):
+        a.merge(nxt)
+    with pytest.raises(IndexError):
+        a.mark([1000])
+
+
+def test_drop_consumed_keeps_only_unconsumed_rows():
+    consumed = np.zeros(10, bool)
+    consumed[[1, 3, 4]] = True
+    batch = {"index": np.arange(6), "id": np.array([f"u{i}" for i in range(6)], dtype=object)}
+    out = drop_consumed(batch, consumed)
+    assert out["index"].tolist() == [0, 2, 5] and out["id"].tolist() == ["u0", "u2", "u5"]
+
+
+def test_accumulation_keeps_the_global_batch_when_workers_change():
+    cfg = TrainConfig(global_batch_audio_s=240, micro_batch_audio_s=60)
+    for world, accum in ((4, 1), (2, 2), (1, 4), (3, 2)):
+        got_accum, micro = cfg.accumulation(world)
+        assert got_accum == accum and micro <= 60
+        assert abs(world * got_accum * micro - 240) < 1e-9
+    assert TrainConfig(global_batch_audio_s=120).accumulation(2) == (1, 60.0)
+
+
+def test_run_card_records_restarts_and_worker_history():
+    lines = [
+        {"step": 2, "attempt": 1, "world_size": 2, "grad_accum": 1, "time": 100.0, "audio_hours_seen": 0.1,
+         "train_wall_s": 10.0, "parameters": 5},
+        {"step": 4, "attempt": 1, "world_size": 2, "grad_accum": 1, "time": 110.0, "audio_hours_seen": 0.2,
+         "train_wall_s": 20.0},
+        {"step": 4, "attempt": 2, "world_size": 1, "grad_accum": 2, "time": 200.0, "audio_hours_seen": 0.2,
+         "train_wall_s": 20.0},
+        {"step": 6, "attempt": 2, "world_size": 1, "grad_accum": 2, "time": 236.0, "audio_hours_seen": 0.3,
+         "train_wall_s": 30.0, "loss": 1.5, "parameters": 5},
+    ]
+    card = run_card(lines, {"name": "r", "use_gpu": True})
+    assert card["restarts_survived"] == 1
+    assert [(a["world_size"], a["grad_accum"]) for a in card["worker_history"]] == [(2, 1), (1, 2)]
+    assert card["gpu_hours"] == pytest.approx((10 * 2 + 36 * 1) / 3600, abs=1e-4)
+    assert card["throughput_audio_s_per_s"] == pytest.approx(0.3 * 3600 / 30)
+    assert card["final"]["loss"] == 1.5
