@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 
 import ray.train
@@ -49,7 +50,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
          scaler: torch.amp.GradScaler | None, state: TrainState, config_yaml: str,
-         cursor: DataCursor | None = None) -> None:
+         cursor: DataCursor | None = None, fault_delay_s: float = 0.0) -> None:
+    """Write the checkpoint directory; ``fault_delay_s`` (tests only) stalls between its files."""
     payload = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -58,6 +60,8 @@ def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | No
         "torch_rng": torch.get_rng_state(),
     }
     torch.save(payload, os.path.join(directory, STATE_FILE))
+    if fault_delay_s:
+        time.sleep(fault_delay_s)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         f.write(config_yaml)
     if cursor is not None:

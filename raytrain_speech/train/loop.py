@@ -59,6 +59,9 @@ class TrainConfig:
     """torch intra-op threads per worker (CPU training: cores / workers)."""
     trained_log_dir: str | None = None
     """Audit/test hook: each rank appends the utterance indices of every step to a JSONL file here."""
+    fault_checkpoint_delay_s: float = 0.0
+    """Fault-injection hook for tests: rank 0 sleeps this long inside each checkpoint write of the
+    run's first attempt, so a test can kill it mid-write."""
 
     def validate(self) -> None:
         require(self.max_steps >= 1, "train.max_steps", "must be >= 1")
@@ -330,9 +333,11 @@ class WorkerRun:
             cursor = self.cursor
             save_fn = None
             if self.rank == 0:
+                delay_s = self.tc.fault_checkpoint_delay_s if snapshot.attempts == 1 else 0.0
+
                 def save_fn(d):
                     checkpoint.save(d, self.stepper.model, self.stepper.optimizer, self.stepper.scaler,
-                                    snapshot, self.config_yaml, cursor)
+                                    snapshot, self.config_yaml, cursor, fault_delay_s=delay_s)
             checkpoint.report(metrics, f"checkpoint_step{snapshot.step:08d}", save_fn)
             self.last_ckpt_step = snapshot.step
         self.last_wall = time.time()  # time spent reporting/uploading is not training time

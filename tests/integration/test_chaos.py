@@ -34,8 +34,9 @@ def chaos_config(tmp_path, root, name, **extra):
     })
 
 
-def kill_when(log_dir: str, at_step: int, rank: int, timeout_s: float = 300) -> dict:
-    """In the background: SIGKILL rank ``rank``'s worker process once any rank logged ``at_step``."""
+def kill_when(log_dir: str, at_step: int, rank: int, timeout_s: float = 300, delay_s: float = 0.0) -> dict:
+    """In the background: SIGKILL rank ``rank``'s worker process ``delay_s`` after any rank logged
+    ``at_step``."""
     done: dict = {}
 
     def watch():
@@ -45,6 +46,7 @@ def kill_when(log_dir: str, at_step: int, rank: int, timeout_s: float = 300) -> 
             if attempts and max(attempts[-1]["steps"], default=0) >= at_step and rank in attempts[-1]["pids"]:
                 done["pid"] = attempts[-1]["pids"][rank]
                 done["step"] = max(attempts[-1]["steps"])
+                time.sleep(delay_s)
                 os.kill(done["pid"], signal.SIGKILL)
                 return
             time.sleep(0.05)
@@ -118,3 +120,15 @@ def test_driver_killed_then_same_command_resumes(tmp_path, corpus):
     assert [a["restored_step"] for a in attempts] == [0, 6]
     metrics = read_metrics(str(tmp_path / "runs" / "driverkill" / "metrics.jsonl"))
     assert metrics[-1]["step"] == 30 and metrics[-1]["attempt"] == 2
+
+
+def test_worker_killed_while_writing_a_checkpoint_restores_the_last_complete_one(ray_local, tmp_path, corpus):
+    root, n_train = corpus
+    cfg = chaos_config(tmp_path, root, "ckptkill", **{"train.max_steps": 24, "train.fault_checkpoint_delay_s": 6})
+    # Rank 0 logs step 12 and then spends 6 s inside the step-12 checkpoint write: kill it in there.
+    killed = kill_when(str(tmp_path / "trained"), at_step=12, rank=0, delay_s=1.5)
+    outcome = fit(cfg, progress=False)
+    assert killed and killed["step"] == 12
+    attempts = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=24)
+    assert [a["restored_step"] for a in attempts] == [0, 6]  # the half-written step-12 checkpoint was never used
+    assert outcome.checkpoint_uri.endswith("checkpoint_step00000024")
