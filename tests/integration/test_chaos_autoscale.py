@@ -1,0 +1,134 @@
+"""Chaos (slow): an autoscaled node group appears under a running elastic job.
+
+A head started with ``ray start --head --block`` (stopped by pid, never ``ray stop``) runs Ray's fake
+multi-node autoscaler; the "a100" node type (a custom ``trainer_slot`` resource standing in for a GPU
+node group) scales 1..2. A run with ``num_workers=[1, 2]`` starts on the first node and grows to two
+workers when the second arrives; the global batch and exactly-once accounting hold across the resize.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import ray
+from ray._private.authentication_test_utils import reset_auth_token_state
+
+from raytrain_speech.data.synth import synthesize
+from raytrain_speech.train.launch import fit
+from tests.conftest import tiny_config
+from tests.integration.audit import assert_exactly_once
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_processes_mentioning(marker: str) -> None:
+    """Stop exactly the processes of this test's cluster (their command lines name its temp dir)."""
+    me = os.getpid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+@pytest.fixture
+def autoscaling_head(s3_endpoint):
+    temp = tempfile.mkdtemp(prefix="rtsas", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port = _free_port()
+    ip = ray._private.services.get_node_ip_address()
+    config = {
+        "cluster_name": "rts-fake", "max_workers": 2,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": f"{ip}:{port}"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
+            "a100": {"resources": {"CPU": 1, "trainer_slot": 1, "object_store_memory": 200 * 2**20},
+                     "node_config": {}, "min_workers": 1, "max_workers": 2},
+        },
+        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+        "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
+    }
+    config_path = os.path.join(temp, "autoscaler.json")
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # this cluster's own token
+    env = {**os.environ, **auth, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_TMPDIR": temp}
+    saved = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
+    reset_auth_token_state()  # this process may have cached another cluster's token
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}",
+         f"--autoscaling-config={config_path}", "--object-store-memory=300000000", "--include-dashboard=true",
+         "--dashboard-port=0"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                ray.init(address=f"{ip}:{port}", logging_level="WARNING")
+                break
+            except Exception:
+                time.sleep(1)
+        else:
+            pytest.fail("the autoscaling head did not come up")
+        while time.time() < deadline and ray.cluster_resources().get("trainer_slot", 0) < 1:
+            time.sleep(1)  # the group's minimum (one node) is up before the run starts
+        yield ray
+    finally:
+        ray.shutdown()
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        _kill_processes_mentioning(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_auth_token_state()
+
+
+@pytest.mark.slow
+def test_run_grows_when_the_autoscaler_adds_a_node(autoscaling_head, tmp_path):
+    root = str(tmp_path / "corpus")
+    manifest = synthesize(tiny_config().synth, root, log=lambda s: None)
+    log_dir = str(tmp_path / "trained")
+    cfg = tiny_config(**{
+        "data.root": root, "run.storage_path": str(tmp_path / "runs"), "run.name": "grow",
+        "run.num_workers": [1, 2], "run.worker_resources": {"trainer_slot": 1}, "run.elastic_resize_interval_s": 5,
+        "train.max_steps": 60, "train.log_every_steps": 2, "train.checkpoint_every_steps": 4,
+        "train.global_batch_audio_s": 20, "train.micro_batch_audio_s": 10, "train.trained_log_dir": log_dir,
+        "optim.warmup_steps": 5,
+    })
+    outcome = fit(cfg, progress=False)
+    attempts = assert_exactly_once(log_dir, manifest.splits["train"].num_utterances, final_step=60)
+    sizes = [a["world_size"] for a in attempts]
+    assert sizes[0] == 1 and sizes[-1] == 2, sizes
+    for a in attempts:
+        assert a["grad_accum"] == (2 if a["world_size"] == 1 else 1)
+    assert [h["world_size"] for h in outcome.run_card["worker_history"]] == sizes
