@@ -36,6 +36,8 @@ class DataConfig:
     """Corpus root (local path or s3://bucket/prefix) holding manifest.json and split folders."""
     train_split: str = "train"
     """Split trained on."""
+    valid_split: str = "dev"
+    """Split for validation during training (train.validate_every_steps)."""
     preprocess_batch_rows: int = 32
     """Rows per Ray Data preprocessing task batch."""
     preprocess_cpus: float = 1.0

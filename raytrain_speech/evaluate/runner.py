@@ -34,6 +34,8 @@ class EvalConfig:
     """Padded audio seconds per decoding batch."""
     threads: int = 0
     """torch threads for decoding; 0 = all cores."""
+    use_ema: bool = True
+    """Score the EMA weights when the checkpoint has them (step.ema_decay)."""
 
     def validate(self) -> None:
         require(self.batch_audio_s > 0, "eval.batch_audio_s", "must be positive")
@@ -54,7 +56,10 @@ def evaluate_checkpoint(checkpoint: str, storage_cfg: StorageConfig | None = Non
         torch.set_num_threads(cfg.eval.threads)
     pre = Preprocessor(cfg.features, cfg.text)
     model = build_model(cfg.model, pre.tokenizer.vocab_size)
-    model.load_state_dict(payload["model"])
+    weights = payload["model"]
+    if cfg.eval.use_ema and payload.get("ema"):
+        weights = {**weights, **{k: v.to(weights[k].dtype) for k, v in payload["ema"].items()}}
+    model.load_state_dict(weights)
     model.eval()
 
     start = time.time()
@@ -78,6 +83,7 @@ def evaluate_checkpoint(checkpoint: str, storage_cfg: StorageConfig | None = Non
     order = sorted(range(len(ids)), key=lambda i: ids[i])
     return {
         **scores, "split": split, "data_root": root, "checkpoint": checkpoint, "step": payload["train_state"]["step"],
+        "weights": "ema" if cfg.eval.use_ema and payload.get("ema") else "live",
         "bad_utterances": len(bad), "audio_s": sum(u.duration_s for u in utts), "eval_wall_s": time.time() - start,
         "examples": [{"id": ids[i], "ref": refs[i], "hyp": hyps[i]} for i in order[:5]],
     }

@@ -21,6 +21,7 @@ from torch import nn
 from raytrain_speech import storage
 from raytrain_speech.data.progress import CURSOR_FILE, DataCursor
 from raytrain_speech.storage import StorageConfig, StorageError
+from raytrain_speech.train.step import EMA, unwrap
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -39,21 +40,18 @@ class TrainState:
     skipped_steps: int = 0
     attempts: int = 0
     world_sizes: list[int] = field(default_factory=list)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP/compile wrappers (so keys have no ``module.`` prefix)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+    best_valid: float | None = None
+    bad_validations: int = 0
+    stopped_early: bool = False
 
 
 def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
          scaler: torch.amp.GradScaler | None, state: TrainState, config_yaml: str,
-         cursor: DataCursor | None = None, fault_delay_s: float = 0.0) -> None:
+         cursor: DataCursor | None = None, ema: EMA | None = None, fault_delay_s: float = 0.0) -> None:
     """Write the checkpoint directory; ``fault_delay_s`` (tests only) stalls between its files."""
     payload = {
         "model": unwrap(model).state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "train_state": asdict(state),
@@ -82,8 +80,10 @@ def load(directory: str) -> dict:
 
 
 def restore(payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-            scaler: torch.amp.GradScaler | None) -> TrainState:
+            scaler: torch.amp.GradScaler | None, ema: EMA | None = None) -> TrainState:
     unwrap(model).load_state_dict(payload["model"])
+    if ema is not None and payload.get("ema") is not None:
+        ema.load_state_dict(payload["ema"])
     if optimizer is not None and payload.get("optimizer") is not None:
         optimizer.load_state_dict(payload["optimizer"])
     if scaler is not None and payload.get("scaler") is not None:
@@ -135,14 +135,26 @@ def latest_committed_cursor(run_dir: str, storage_cfg: StorageConfig | None = No
     return DataCursor.from_bytes(storage.read_bytes(uri, storage_cfg))
 
 
-def report(metrics: dict, checkpoint_dir_name: str | None = None, save_fn=None) -> None:
+def report(metrics: dict, checkpoint_dir_name: str | None = None, save_fn=None, upload: str = "sync") -> None:
     """``ray.train.report`` (a barrier: every rank calls it at the same step).
 
     On checkpoint steps every rank passes the same ``checkpoint_dir_name`` and rank 0 passes
-    ``save_fn(dir)``, which fills the checkpoint directory that Ray then uploads.
+    ``save_fn(dir)``, which fills the checkpoint directory that Ray then uploads: in the
+    background with ``upload="async"`` (Ray deletes the local copy once uploaded), or before
+    returning with ``"sync"``. Either way Ray commits the checkpoint only when the upload is
+    complete, so a crash mid-upload leaves the previous checkpoint as the one to restore.
     """
     if save_fn is None:
         ray.train.report(metrics, checkpoint_dir_name=checkpoint_dir_name)
+        return
+    from ray.train import CheckpointUploadMode
+
+    if upload == "async":
+        d = tempfile.mkdtemp(prefix="rts-ckpt-")
+        save_fn(d)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=checkpoint_dir_name, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
         return
     with tempfile.TemporaryDirectory(prefix="rts-ckpt-") as d:
         save_fn(d)

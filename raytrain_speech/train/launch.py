@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import ray
 import ray.train
@@ -57,7 +57,14 @@ class LaunchConfig:
     max_failures: int = 3
     """Worker-group restarts allowed after failures (-1 = unlimited)."""
     checkpoints_to_keep: int = 2
-    """Latest checkpoints kept in storage."""
+    """Checkpoints kept in storage (the latest is always kept, whatever its score)."""
+    checkpoint_score_attribute: str | None = None
+    """Keep the best checkpoints by this reported metric (e.g. valid_loss) instead of the latest;
+    validation then runs at every checkpoint."""
+    checkpoint_score_order: Literal["min", "max"] = "min"
+    """Whether a lower or higher checkpoint_score_attribute is better."""
+    max_preemption_failures: int = -1
+    """Node preemptions (spot reclaims) to recover from, counted apart from max_failures (-1 = no limit)."""
     ray_address: str | None = None
     """Cluster to join (e.g. auto); None = $RAY_ADDRESS if set, else start a local Ray."""
     local_num_cpus: int | None = None
@@ -168,8 +175,12 @@ def build_trainer(cfg: Config) -> TorchTrainer:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, **_storage_args(cfg),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
+                                                   max_preemption_failures=cfg.run.max_preemption_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.run.checkpoints_to_keep,
+                checkpoint_score_attribute=cfg.run.checkpoint_score_attribute,
+                checkpoint_score_order=cfg.run.checkpoint_score_order),
             callbacks=[RunRecordCallback(directory, cfg.storage, run_info(cfg))],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),

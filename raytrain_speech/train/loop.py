@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import ray.train
 import torch
@@ -32,7 +33,7 @@ from raytrain_speech.objectives import ctc
 from raytrain_speech.train import checkpoint
 from raytrain_speech.train.checkpoint import TrainState
 from raytrain_speech.train.optim import build_optimizer, lr_at, set_lr
-from raytrain_speech.train.step import Stepper
+from raytrain_speech.train.step import Stepper, unwrap
 
 
 @dataclass
@@ -57,6 +58,19 @@ class TrainConfig:
     """Save a full-state checkpoint every this many steps (and always at the last step)."""
     torch_threads: int = 1
     """torch intra-op threads per worker (CPU training: cores / workers)."""
+    validate_every_steps: int | None = None
+    """Loss and greedy WER on data.valid_split every this many steps (None = only if a checkpoint
+    score needs it)."""
+    early_stop_patience: int | None = None
+    """Stop after this many validations in a row without improving early_stop_metric (None = never)."""
+    early_stop_metric: Literal["valid_loss", "valid_wer"] = "valid_loss"
+    """Validation metric that early stopping watches (lower is better)."""
+    early_stop_min_delta: float = 0.0
+    """Smallest decrease that counts as an improvement."""
+    checkpoint_upload: Literal["async", "sync"] = "async"
+    """async: training continues while Ray uploads the checkpoint; sync: the step waits for it."""
+    checkpoint_on_preemption: bool = True
+    """When Ray reports that a node of this run is being drained (spot reclaim), checkpoint at once."""
     trained_log_dir: str | None = None
     """Audit/test hook: each rank appends the utterance indices of every step to a JSONL file here."""
     fault_checkpoint_delay_s: float = 0.0
@@ -71,6 +85,10 @@ class TrainConfig:
         require(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
         require(self.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
         require(self.torch_threads >= 1, "train.torch_threads", "must be >= 1")
+        require(self.validate_every_steps is None or self.validate_every_steps >= 1, "train.validate_every_steps",
+                "must be >= 1 or null")
+        require(self.early_stop_patience is None or self.validate_every_steps is not None,
+                "train.early_stop_patience", "needs train.validate_every_steps")
 
     def accumulation(self, world_size: int) -> tuple[int, float]:
         """(micro-batches per worker per step, padded-seconds budget per micro-batch) at this size."""
@@ -187,7 +205,8 @@ class WorkerRun:
             self.state, self.cursor = TrainState(), DataCursor(n_train, 0)
         else:
             payload, cursor = restored
-            self.state = checkpoint.restore(payload, self.stepper.model, optimizer, self.stepper.scaler)
+            self.state = checkpoint.restore(payload, self.stepper.model, optimizer, self.stepper.scaler,
+                                            self.stepper.ema)
             self.cursor = cursor if cursor is not None else DataCursor(n_train, self.state.epoch)
         self.resumed = restored is not None
         self.state.attempts += 1
@@ -200,7 +219,14 @@ class WorkerRun:
         self.window = Window()
         self.attempt_start = self.last_wall = time.time()
         self.attempt_audio_s = 0.0
+        self.checkpoint_blocked_s = self.report_blocked_s = 0.0
         self.last_ckpt_step = self.state.step
+        self.validator = None
+        if self.tc.validate_every_steps or cfg.run.checkpoint_score_attribute:
+            from raytrain_speech.train.validate import Validator
+
+            self.validator = Validator(cfg, cfg.data.valid_split, self.rank, self.world)
+        self.preemption_saved = False
         self.attempt_id = self._agree_attempt_id()
         self.trained_log = None
         if self.tc.trained_log_dir:
@@ -263,7 +289,8 @@ class WorkerRun:
         train_shard = ray.train.get_dataset_shard("train")
         first = True
         tc = self.tc
-        while self.state.step < tc.max_steps and (tc.max_epochs is None or self.state.epoch < tc.max_epochs):
+        while (self.state.step < tc.max_steps and not self.state.stopped_early
+               and (tc.max_epochs is None or self.state.epoch < tc.max_epochs)):
             resuming = first and not self.cursor.empty
             shard = ray.train.get_dataset_shard("train_resume") if resuming else train_shard
             already = self.cursor.consumed.copy() if resuming else None
@@ -271,7 +298,7 @@ class WorkerRun:
             epoch_start_step = self.state.step
             for group, totals in lockstep(self._epoch_batches(shard, already), self.accum, self.device):
                 self._step(group, totals)
-                if self.state.step >= tc.max_steps:
+                if self.state.step >= tc.max_steps or self.state.stopped_early:
                     return self._finish()
             self._end_epoch(epoch_start_step)
         self._finish()
@@ -297,10 +324,59 @@ class WorkerRun:
         indices = [i for b in group for i in b.indices]
         self.cursor.mark(indices)
         if self.trained_log is not None:
-            self._log({"step": st.step, "epoch": self.cursor.epoch, "indices": indices})
+            self._log({"step": st.step, "epoch": self.cursor.epoch, "time": now, "indices": indices})
         is_ckpt = st.step >= self.tc.max_steps or st.step % self.tc.checkpoint_every_steps == 0
-        if is_ckpt or st.step % self.tc.log_every_steps == 0:
-            self._report(lr, now, checkpoint_now=is_ckpt)
+        is_log = st.step % self.tc.log_every_steps == 0
+        sync_upload = False
+        if is_log and self.tc.checkpoint_on_preemption and self._preempted():
+            is_ckpt = sync_upload = True  # the node is going: this checkpoint must land before it does
+        extra = {}
+        validate_every = self.tc.validate_every_steps
+        if (validate_every and st.step % validate_every == 0) or (is_ckpt and self.cfg.run.checkpoint_score_attribute):
+            extra = self._validate()
+            if self._should_stop(extra):
+                st.stopped_early = True
+                is_ckpt = True
+        if is_ckpt or is_log or extra:
+            self._report(lr, now, checkpoint_now=is_ckpt, extra=extra, sync_upload=sync_upload)
+
+    def _preempted(self) -> bool:
+        """Ray's drain notice for any node of this run (a barrier: every rank asks at the same step)."""
+        get_info = getattr(ray.train, "get_preemption_info", None)
+        if get_info is None or self.preemption_saved:
+            return False
+        info = get_info()
+        if info is None:
+            return False
+        self.preemption_saved = True
+        if self.rank == 0:
+            print(f"[raytrain-speech] preemption notice for ranks {info.preempted_ranks}: checkpointing at "
+                  f"step {self.state.step}", flush=True)
+        return True
+
+    def _validate(self) -> dict:
+        from raytrain_speech.train.validate import summarize
+
+        model = self.stepper.model
+        if self.stepper.ema is not None:
+            with self.stepper.ema.applied(model) as averaged:
+                counts = self.validator.counts(averaged, self.device)
+        else:
+            counts = self.validator.counts(unwrap(model), self.device)
+        keys = sorted(counts)
+        summed = dict(zip(keys, all_reduce_sum([counts[k] for k in keys], self.device)))
+        return summarize(summed)
+
+    def _should_stop(self, valid: dict) -> bool:
+        """Early stopping bookkeeping (kept in TrainState, so it survives restarts)."""
+        if self.tc.early_stop_patience is None:
+            return False
+        st, value = self.state, valid[self.tc.early_stop_metric]
+        if st.best_valid is None or value < st.best_valid - self.tc.early_stop_min_delta:
+            st.best_valid, st.bad_validations = value, 0
+            return False
+        st.bad_validations += 1
+        return st.bad_validations >= self.tc.early_stop_patience
 
     def _metrics(self, lr: float | None, now: float) -> tuple[dict, TrainState]:
         w = self.window
@@ -314,7 +390,9 @@ class WorkerRun:
             "train_wall_s": st.train_wall_s, "world_size": self.world, "grad_accum": self.accum,
             "micro_batch_audio_s": self.micro_budget_s, "attempt": st.attempts,
             "bad_utterances": snapshot.bad_utterances, "skipped_steps": st.skipped_steps,
-            "parameters": self.n_params, "device": device_name(self.device),
+            "parameters": self.n_params, "device": device_name(self.device), "stopped_early": st.stopped_early,
+            "attempt_elapsed_s": now - self.attempt_start, "checkpoint_blocked_s": self.checkpoint_blocked_s,
+            "report_blocked_s": self.report_blocked_s,
         }
         if w.steps:
             metrics.update(loss=loss_sum / max(tokens, 1.0), grad_norm=w.grad_norm / w.steps,
@@ -322,8 +400,11 @@ class WorkerRun:
         self.window = Window()
         return metrics, snapshot
 
-    def _report(self, lr: float | None, now: float, checkpoint_now: bool) -> None:
+    def _report(self, lr: float | None, now: float, checkpoint_now: bool, extra: dict | None = None,
+                sync_upload: bool = False) -> None:
+        started = time.time()
         metrics, snapshot = self._metrics(lr, now)
+        metrics.update(extra or {})
         metrics["checkpoint"] = checkpoint_now
         if not checkpoint_now:
             checkpoint.report(metrics)
@@ -337,10 +418,16 @@ class WorkerRun:
 
                 def save_fn(d):
                     checkpoint.save(d, self.stepper.model, self.stepper.optimizer, self.stepper.scaler,
-                                    snapshot, self.config_yaml, cursor, fault_delay_s=delay_s)
-            checkpoint.report(metrics, f"checkpoint_step{snapshot.step:08d}", save_fn)
+                                    snapshot, self.config_yaml, cursor, self.stepper.ema, fault_delay_s=delay_s)
+            upload = "sync" if sync_upload else self.tc.checkpoint_upload
+            checkpoint.report(metrics, f"checkpoint_step{snapshot.step:08d}", save_fn, upload=upload)
             self.last_ckpt_step = snapshot.step
         self.last_wall = time.time()  # time spent reporting/uploading is not training time
+        blocked = self.last_wall - started
+        if checkpoint_now:
+            self.checkpoint_blocked_s += blocked
+        else:
+            self.report_blocked_s += blocked
 
     def _end_epoch(self, epoch_start_step: int) -> None:
         if self.state.step == epoch_start_step and self.cursor.empty:
@@ -358,7 +445,8 @@ class WorkerRun:
 
     def _finish(self) -> None:
         if self.state.step != self.last_ckpt_step:  # stopped by max_epochs between checkpoints
-            self._report(None, time.time(), checkpoint_now=True)
+            extra = self._validate() if self.cfg.run.checkpoint_score_attribute else None
+            self._report(None, time.time(), checkpoint_now=True, extra=extra)
         if self.trained_log is not None:
             self.trained_log.close()
 

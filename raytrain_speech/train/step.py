@@ -30,10 +30,57 @@ class StepConfig:
     hardware computes it natively (Ampere+ GPUs, CPUs with AVX512-BF16/AMX), else fp32."""
     grad_clip_norm: float | None = None
     """Clip the global gradient L2 norm to this (None = no clipping)."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights with this per-step decay (e.g. 0.999);
+    it is saved in checkpoints and used for validation and evaluation. None = no EMA."""
 
     def validate(self) -> None:
         require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "step.grad_clip_norm",
                 "must be positive or null")
+        require(self.ema_decay is None or 0 < self.ema_decay < 1, "step.ema_decay", "must be in (0, 1) or null")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP/compile wrappers (so state-dict keys have no ``module.`` prefix)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point state (weights and norm statistics).
+
+    Kept in fp32 on the model's device; ``applied`` swaps the averaged weights in for validation or
+    export and restores the live ones after.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in unwrap(model).state_dict().items()
+                       if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in unwrap(model).state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].mul_(self.decay).add_(v.detach().float(), alpha=1 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        plain = unwrap(model)
+        live = {k: v.detach().clone() for k, v in plain.state_dict().items() if k in self.shadow}
+        plain.load_state_dict({**plain.state_dict(), **{k: v.to(live[k].dtype) for k, v in self.shadow.items()}})
+        try:
+            yield plain
+        finally:
+            plain.load_state_dict({**plain.state_dict(), **live})
 
 
 @dataclass
@@ -71,6 +118,7 @@ class Stepper:
         self.precision = resolve_precision(cfg.precision, device)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -125,4 +173,6 @@ class Stepper:
             with torch.no_grad():
                 for live, saved in zip(self.model.buffers(), buffers):
                     live.copy_(saved)
+        elif self.ema is not None:
+            self.ema.update(self.model)
         return StepResult(grad_norm, skipped, loss_sum, tokens)

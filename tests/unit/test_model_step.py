@@ -83,3 +83,20 @@ def test_non_finite_gradient_skips_the_update():
     assert res.skipped and not math.isfinite(res.grad_norm)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_ema_tracks_the_average_and_swaps_in_and_out():
+    from raytrain_speech.train.step import EMA
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.5)
+    for value in (1.0, 1.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], torch.full((1, 2), 0.75))  # 0 -> 0.5 -> 0.75
+    with ema.applied(model) as averaged:
+        assert torch.allclose(averaged.weight, torch.full((1, 2), 0.75))
+    assert torch.allclose(model.weight, torch.ones(1, 2))

@@ -1,0 +1,63 @@
+"""Validation during training: loss and greedy WER on a held-out split, sharded over ranks (no Ray).
+
+The split is small (a dev set), so each rank decodes it once into memory and keeps its slice
+(every world_size-th utterance); each validation returns summable counts that the loop all-reduces,
+so the numbers are corpus-level over the whole split whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raytrain_speech.data import shards
+from raytrain_speech.data.batching import BatchingConfig, Utterance, batch_by_duration, collate
+from raytrain_speech.data.preprocess import Preprocessor, iter_table, to_utterances
+from raytrain_speech.evaluate.decode import ctc_greedy
+from raytrain_speech.evaluate.wer import error_counts
+from raytrain_speech.objectives import ctc
+
+
+class Validator:
+    def __init__(self, cfg, split: str, rank: int, world: int, batch_audio_s: float = 200.0):
+        self.cfg, self.split, self.rank, self.world = cfg, split, rank, world
+        self.batch_audio_s = batch_audio_s
+        self.pre = Preprocessor(cfg.features, cfg.text)
+        self._utts: list[Utterance] | None = None
+
+    def utterances(self) -> list[Utterance]:
+        if self._utts is None:
+            utts = []
+            for uri in shards.shard_uris(self.cfg.data.root, self.split, self.cfg.storage):
+                for batch in iter_table(shards.read_shard(uri, self.cfg.storage), self.pre):
+                    utts.extend(to_utterances(batch)[0])
+            utts.sort(key=lambda u: u.index)
+            self._utts = utts[self.rank:: self.world]
+        return self._utts
+
+    @torch.inference_mode()
+    def counts(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Summed loss, tokens and edit counts of this rank's slice."""
+        was_training = model.training
+        model.eval()
+        totals = {"loss_sum": 0.0, "tokens": 0.0, "word_errors": 0.0, "ref_words": 0.0, "char_errors": 0.0,
+                  "ref_chars": 0.0}
+        for group in batch_by_duration(self.utterances(), self.batch_audio_s, BatchingConfig()):
+            b = collate(group).to(device)
+            out = model(b.features_BFM, b.feature_lengths_B)
+            _, stats = ctc.loss(b, out, global_tokens=1.0)
+            totals["loss_sum"] += stats["loss_sum"]
+            totals["tokens"] += stats["tokens"]
+            hyps = [self.pre.tokenizer.decode(ids) for ids in ctc_greedy(out["log_probs_BTV"], out["lengths_B"])]
+            for k, v in error_counts(b.texts, hyps).items():
+                totals[k] += v
+        model.train(was_training)
+        return totals
+
+
+def summarize(totals: dict[str, float]) -> dict[str, float]:
+    return {
+        "valid_loss": totals["loss_sum"] / max(totals["tokens"], 1.0),
+        "valid_wer": totals["word_errors"] / max(totals["ref_words"], 1.0),
+        "valid_cer": totals["char_errors"] / max(totals["ref_chars"], 1.0),
+    }
