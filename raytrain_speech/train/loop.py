@@ -337,6 +337,8 @@ class WorkerRun:
             if self._should_stop(extra):
                 st.stopped_early = True
                 is_ckpt = True
+        if sync_upload:
+            extra = {**extra, "preemption_checkpoint": True}
         if is_ckpt or is_log or extra:
             self._report(lr, now, checkpoint_now=is_ckpt, extra=extra, sync_upload=sync_upload)
 

@@ -28,7 +28,8 @@ def read_attempts(log_dir: str) -> list[dict]:
         a["start"] = min(a["start"], head["attempt_start"])
         a["pids"][head["rank"]] = head["pid"]
         for rec in lines[1:]:
-            step = a["steps"].setdefault(rec["step"], {"epoch": rec["epoch"], "indices": [], "ranks": 0})
+            step = a["steps"].setdefault(rec["step"], {"epoch": rec["epoch"], "indices": [], "ranks": 0,
+                                                       "time": rec.get("time")})
             step["indices"] += rec["indices"]
             step["ranks"] += 1
     return sorted(attempts.values(), key=lambda a: a["start"])

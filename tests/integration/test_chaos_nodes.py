@@ -1,8 +1,11 @@
 """Chaos with several Ray nodes on one machine (``ray.cluster_utils.Cluster``): a node holding a
-training worker disappears; the elastic run continues on the survivor with the same global batch."""
+training worker gets a spot-preemption drain notice and then disappears; the run checkpoints on the
+notice, and the elastic run continues on the survivor from that checkpoint with the same global
+batch."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -12,13 +15,21 @@ from ray.cluster_utils import Cluster
 
 from raytrain_speech.data.synth import synthesize
 from raytrain_speech.train.launch import fit
+from raytrain_speech.train.metrics import read_metrics
 from tests.conftest import tiny_config
 from tests.integration.audit import assert_exactly_once, read_attempts
 
 
 @pytest.fixture(scope="module")
 def two_node_cluster(s3_endpoint):
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 300 * 2**20})
+    # Train polls Ray Core for drains every 5 s by default; the tiny model steps every ~0.2 s.
+    os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.5"
+    # After a hard node loss Train first waits this long for the old worker count (default 60 s).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
+    # A lost node is declared dead after missed health checks (Ray's default: ~30 s); a test need not wait.
+    fast_health = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "object_store_memory": 300 * 2**20, "_system_config": fast_health})
     workers = [cluster.add_node(num_cpus=1, resources={"trainer_slot": 1}, object_store_memory=200 * 2**20)
                for _ in range(2)]
     cluster.wait_for_nodes()
@@ -28,6 +39,8 @@ def two_node_cluster(s3_endpoint):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        os.environ.pop("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", None)
+        os.environ.pop("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", None)
 
 
 def _node_of_pid(pid: int) -> str:
@@ -39,7 +52,18 @@ def _node_of_pid(pid: int) -> str:
     raise LookupError(f"no live RayTrainWorker with pid {pid}")
 
 
-def test_node_loss_shrinks_to_one_worker_and_keeps_the_global_batch(two_node_cluster, tmp_path):
+def _drain_for_preemption(node_id: str, deadline_s: float) -> None:
+    """What a spot reclaim looks like to Ray: the node is drained with reason PREEMPTION and a deadline
+    (a raylet does the same to itself on SIGTERM)."""
+    from ray.core.generated import autoscaler_pb2
+
+    gcs = ray._private.worker.global_worker.gcs_client
+    accepted, why = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.DRAIN_NODE_REASON_PREEMPTION,
+                                   "spot reclaim (test)", int((time.time() + deadline_s) * 1000))
+    assert accepted, why
+
+
+def test_spot_preemption_checkpoints_then_shrinks_to_one_worker(two_node_cluster, tmp_path):
     cluster, workers = two_node_cluster
     root = str(tmp_path / "corpus")
     manifest = synthesize(tiny_config().synth, root, log=lambda s: None)
@@ -47,29 +71,42 @@ def test_node_loss_shrinks_to_one_worker_and_keeps_the_global_batch(two_node_clu
     cfg = tiny_config(**{
         "data.root": root, "run.storage_path": str(tmp_path / "runs"), "run.name": "nodeloss",
         "run.num_workers": [1, 2], "run.worker_resources": {"trainer_slot": 1}, "run.max_failures": 3,
-        "train.max_steps": 30, "train.log_every_steps": 2, "train.checkpoint_every_steps": 6,
+        "train.max_steps": 40, "train.log_every_steps": 2, "train.checkpoint_every_steps": 100,
         "train.global_batch_audio_s": 20, "train.micro_batch_audio_s": 10, "train.trained_log_dir": log_dir,
         "optim.warmup_steps": 5,
     })
     removed = {}
+    metrics_path = tmp_path / "runs" / "nodeloss" / "metrics.jsonl"
 
-    def remove_when_ready():
+    def preempt_when_ready():
         deadline = time.time() + 300
         while time.time() < deadline:
             attempts = read_attempts(log_dir)
-            if attempts and attempts[-1]["world_size"] == 2 and max(attempts[-1]["steps"], default=0) >= 9:
+            if attempts and attempts[-1]["world_size"] == 2 and max(attempts[-1]["steps"], default=0) >= 7:
                 node_id = _node_of_pid(attempts[-1]["pids"][1])
+                _drain_for_preemption(node_id, deadline_s=60)
+                removed["drained_at_step"] = max(attempts[-1]["steps"])
+                # the run should now checkpoint at its next log step; then the node goes
+                while time.time() < deadline:
+                    lines = read_metrics(str(metrics_path))
+                    saved = [m["step"] for m in lines if m.get("preemption_checkpoint")]
+                    if saved:
+                        removed["preemption_checkpoint"] = saved[0]
+                        break
+                    time.sleep(0.1)
                 node = next(n for n in workers if n.node_id == node_id)
                 cluster.remove_node(node, allow_graceful=False)
                 removed["node"] = node_id
                 return
             time.sleep(0.1)
 
-    threading.Thread(target=remove_when_ready, daemon=True).start()
+    threading.Thread(target=preempt_when_ready, daemon=True).start()
     outcome = fit(cfg, progress=False)
-    assert removed, "the node was never removed"
-    attempts = assert_exactly_once(log_dir, manifest.splits["train"].num_utterances, final_step=30)
+    assert removed.get("node"), "the node was never removed"
+    attempts = assert_exactly_once(log_dir, manifest.splits["train"].num_utterances, final_step=40)
     assert [a["world_size"] for a in attempts] == [2, 1]
+    # The restart resumed from the checkpoint taken on the drain notice, not the periodic one before it.
+    assert attempts[1]["restored_step"] == removed["preemption_checkpoint"] > removed["drained_at_step"]
     assert [a["grad_accum"] for a in attempts] == [1, 2]  # same 20 s global batch on half the workers
     history = outcome.run_card["worker_history"]
     assert [(h["world_size"], h["grad_accum"]) for h in history] == [(2, 1), (1, 2)]
