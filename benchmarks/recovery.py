@@ -69,7 +69,6 @@ def run(name, base, tmp, steps, every, upload, kill_at=None):
     if kill_at:
         result["recovery_s"] = min(t for t in step_times if t > killed["time"]) - killed["time"]
         result["attempts"] = len(attempts)
-    del step_times
     return cfg, result
 
 
