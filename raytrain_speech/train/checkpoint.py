@@ -56,6 +56,7 @@ def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | No
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "train_state": asdict(state),
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
     torch.save(payload, os.path.join(directory, STATE_FILE))
     if fault_delay_s:
@@ -90,6 +91,9 @@ def restore(payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer | 
         scaler.load_state_dict(payload["scaler"])
     if payload.get("torch_rng") is not None:
         torch.set_rng_state(payload["torch_rng"])
+    if payload.get("cuda_rng") is not None and torch.cuda.is_available():
+        if len(payload["cuda_rng"]) == torch.cuda.device_count():  # same GPUs per node; else keep fresh
+            torch.cuda.set_rng_state_all(payload["cuda_rng"])
     return TrainState(**payload["train_state"])
 
 

@@ -120,6 +120,8 @@ def test_driver_killed_then_same_command_resumes(tmp_path, corpus):
     assert [a["restored_step"] for a in attempts] == [0, 6]
     metrics = read_metrics(str(tmp_path / "runs" / "driverkill" / "metrics.jsonl"))
     assert metrics[-1]["step"] == 30 and metrics[-1]["attempt"] == 2
+    before, after = loss_continuity(metrics)
+    assert abs(after - before) < 0.35 * before, (before, after)
 
 
 def test_worker_killed_while_writing_a_checkpoint_restores_the_last_complete_one(ray_local, tmp_path, corpus):

@@ -27,8 +27,8 @@ def test_tiny_conformer_size_and_shapes():
     assert torch.allclose(out["log_probs_BTV"].exp().sum(-1), torch.ones(1), atol=1e-4)
 
 
-def test_stepper_overfits_a_batch_in_fp32_and_bf16():
-    for precision in ("fp32", "bf16"):
+def test_stepper_overfits_a_batch_in_fp32_bf16_and_fp16_with_loss_scaling():
+    for precision in ("fp32", "bf16", "fp16"):
         torch.manual_seed(0)
         model = build_model(ModelSpec(overrides={"num_layers": 1, "dropout": 0.0}), 29)
         opt = build_optimizer(model, OptimConfig(lr_peak=3e-3))
