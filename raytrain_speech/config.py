@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from raytrain_speech.configlib import ConfigError, from_dict, require, to_dict
+from raytrain_speech.data.augment import AugmentConfig
 from raytrain_speech.data.batching import BatchingConfig
 from raytrain_speech.data.features import FeatureConfig
 from raytrain_speech.data.pipeline import DataConfig
@@ -40,6 +41,7 @@ class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     text: TextConfig = field(default_factory=TextConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
     optim: OptimConfig = field(default_factory=OptimConfig)
     step: StepConfig = field(default_factory=StepConfig)
@@ -51,6 +53,8 @@ class Config:
         fam = family(self.model)
         require(fam.input_kind == self.features.kind, "features.kind",
                 f"model family {self.model.family} needs {fam.input_kind!r} input")
+        require(not self.augment.enabled or self.features.kind == "log_mel", "augment",
+                "SpecAugment and span masks act on log-mel frames; waveform models mask inside the model")
         model_cfg = resolve(self.model)
         if hasattr(model_cfg, "n_mels"):
             require(model_cfg.n_mels == self.features.n_mels, "features.n_mels",

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import ray.train
@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from raytrain_speech.configlib import require
+from raytrain_speech.data.augment import mask_batch
 from raytrain_speech.data.batching import Batch
 from raytrain_speech.data.pipeline import worker_batches
 from raytrain_speech.data.text import CharTokenizer
@@ -150,6 +151,8 @@ class Window:
     padding: float = 0.0
     grad_norm: float = 0.0
     steps: int = 0
+    masked_fraction: float = 0.0
+    masked_batches: int = 0
 
     def add(self, result, group: list[Batch]) -> None:
         self.loss_sum += result.loss_sum
@@ -307,6 +310,8 @@ class WorkerRun:
         group = [b.to(self.device) for b in group]
         if group:
             self.filler = group[-1]
+        if self.cfg.augment.enabled:
+            group = [self._augment(b) for b in group]
         fillers = [self.filler.to(self.device)] * (self.accum - len(group))
         lr = lr_at(self.state.step, self.tc.max_steps, self.cfg.optim)
         set_lr(self.stepper.optimizer, lr)
@@ -341,6 +346,13 @@ class WorkerRun:
             extra = {**extra, "preemption_checkpoint": True}
         if is_ckpt or is_log or extra:
             self._report(lr, now, checkpoint_now=is_ckpt, extra=extra, sync_upload=sync_upload)
+
+    def _augment(self, batch: Batch) -> Batch:
+        features, fraction = mask_batch(batch.features_BFM, batch.feature_lengths_B, batch.indices,
+                                        self.cfg.augment, self.tc.seed, self.cursor.epoch)
+        self.window.masked_fraction += fraction
+        self.window.masked_batches += 1
+        return replace(batch, features_BFM=features)
 
     def _preempted(self) -> bool:
         """Ray's drain notice for any node of this run (a barrier: every rank asks at the same step)."""
@@ -399,6 +411,8 @@ class WorkerRun:
         if w.steps:
             metrics.update(loss=loss_sum / max(tokens, 1.0), grad_norm=w.grad_norm / w.steps,
                            padding_fraction=w.padding / w.steps)
+        if w.masked_batches:
+            metrics["masked_fraction"] = w.masked_fraction / w.masked_batches
         self.window = Window()
         return metrics, snapshot
 
