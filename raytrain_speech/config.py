@@ -60,6 +60,20 @@ class Config:
             require(model_cfg.n_mels == self.features.n_mels, "features.n_mels",
                     f"is {self.features.n_mels} but the model expects {model_cfg.n_mels}")
 
+    def absolutize_local_paths(self) -> Config:
+        """Relative local paths -> absolute, against the directory the command runs in.
+
+        Ray Train runs workers in a per-run artifacts directory, so a relative ``data/demo`` would
+        point somewhere else inside a worker; the driver fixes paths once, before the config ships.
+        """
+        def fix(path: str | None) -> str | None:
+            return path if path is None or "://" in path else os.path.abspath(os.path.expanduser(path))
+
+        self.data.root = fix(self.data.root)
+        self.run.storage_path = fix(self.run.storage_path)
+        self.train.trained_log_dir = fix(self.train.trained_log_dir)
+        return self
+
     @classmethod
     def from_dict(cls, data: dict) -> Config:
         return from_dict(cls, data)
@@ -106,7 +120,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     apply_overrides(data, list(overrides or []))
-    return Config.from_dict(data)
+    return Config.from_dict(data).absolutize_local_paths()
 
 
 def dump_yaml(cfg: Config) -> str:

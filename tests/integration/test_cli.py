@@ -17,6 +17,10 @@ def _run(args, timeout=600, **kw):
     return subprocess.run(CLI + args, capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def _run_in(cwd, args, timeout=600):
+    return _run(args, timeout=timeout, cwd=cwd)
+
+
 def test_config_errors_fail_fast_with_one_line_before_ray_starts(tmp_path):
     cases = [
         (["train", "train.bogus=1"], "train.bogus"),
@@ -50,11 +54,13 @@ def test_unreachable_storage_is_a_clear_error(tmp_path):
 
 
 def test_demo_end_to_end_small(tmp_path):
-    """`raytrain-speech demo` on a tiny corpus: synth -> train 2 workers -> eval -> summary table."""
-    args = ["demo", f"data.root={tmp_path}/corpus", f"run.storage_path={tmp_path}/runs", "run.name=mini",
+    """`raytrain-speech demo` on a tiny corpus: synth -> train 2 workers -> eval -> summary table.
+
+    Paths are relative to the working directory, as in the README (Ray Train runs workers elsewhere)."""
+    args = ["demo", "data.root=corpus", "run.storage_path=runs", "run.name=mini",
             "train.max_steps=16", "train.log_every_steps=4", "train.checkpoint_every_steps=8",
             "train.global_batch_audio_s=40", "run.object_store_memory_mb=512", *TINY_SYNTH]
-    proc = _run(args)
+    proc = _run_in(tmp_path, args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "[demo] synthesizing" in out
@@ -67,10 +73,10 @@ def test_demo_end_to_end_small(tmp_path):
     assert summary["metrics"]["step"] == 16 and 0 <= summary["eval"]["wer"] <= 2.0
 
     # The corpus is reused, and the finished run resumes at its last step instead of retraining.
-    again = _run(args)
+    again = _run_in(tmp_path, args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "corpus found" in again.stdout
     assert "synthesizing" not in again.stdout
-    proc = _run(["eval", "--checkpoint", str(run), "--split", "dev"])
+    proc = _run_in(tmp_path, ["eval", "--checkpoint", "runs/mini", "--split", "dev"])
     assert proc.returncode == 0, proc.stderr
     assert "dev: WER" in proc.stdout
