@@ -1,4 +1,4 @@
-"""``raytrain-speech``: synth, train, eval, demo.
+"""``raytrain-speech``: synth, train, tune, eval, demo.
 
 Configs are loaded and validated before anything starts Ray, and every expected failure (bad
 config, missing corpus, unreachable storage, a training error) ends as one ``error:`` line and exit
@@ -70,6 +70,29 @@ def cmd_train(args) -> int:
     outcome = fit(cfg, progress=not args.no_progress)
     print(f"run {cfg.run.name}: step {outcome.metrics.get('step')} in {outcome.wall_s:.0f} s; "
           f"checkpoint {outcome.checkpoint_uri}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from raytrain_speech.tune.spaces import load_sweep
+    from raytrain_speech.tune.sweep import results_table, run_sweep
+
+    cfg = _load(args)
+    sweep = load_sweep(args.space)
+    _preflight(cfg)
+    outcome = run_sweep(cfg, sweep)
+    print(results_table(outcome.trials, sweep), end="")
+    if outcome.interrupted:
+        print(f"sweep {sweep.name} interrupted; re-run the same command to resume it "
+              "(finished trials are kept)", file=sys.stderr)
+        return 130
+    if outcome.best is None:
+        print(f"error: no trial reported {sweep.metric}; see {outcome.directory}", file=sys.stderr)
+        return 1
+    print(f"best trial {outcome.best.trial_id}: {sweep.metric} {outcome.best.best:.4f} with {outcome.best.params}")
+    print(f"best config:     {outcome.best_config_uri}")
+    print(f"best checkpoint: {outcome.best.checkpoint}")
+    print(f"plot:            {outcome.plot_uri}")
     return 0
 
 
@@ -164,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("tune", help="hyperparameter sweep with Ray Tune + ASHA (re-run to resume)")
+    with_config(p, required=True)
+    p.add_argument("--space", required=True, help="sweep YAML (e.g. examples/sweeps/conformer_ctc_tiny.yaml)")
+    p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("eval", help="WER/CER of a checkpoint (or a run's latest checkpoint) on a split")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (local or s3://)")

@@ -140,11 +140,13 @@ def run_info(cfg: Config) -> dict:
             "global_batch_audio_s": cfg.train.global_batch_audio_s}
 
 
-def _storage_args(cfg: Config) -> dict:
-    if storage.is_remote(cfg.run.storage_path):
-        fs, path = storage.resolve(cfg.run.storage_path, cfg.storage)
+def storage_args(uri: str, storage_cfg) -> dict:
+    """``storage_path`` (+ ``storage_filesystem`` for object storage) for Train's or Tune's RunConfig;
+    with an explicit filesystem the path carries no scheme."""
+    if storage.is_remote(uri):
+        fs, path = storage.resolve(uri, storage_cfg)
         return {"storage_path": path, "storage_filesystem": fs}
-    return {"storage_path": storage.resolve(cfg.run.storage_path)[1]}
+    return {"storage_path": storage.resolve(uri)[1]}
 
 
 def checkpoint_uri(cfg: Config, path: str) -> str:
@@ -154,7 +156,7 @@ def checkpoint_uri(cfg: Config, path: str) -> str:
     return path
 
 
-def build_trainer(cfg: Config) -> TorchTrainer:
+def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     from raytrain_speech.config import dump_yaml
     from raytrain_speech.train.loop import train_loop_per_worker
 
@@ -174,14 +176,14 @@ def build_trainer(cfg: Config) -> TorchTrainer:
             elastic_resize_monitor_interval_s=cfg.run.elastic_resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name, **_storage_args(cfg),
+            name=cfg.run.name, **storage_args(cfg.run.storage_path, cfg.storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
                                                    max_preemption_failures=cfg.run.max_preemption_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.run.checkpoints_to_keep,
                 checkpoint_score_attribute=cfg.run.checkpoint_score_attribute,
                 checkpoint_score_order=cfg.run.checkpoint_score_order),
-            callbacks=[RunRecordCallback(directory, cfg.storage, run_info(cfg))],
+            callbacks=[RunRecordCallback(directory, cfg.storage, run_info(cfg)), *(callbacks or [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         # Callables: Train calls them at every worker-group start (first start, restart, resize).
@@ -214,10 +216,12 @@ class TrainingFailed(RuntimeError):
     """Training stopped with an error after its failure budget; the message is the worker's error."""
 
 
-def fit(cfg: Config, progress: bool = True, out=print) -> FitOutcome:
-    """Train to ``train.max_steps`` (resuming if the run exists) and return the final checkpoint."""
+def fit(cfg: Config, progress: bool = True, out=print, callbacks: list | None = None) -> FitOutcome:
+    """Train to ``train.max_steps`` (resuming if the run exists) and return the final checkpoint.
+
+    ``callbacks``: extra Train callbacks (a sweep trial adds Tune's report callback)."""
     init_ray(cfg)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, callbacks)
     start = time.time()
     metrics_uri = storage.join(run_dir(cfg), METRICS_FILE)
     if progress:

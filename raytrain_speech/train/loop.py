@@ -230,6 +230,7 @@ class WorkerRun:
 
             self.validator = Validator(cfg, cfg.data.valid_split, self.rank, self.world)
         self.preemption_saved = False
+        self.reports = 0
         self.attempt_id = self._agree_attempt_id()
         self.trained_log = None
         if self.tc.trained_log_dir:
@@ -419,6 +420,7 @@ class WorkerRun:
     def _report(self, lr: float | None, now: float, checkpoint_now: bool, extra: dict | None = None,
                 sync_upload: bool = False) -> None:
         started = time.time()
+        self.reports += 1
         metrics, snapshot = self._metrics(lr, now)
         metrics.update(extra or {})
         metrics["checkpoint"] = checkpoint_now
@@ -463,6 +465,11 @@ class WorkerRun:
         if self.state.step != self.last_ckpt_step:  # stopped by max_epochs between checkpoints
             extra = self._validate() if self.cfg.run.checkpoint_score_attribute else None
             self._report(None, time.time(), checkpoint_now=True, extra=extra)
+        elif self.reports == 0:
+            # Restarted after the last step (e.g. a sweep trial resumed after its run had finished):
+            # report the final state once, validated, so whoever watches the run sees its result.
+            extra = self._validate() if self.validator is not None else None
+            self._report(None, time.time(), checkpoint_now=False, extra=extra)
         if self.trained_log is not None:
             self.trained_log.close()
 
