@@ -11,12 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
@@ -27,32 +21,13 @@ from raytrain_speech.data.synth import synthesize
 from raytrain_speech.train.launch import fit
 from tests.conftest import tiny_config
 from tests.integration.audit import assert_exactly_once
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_processes_mentioning(marker: str) -> None:
-    """Stop exactly the processes of this test's cluster (their command lines name its temp dir)."""
-    me = os.getpid()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    os.kill(int(pid), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass
+from tests.integration.heads import free_port, short_temp_dir, start_head, stop_head
 
 
 @pytest.fixture
 def autoscaling_head(s3_endpoint):
-    temp = tempfile.mkdtemp(prefix="rtsas", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = _free_port()
+    temp = short_temp_dir("rtsas")
+    port = free_port()
     ip = ray._private.services.get_node_ip_address()
     config = {
         "cluster_name": "rts-fake", "max_workers": 2,
@@ -73,16 +48,13 @@ def autoscaling_head(s3_endpoint):
     with open(config_path, "w") as f:
         json.dump(config, f)
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # this cluster's own token
-    env = {**os.environ, **auth, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_TMPDIR": temp}
+    env = {**os.environ, **auth, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     saved = {k: os.environ.get(k) for k in auth}
     os.environ.update(auth)
     reset_auth_token_state()  # this process may have cached another cluster's token
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}",
-         f"--autoscaling-config={config_path}", "--object-store-memory=300000000", "--include-dashboard=true",
-         "--dashboard-port=0"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = start_head(temp, port, ["--num-cpus=2", f"--autoscaling-config={config_path}",
+                                   "--object-store-memory=300000000", "--include-dashboard=true",
+                                   "--dashboard-port=0"], env)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -98,13 +70,7 @@ def autoscaling_head(s3_endpoint):
         yield ray
     finally:
         ray.shutdown()
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        _kill_processes_mentioning(temp)
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_head(head, temp)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
