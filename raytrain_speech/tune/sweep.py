@@ -4,10 +4,12 @@ Ray 2.60 dropped ``Tuner(trainer)``; each trial is a plain function that builds 
 with the trial's overrides and a ``TuneReportCallback`` that forwards rank 0's reports to Tune, where
 ASHA compares trials on the sweep metric at step milestones and stops the laggards.
 
-Each trial's Train run has a deterministic name (its Tune trial id) under
-``<storage_path>/<sweep>/trials/``, so a trial restarted by ``Tuner.restore`` resumes its own Train
-checkpoint instead of starting over; re-running the same sweep command restores the sweep, and
-trials that had finished are not run again.
+Layout under ``<storage_path>/<sweep>/``: ``tune/`` (Tune's experiment), ``trials/<trial id>/`` (each
+trial's Train run), and our results (results.json/.md, best_config.yaml, the plot, the ASHA record).
+Each trial's Train run is named by its Tune trial id, so a trial restarted by ``Tuner.restore``
+resumes its own Train checkpoint instead of starting over; re-running the same sweep command restores
+the sweep, and trials that had finished are not run again; ASHA's rungs are reloaded from our record
+(Tune itself does not save scheduler state).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from raytrain_speech.train.metrics import METRICS_FILE, read_metrics
 from raytrain_speech.tune.spaces import SweepConfig, corner_values, to_tune
 
 TRIALS_DIR = "trials"
+TUNE_DIR = "tune"
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # every head has 1 of it (Ray pins its own state actors so)
 BEST_CONFIG = "best_config.yaml"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
-ASHA_STOPS = "asha_stopped.json"
+ASHA_RECORD = "asha_state.json"
 
 
 def set_dotted(data: dict, key: str, value) -> None:
@@ -126,18 +129,40 @@ def _trainable(base: dict, sweep: SweepConfig):
 
 
 class RecordingASHA(AsyncHyperBandScheduler):
-    """ASHA that writes down whom it stops: Tune marks trials it stopped and trials cut short by Ctrl+C
-    alike (TERMINATED), and only this record tells a finished sweep from an interrupted one."""
+    """ASHA that keeps its rungs and its stop decisions in a file beside the sweep.
+
+    Tune does not save scheduler state, so after a resume plain ASHA starts with empty rungs and
+    compares resumed trials only with each other; this one reloads the rungs on its first result.
+    The stop record also tells trials ASHA stopped from trials cut short by Ctrl+C, which Tune marks
+    the same way (TERMINATED).
+    """
 
     def __init__(self, record_uri: str, storage_cfg, **kwargs):
         super().__init__(**kwargs)
         self.record_uri, self.storage_cfg = record_uri, storage_cfg
+        self._loaded = False
+
+    def _load_once(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        saved = read_asha_record(self.record_uri, self.storage_cfg)
+        for bracket, rungs in zip(self._brackets, saved.get("rungs", [])):
+            for (_, recorded), old in zip(bracket._rungs, rungs):
+                for trial_id, reward in old.items():
+                    recorded.setdefault(trial_id, reward)
 
     def on_trial_result(self, tune_controller, trial, result):
+        self._load_once()
         action = super().on_trial_result(tune_controller, trial, result)
+        stopped = set(read_asha_record(self.record_uri, self.storage_cfg).get("stopped", []))
         if action == TrialScheduler.STOP:
-            stopped = read_asha_stops(self.record_uri, self.storage_cfg) | {trial.trial_id}
-            storage.write_bytes(self.record_uri, json.dumps(sorted(stopped)).encode(), self.storage_cfg)
+            print(f"[tune] ASHA stops trial {trial.trial_id} at step {result.get('step')}: "
+                  f"{self._metric} {result.get(self._metric)} trails its rung", flush=True)
+            stopped.add(trial.trial_id)
+        record = {"stopped": sorted(stopped),
+                  "rungs": [[dict(recorded) for _, recorded in b._rungs] for b in self._brackets]}
+        storage.write_bytes(self.record_uri, json.dumps(record).encode(), self.storage_cfg)
         return action
 
 
@@ -151,10 +176,10 @@ def _scheduler(sweep: SweepConfig, max_steps: int, record_uri: str, storage_cfg)
                          reduction_factor=sweep.scheduler.reduction_factor, stop_last_trials=False)
 
 
-def read_asha_stops(record_uri: str, storage_cfg) -> set[str]:
+def read_asha_record(record_uri: str, storage_cfg) -> dict:
     if not storage.exists(record_uri, storage_cfg):
-        return set()
-    return set(json.loads(storage.read_bytes(record_uri, storage_cfg)))
+        return {}
+    return json.loads(storage.read_bytes(record_uri, storage_cfg))
 
 
 def expected_trials(sweep: SweepConfig) -> int:
@@ -219,11 +244,13 @@ def run_sweep(cfg, sweep: SweepConfig, out=print) -> SweepOutcome:
     concurrency = sweep.max_concurrent_trials or concurrent_trials(
         ray.cluster_resources(), lo_workers, sample.run.cpus_per_worker, sample.run.use_gpu)
     directory = sweep_dir(cfg.run.storage_path, sweep)
-    args = storage_args(cfg.run.storage_path, cfg.storage)
-    experiment_path = storage.join(args["storage_path"], sweep.name) if "storage_filesystem" in args else \
-        os.path.join(args["storage_path"], sweep.name)
+    # Tune's experiment gets a directory of its own: Tune re-uploads its staged copy of that directory,
+    # which would overwrite newer files of ours (trial runs, the ASHA record) kept beside it.
+    args = storage_args(directory, cfg.storage)
+    experiment_path = storage.join(args["storage_path"], TUNE_DIR) if "storage_filesystem" in args else \
+        os.path.join(args["storage_path"], TUNE_DIR)
     trainable = _trainable(base, sweep)
-    record_uri = storage.join(directory, ASHA_STOPS)
+    record_uri = storage.join(directory, ASHA_RECORD)
     if tune.Tuner.can_restore(experiment_path, storage_filesystem=args.get("storage_filesystem")):
         out(f"[tune] resuming sweep {sweep.name} from {directory} (finished trials are kept, unfinished ones resume)")
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True,
@@ -239,11 +266,11 @@ def run_sweep(cfg, sweep: SweepConfig, out=print) -> SweepOutcome:
                 scheduler=_scheduler(sweep, sample.train.max_steps, record_uri, cfg.storage),
                 search_alg=_searcher(sweep, concurrency),
                 trial_dirname_creator=lambda t: t.trial_id),
-            run_config=tune.RunConfig(name=sweep.name, **args, verbose=1,
+            run_config=tune.RunConfig(name=TUNE_DIR, **args, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
     grid = tuner.fit()
-    trials = summarize(grid, sweep, sample.train.max_steps, read_asha_stops(record_uri, cfg.storage), directory,
+    trials = summarize(grid, sweep, sample.train.max_steps, set(read_asha_record(record_uri, cfg.storage).get("stopped", [])), directory,
                        cfg.storage)
     interrupted = len(trials) < expected_trials(sweep) or any(t.status == "interrupted" for t in trials)
     return write_results(cfg, sweep, directory, trials, interrupted)

@@ -93,6 +93,11 @@ def test_sweep_with_asha_is_interrupted_and_resumed(tmp_path):
     stopped = [t for t in results["trials"] if t["status"] == "stopped by ASHA"]
     assert all(t["steps"] < MAX_STEPS for t in stopped)
 
+    # ASHA's rungs survived the resume: the first rung (step 8) holds every trial, from both sessions.
+    asha = json.loads((runs / "sw" / "asha_state.json").read_text())
+    assert sorted(asha["rungs"][0][-1]) == sorted(t["trial_id"] for t in results["trials"])
+    assert sorted(asha["stopped"]) == sorted(t["trial_id"] for t in stopped)
+
     best = next(t for t in results["trials"] if t["trial_id"] == results["best_trial"])
     assert best["params"]["optim.lr_peak"] == 3.0e-3  # the far-too-small LR never wins
     assert results["best_checkpoint"] and os.path.isdir(results["best_checkpoint"])
