@@ -3,11 +3,12 @@
 The head is `ray start --head --block` with RAY_AUTH_MODE=token and a token of its own, stopped by its
 pid. The job uploads the checkout (--working-dir .), trains a tiny run that joins the head's cluster
 (not a local Ray of its own), and leaves its checkpoint in the run directory. The job API refuses a
-request without the token (401) and serves the same request with it.
+request without the token (401) or with a wrong one (403) and serves it with the right one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -32,6 +33,20 @@ def _get(url: str, token: str | None = None) -> int:
             return response.status
     except urllib.error.HTTPError as err:
         return err.code
+    except OSError:  # not listening yet, refused, or timed out
+        return 0  # not listening yet
+
+
+def _post_job(url: str, token: str, entrypoint: str) -> int:
+    request = urllib.request.Request(f"{url}/api/jobs/", data=json.dumps({"entrypoint": entrypoint}).encode(),
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:  # not listening yet, refused, or timed out
+        return 0
 
 
 @pytest.fixture
@@ -42,14 +57,22 @@ def token_head():
     # The client side (ray job submit) finds the token in the environment, like a user's shell.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+    # Every port of its own: a fixed default (the agent's 52365) held by any other Ray on the machine
+    # would leave this head without a job agent.
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "metrics-export-port", "runtime-env-agent-port",
+                                                     "ray-client-server-port")]
     head = start_head(temp, port, ["--num-cpus=4", "--object-store-memory=400000000", "--include-dashboard=true",
-                                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"], env)
+                                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *ports], env)
     url = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
-        while _get(f"{url}/api/version", token) != 200:
+        # Ready = the head's job agent takes a job (the HTTP API answers before the agent registers).
+        codes = []
+        while (code := _post_job(url, token, "true")) != 200:
+            codes.append(code)
             assert head.poll() is None, "ray start --head exited"
-            assert time.time() < deadline, "the head's job API did not come up"
+            assert time.time() < deadline, f"the head's job agent did not come up (HTTP codes: {codes[-10:]})"
             time.sleep(1)
         yield url, token, env
     finally:
@@ -59,7 +82,7 @@ def token_head():
 def test_job_submit_with_token_auth_trains_and_checkpoints(token_head, tmp_path):
     url, token, env = token_head
     assert _get(f"{url}/api/jobs/") == 401  # no token: refused
-    assert _get(f"{url}/api/jobs/", "not-the-token") == 401
+    assert _get(f"{url}/api/jobs/", "not-the-token") == 403  # wrong token: forbidden
     assert _get(f"{url}/api/jobs/", token) == 200
 
     corpus, runs = tmp_path / "corpus", tmp_path / "runs"
@@ -77,9 +100,10 @@ def test_job_submit_with_token_auth_trains_and_checkpoints(token_head, tmp_path)
     assert "-- raytrain-speech train --config examples/conformer_ctc_tiny.yaml" in first
     assert proc.returncode == 0, out[-4000:]
 
-    status = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "status",
-                             "--address", url, job_id], env=env, capture_output=True, text=True, timeout=60)
-    assert "SUCCEEDED" in status.stdout + status.stderr, status.stdout + status.stderr
+    request = urllib.request.Request(f"{url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        info = json.load(response)
+    assert info["status"] == "SUCCEEDED" and info["entrypoint"].startswith("raytrain-speech train"), info
     logs = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "logs",
                            "--address", url, job_id], env=env, capture_output=True, text=True, timeout=60).stdout
     assert "run job: step 6" in logs, logs[-3000:]
