@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from raytrain_speech.configlib import ConfigError, from_dict, require, to_dict
+from raytrain_speech.configlib import ConfigError, from_dict, load_yaml_mapping, require, to_dict
 from raytrain_speech.data.augment import AugmentConfig
 from raytrain_speech.data.batching import BatchingConfig
 from raytrain_speech.data.features import FeatureConfig
@@ -108,17 +108,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     """Recipe YAML (optional) + overrides -> validated Config; all errors are ConfigError."""
-    data: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path} not found")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = load_yaml_mapping(path, "config") if path is not None else {}
     apply_overrides(data, list(overrides or []))
     return Config.from_dict(data).absolutize_local_paths()
 

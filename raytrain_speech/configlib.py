@@ -120,6 +120,24 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def load_yaml_mapping(path: str, what: str) -> dict:
+    """A YAML file whose top level is a mapping; a missing file or bad YAML is a one-line ConfigError."""
+    import os
+
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} file {path} not found")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
 def require(condition: bool, key: str, message: str) -> None:
     """Raise ConfigError naming ``key`` unless ``condition`` holds (used by ``validate`` methods)."""
     if not condition:

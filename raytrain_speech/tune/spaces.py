@@ -13,9 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import yaml
-
-from raytrain_speech.configlib import ConfigError, from_dict, require
+from raytrain_speech.configlib import ConfigError, from_dict, load_yaml_mapping, require
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 
@@ -124,15 +122,7 @@ def to_tune(space: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_sweep(path: str) -> SweepConfig:
-    import os
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"sweep file {path} not found")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = load_yaml_mapping(path, "sweep")
     try:
         return from_dict(SweepConfig, data)
     except ConfigError as err:

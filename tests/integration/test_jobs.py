@@ -26,27 +26,27 @@ from tests.integration.heads import free_port, short_temp_dir, start_head, stop_
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def _get(url: str, token: str | None = None) -> int:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+def _request(url: str, token: str | None = None, body: dict | None = None) -> int:
+    """HTTP status of a GET (or a POST of ``body``); 0 when nothing answers yet."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None
+    if body is not None:
+        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:  # not listening yet, refused, or timed out
-        return 0  # not listening yet
-
-
-def _post_job(url: str, token: str, entrypoint: str) -> int:
-    request = urllib.request.Request(f"{url}/api/jobs/", data=json.dumps({"entrypoint": entrypoint}).encode(),
-                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=10) as r:
+            return r.status
     except urllib.error.HTTPError as err:
         return err.code
     except OSError:  # not listening yet, refused, or timed out
         return 0
+
+
+def _get(url: str, token: str | None = None) -> int:
+    return _request(url, token)
+
+
+def _post_job(url: str, token: str, entrypoint: str) -> int:
+    return _request(f"{url}/api/jobs/", token, {"entrypoint": entrypoint})
 
 
 @pytest.fixture

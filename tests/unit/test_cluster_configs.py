@@ -15,6 +15,8 @@ import os
 import pytest
 import yaml
 
+from tests.unit.fieldcheck import check_fields
+
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 CLUSTER_YAMLS = sorted(glob.glob(os.path.join(ROOT, "cluster", "*.yaml")))
 GPUS_PER_NODE = {"p4d.24xlarge": 8, "p4de.24xlarge": 8, "a2-highgpu-8g": 8, "a2-ultragpu-8g": 8}
@@ -54,20 +56,6 @@ def check_aws_shape(value, shape, where: str) -> None:
             check_aws_shape(item, shape.member, f"{where}[{i}]")
 
 
-def check_gcp_fields(value, spec, where: str) -> None:
-    if isinstance(spec, dict):
-        assert isinstance(value, dict), f"{where}: expected a mapping"
-        for key, item in value.items():
-            assert key in spec, f"{where}.{key}: not a Compute Engine instance field we know (known: {sorted(spec)})"
-            check_gcp_fields(item, spec[key], f"{where}.{key}")
-    elif isinstance(spec, list):
-        assert isinstance(value, list), f"{where}: expected a list"
-        for i, item in enumerate(value):
-            check_gcp_fields(item, spec[0], f"{where}[{i}]")
-    else:
-        assert isinstance(value, spec), f"{where}: expected {spec.__name__}, got {value!r}"
-
-
 def check_cluster(config: dict) -> None:
     prepared = ray_validate(config)
     provider = config["provider"]["type"]
@@ -79,7 +67,7 @@ def check_cluster(config: dict) -> None:
             shape = botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
             check_aws_shape(node_type["node_config"], shape, where)
         elif provider == "gcp":
-            check_gcp_fields(node_type["node_config"], GCP_INSTANCE, where)
+            check_fields(node_type["node_config"], GCP_INSTANCE, where, "Compute Engine instance")
         else:
             pytest.fail(f"no node_config check for provider {provider}")
 

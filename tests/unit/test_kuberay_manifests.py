@@ -14,10 +14,12 @@ import os
 import pytest
 import yaml
 
+from tests.unit.fieldcheck import check_fields
+
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 KUBERAY = os.path.join(ROOT, "cluster", "kuberay")
 
-MAP, STR, LIST_OF_STR = "map", "scalar", "list_of_str"  # leaf kinds
+MAP, STR, LIST_OF_STR = dict, None, list  # leaf kinds: any mapping, any scalar, any list
 RESOURCES = {"limits": MAP, "requests": MAP, "claims": [{"name": STR, "request": STR}]}
 ENV_VAR = {"name": STR, "value": STR,
            "valueFrom": {"secretKeyRef": {"name": STR, "key": STR, "optional": STR},
@@ -72,26 +74,10 @@ RAY_JOB_SPEC = {
 TOP = {"RayCluster": RAY_CLUSTER_SPEC, "RayJob": RAY_JOB_SPEC}
 
 
-def check_fields(value, spec, where: str) -> None:
-    if isinstance(spec, dict):
-        assert isinstance(value, dict), f"{where}: expected a mapping"
-        for key, item in value.items():
-            assert key in spec, f"{where}.{key}: not a field of the CRD (known: {sorted(spec)})"
-            check_fields(item, spec[key], f"{where}.{key}")
-    elif isinstance(spec, list):
-        assert isinstance(value, list), f"{where}: expected a list"
-        for i, item in enumerate(value):
-            check_fields(item, spec[0], f"{where}[{i}]")
-    elif spec == MAP:
-        assert isinstance(value, dict), f"{where}: expected a mapping"
-    elif spec == LIST_OF_STR:
-        assert isinstance(value, list), f"{where}: expected a list"
-
-
 def check_manifest(doc: dict) -> dict:
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in TOP, (doc.get("apiVersion"), doc.get("kind"))
     assert set(doc) <= {"apiVersion", "kind", "metadata", "spec"}, sorted(doc)
-    check_fields(doc["spec"], TOP[doc["kind"]], f"{doc['kind']}.spec")
+    check_fields(doc["spec"], TOP[doc["kind"]], f"{doc['kind']}.spec", "KubeRay CRD / core v1")
     return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
 
 
