@@ -48,7 +48,9 @@ def autoscaling_head(s3_endpoint):
     with open(config_path, "w") as f:
         json.dump(config, f)
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # this cluster's own token
-    env = {**os.environ, **auth, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    # The autoscaler looks every 8 s, so the run's first worker group starts on the one node that is
+    # up before the second arrives (at 1 s it sometimes started on two: nothing left to grow into).
+    env = {**os.environ, **auth, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "8"}
     saved = {k: os.environ.get(k) for k in auth}
     os.environ.update(auth)
     reset_auth_token_state()  # this process may have cached another cluster's token
