@@ -235,14 +235,14 @@ def run_sweep(cfg, sweep: SweepConfig, out=print) -> SweepOutcome:
 
     base = cfg.to_dict()
     sample = check_sweep(base, sweep)
-    lo_workers = sample.run.worker_range[1]
+    trial_workers = sample.run.worker_range[1]
     ray_cfg = copy.deepcopy(cfg)
     if cfg.run.local_num_cpus is None and not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
         slots = sweep.max_concurrent_trials or 2
-        ray_cfg.run.local_num_cpus = (os.cpu_count() or 1) + int(slots * (lo_workers * sample.run.cpus_per_worker + 1))
+        ray_cfg.run.local_num_cpus = (os.cpu_count() or 1) + int(slots * (trial_workers * sample.run.cpus_per_worker + 1))
     init_ray(ray_cfg)
     concurrency = sweep.max_concurrent_trials or concurrent_trials(
-        ray.cluster_resources(), lo_workers, sample.run.cpus_per_worker, sample.run.use_gpu)
+        ray.cluster_resources(), trial_workers, sample.run.cpus_per_worker, sample.run.use_gpu)
     directory = sweep_dir(cfg.run.storage_path, sweep)
     # Tune's experiment gets a directory of its own: Tune re-uploads its staged copy of that directory,
     # which would overwrite newer files of ours (trial runs, the ASHA record) kept beside it.
@@ -257,7 +257,7 @@ def run_sweep(cfg, sweep: SweepConfig, out=print) -> SweepOutcome:
                                    storage_filesystem=args.get("storage_filesystem"))
     else:
         out(f"[tune] sweep {sweep.name}: {sweep.num_samples} sample(s) over {', '.join(sweep.space)}; "
-            f"{concurrency} trial(s) at once x {lo_workers} worker(s); {sweep.scheduler.name} on {sweep.metric}")
+            f"{concurrency} trial(s) at once x {trial_workers} worker(s); {sweep.scheduler.name} on {sweep.metric}")
         tuner = tune.Tuner(
             trainable,
             param_space=to_tune(sweep.space),
