@@ -41,7 +41,7 @@ def evaluate(model, utts, tokenizer, batch_audio_s=200.0):
     refs, hyps = [], []
     for group in batch_by_duration(utts, batch_audio_s, BatchingConfig()):
         b = collate(group)
-        out = model(b.features_BFM, b.feature_lengths_B)
+        out = model(b)
         hyps += [tokenizer.decode(ids) for ids in ctc_greedy(out["log_probs_BTV"], out["lengths_B"])]
         refs += b.texts
     return error_rates(refs, hyps)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ class Utterance:
     features_FM: np.ndarray
     targets_L: np.ndarray
     text: str = ""
+    language: str = ""
 
 
 @dataclass
@@ -58,15 +59,22 @@ class Batch:
     ids: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     audio_s: float = 0.0
+    languages: list[str] = field(default_factory=list)
+    """Language code per row ('' where the corpus has none)."""
+    mask_BT: torch.Tensor | None = None
+    """Masked-prediction families only: bool over the model's encoder frames, True = masked. Drawn
+    by the training loop per utterance from (seed, epoch, index) before the forward pass, so the
+    loss normaliser (masked frames over the global batch) is known before backward."""
 
     @property
     def size(self) -> int:
         return len(self.indices)
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.features_BFM.to(device, non_blocking=True),
-                     self.feature_lengths_B.to(device), self.targets_BL.to(device),
-                     self.target_lengths_B.to(device), self.indices, self.ids, self.texts, self.audio_s)
+        return replace(self, features_BFM=self.features_BFM.to(device, non_blocking=True),
+                       feature_lengths_B=self.feature_lengths_B.to(device), targets_BL=self.targets_BL.to(device),
+                       target_lengths_B=self.target_lengths_B.to(device),
+                       mask_BT=None if self.mask_BT is None else self.mask_BT.to(device))
 
     @property
     def padding_fraction(self) -> float:
@@ -91,7 +99,7 @@ def collate(utts: list[Utterance]) -> Batch:
         targets_BL=torch.from_numpy(targets),
         target_lengths_B=torch.tensor([len(u.targets_L) for u in utts], dtype=torch.int64),
         indices=[u.index for u in utts], ids=[u.id for u in utts], texts=[u.text for u in utts],
-        audio_s=float(sum(u.duration_s for u in utts)),
+        audio_s=float(sum(u.duration_s for u in utts)), languages=[u.language for u in utts],
     )
 
 

@@ -75,7 +75,7 @@ def evaluate_checkpoint(checkpoint: str, storage_cfg: StorageConfig | None = Non
     with torch.inference_mode():
         for group in batch_by_duration(utts, cfg.eval.batch_audio_s, BatchingConfig()):
             b = collate(group)
-            out = model(b.features_BFM, b.feature_lengths_B)
+            out = model(b)
             hyps += [pre.tokenizer.decode(t) for t in ctc_greedy(out["log_probs_BTV"], out["lengths_B"])]
             refs += b.texts
             ids += b.ids

@@ -16,6 +16,7 @@ import torchaudio
 from torch import nn
 
 from raytrain_speech.configlib import require
+from raytrain_speech.data.batching import Batch
 
 
 @dataclass
@@ -90,8 +91,15 @@ class ConformerCTC(nn.Module):
         )
         self.head = nn.Linear(cfg.d_model, vocab_size)
 
-    def forward(self, features_BFM: torch.Tensor, lengths_B: torch.Tensor) -> dict[str, torch.Tensor]:
+    def output_lengths(self, lengths_B: torch.Tensor) -> torch.Tensor:
+        return self.subsampling.output_lengths(lengths_B).clamp(min=1)
+
+    def encode(self, features_BFM: torch.Tensor, lengths_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encoder states h_BTD, their lengths): shared by the CTC head and the attention decoder."""
         h_BTD, out_lengths_B = self.subsampling(features_BFM, lengths_B)
-        h_BTD, out_lengths_B = self.encoder(h_BTD, out_lengths_B)
+        return self.encoder(h_BTD, out_lengths_B)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        h_BTD, out_lengths_B = self.encode(batch.features_BFM, batch.feature_lengths_B)
         logits_BTV = self.head(h_BTD)
         return {"log_probs_BTV": logits_BTV.float().log_softmax(dim=-1), "lengths_B": out_lengths_B}

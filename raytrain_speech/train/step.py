@@ -146,7 +146,7 @@ class Stepper:
             self.model.train(not filler)
             with sync:
                 with self._autocast():
-                    out = self.model(batch.features_BFM, batch.feature_lengths_B)
+                    out = self.model(batch)
                 if filler:
                     loss = sum(torch.nan_to_num(v.float(), 0.0, 0.0, 0.0).sum() for v in out.values()
                                if torch.is_tensor(v) and v.is_floating_point()) * 0.0

@@ -44,7 +44,7 @@ class Validator:
                   "ref_chars": 0.0}
         for group in batch_by_duration(self.utterances(), self.batch_audio_s, BatchingConfig()):
             b = collate(group).to(device)
-            out = model(b.features_BFM, b.feature_lengths_B)
+            out = model(b)
             _, stats = ctc.loss(b, out, global_tokens=1.0)
             totals["loss_sum"] += stats["loss_sum"]
             totals["tokens"] += stats["tokens"]

@@ -21,7 +21,7 @@ def test_tiny_conformer_size_and_shapes():
     model = build_model(ModelSpec(), vocab_size=29)
     assert abs(count_parameters(model) - 2.15e6) / 2.15e6 < 0.01
     b = _batch()
-    out = model(b.features_BFM, b.feature_lengths_B)
+    out = model(b)
     assert out["log_probs_BTV"].shape[0] == 4 and out["log_probs_BTV"].shape[2] == 29
     assert out["lengths_B"].tolist() == [((n - 1) // 2 - 1) // 2 for n in b.feature_lengths_B.tolist()]
     assert torch.allclose(out["log_probs_BTV"].exp().sum(-1), torch.ones(1), atol=1e-4)
@@ -48,8 +48,8 @@ class _FrameLinear(torch.nn.Module):
         super().__init__()
         self.proj = torch.nn.Linear(80, 29)
 
-    def forward(self, x_BFM, lengths_B):
-        return {"log_probs_BTV": self.proj(x_BFM).log_softmax(-1), "lengths_B": lengths_B}
+    def forward(self, batch):
+        return {"log_probs_BTV": self.proj(batch.features_BFM).log_softmax(-1), "lengths_B": batch.feature_lengths_B}
 
 
 def test_accumulation_matches_one_big_batch():
