@@ -96,33 +96,13 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def _resolve_checkpoint(uri: str, storage_cfg) -> str:
-    """A checkpoint dir is used as is; a run dir resolves to its latest checkpoint_step* dir."""
-    from raytrain_speech import storage
-    from raytrain_speech.storage import StorageError
-    from raytrain_speech.train.checkpoint import STATE_FILE
-
-    if storage.exists(storage.join(uri, STATE_FILE), storage_cfg):
-        return uri
-    fs, path = storage.resolve(uri, storage_cfg)
-    from pyarrow.fs import FileSelector
-
-    try:
-        entries = fs.get_file_info(FileSelector(path, allow_not_found=True))
-    except OSError as err:
-        raise StorageError(f"{uri}: {err}") from None
-    ckpts = sorted(e.base_name for e in entries if e.base_name.startswith("checkpoint_"))
-    if not ckpts:
-        raise StorageError(f"{uri}: neither a checkpoint nor a run directory with checkpoints")
-    return storage.join(uri, ckpts[-1])
-
-
 def cmd_eval(args) -> int:
     from raytrain_speech.config import Config, apply_overrides
     from raytrain_speech.evaluate.runner import evaluate_checkpoint
+    from raytrain_speech.train.checkpoint import resolve_checkpoint
 
     storage_cfg = Config.from_dict(apply_overrides({}, args.overrides)).storage
-    ckpt = _resolve_checkpoint(args.checkpoint, storage_cfg)
+    ckpt = resolve_checkpoint(args.checkpoint, storage_cfg)
     res = evaluate_checkpoint(ckpt, storage_cfg, split=args.split, data_root=args.data)
     print(f"{res['split']}: WER {100 * res['wer']:.2f}%  CER {100 * res['cer']:.2f}%  "
           f"({res['utterances']} utterances, step {res['step']}, {res['bad_utterances']} skipped)")

@@ -1,4 +1,5 @@
-"""CTC decoding (greedy; beam search with LM fusion arrives with the decoding issue).
+"""Decoding: CTC greedy and the dispatch to a family's own decoder (beam search with LM fusion arrives
+with the decoding issue).
 
 Shapes: B = batch, T = encoder frames, V = vocabulary.
 """
@@ -22,3 +23,12 @@ def ctc_greedy(log_probs_BTV: torch.Tensor, lengths_B: torch.Tensor) -> list[lis
             prev = tok
         out.append(ids)
     return out
+
+
+def hypotheses(model: torch.nn.Module, batch, out: dict, text_output: str, max_len: int = 448) -> list[list[int]]:
+    """Greedy token ids per row: best CTC path, or the attention decoder's greedy search."""
+    if text_output == "ctc":
+        return ctc_greedy(out["log_probs_BTV"], out["lengths_B"])
+    if text_output == "seq2seq":
+        return model.transcribe(batch, max_len)
+    raise ValueError(f"no text output kind {text_output!r}")

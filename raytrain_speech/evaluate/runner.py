@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from raytrain_speech.configlib import require
+from raytrain_speech.configlib import ConfigError, require
 from raytrain_speech.data import shards
 from raytrain_speech.data.batching import BatchingConfig, batch_by_duration, collate
 from raytrain_speech.data.preprocess import Preprocessor, iter_table, to_utterances
-from raytrain_speech.evaluate.decode import ctc_greedy
+from raytrain_speech.evaluate.decode import hypotheses
 from raytrain_speech.evaluate.wer import error_rates
-from raytrain_speech.models.registry import build_model
+from raytrain_speech.models.registry import build_model, family
 from raytrain_speech.storage import StorageConfig
 from raytrain_speech.train.checkpoint import read_checkpoint
 
@@ -55,6 +55,10 @@ def evaluate_checkpoint(checkpoint: str, storage_cfg: StorageConfig | None = Non
     if cfg.eval.threads:
         torch.set_num_threads(cfg.eval.threads)
     pre = Preprocessor(cfg.features, cfg.text)
+    text_output = family(cfg.model).text_output
+    if text_output is None:
+        raise ConfigError(f"{checkpoint}: model family {cfg.model.family} is self-supervised and has no text "
+                          "output to score; fine-tune it first (train.init_from) and evaluate that run")
     model = build_model(cfg.model, pre.tokenizer.vocab_size)
     weights = payload["model"]
     if cfg.eval.use_ema and payload.get("ema"):
@@ -76,7 +80,7 @@ def evaluate_checkpoint(checkpoint: str, storage_cfg: StorageConfig | None = Non
         for group in batch_by_duration(utts, cfg.eval.batch_audio_s, BatchingConfig()):
             b = collate(group)
             out = model(b)
-            hyps += [pre.tokenizer.decode(t) for t in ctc_greedy(out["log_probs_BTV"], out["lengths_B"])]
+            hyps += [pre.tokenizer.decode(t) for t in hypotheses(model, b, out, text_output)]
             refs += b.texts
             ids += b.ids
     scores = error_rates(refs, hyps)

@@ -6,13 +6,16 @@ overrides on the family's defaults, so a recipe names a preset and may still ove
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from raytrain_speech.configlib import ConfigError, from_dict, to_dict
 from raytrain_speech.models import conformer
+from raytrain_speech.objectives import Objective
 
 
 @dataclass
@@ -36,12 +39,18 @@ class Family:
     presets: dict[str, dict]
     builder: Any
     objective: str
+    """Module of raytrain_speech.objectives that trains it."""
     input_kind: str
+    """log_mel or waveform (must match features.kind)."""
+    text_output: str | None
+    """How text comes out: ctc (log_probs_BTV), seq2seq (model.transcribe), None (self-supervised)."""
+    summary: str
 
 
 FAMILIES: dict[str, Family] = {
     "conformer_ctc": Family(conformer.ConformerCTCConfig, conformer.PRESETS, conformer.ConformerCTC,
-                            objective="ctc", input_kind="log_mel"),
+                            objective="ctc", input_kind="log_mel", text_output="ctc",
+                            summary="Conformer encoder on log-mel, CTC over characters"),
 }
 
 
@@ -63,6 +72,22 @@ def resolve(spec: ModelSpec) -> Any:
 
 def build_model(spec: ModelSpec, vocab_size: int) -> nn.Module:
     return family(spec).builder(resolve(spec), vocab_size)
+
+
+def objective_for(spec: ModelSpec) -> Objective:
+    """The family's objective; modules with ``from_config`` read weights (e.g. the CTC share of a
+    hybrid loss) from the model's resolved config."""
+    fam = family(spec)
+    module = importlib.import_module(f"raytrain_speech.objectives.{fam.objective}")
+    if hasattr(module, "from_config"):
+        return module.from_config(resolve(spec))
+    return Objective(fam.objective, module.units, module.loss, tuple(getattr(module, "EXTRA_STATS", ())))
+
+
+def build_meta(spec: ModelSpec, vocab_size: int) -> nn.Module:
+    """The model on the meta device: parameter counts of billion-parameter presets without memory."""
+    with torch.device("meta"):
+        return build_model(spec, vocab_size)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -14,6 +14,11 @@ from raytrain_speech.data.batching import Batch
 from raytrain_speech.data.text import BLANK_ID
 
 
+def units(batch: Batch) -> float:
+    """Target tokens: the per-token mean over the global batch is what CTC recipes report."""
+    return float(batch.target_lengths_B.sum())
+
+
 def loss(batch: Batch, out: dict[str, torch.Tensor], global_tokens: float, world_size: int = 1,
          ) -> tuple[torch.Tensor, dict[str, float]]:
     """(loss to backpropagate, stats with the summed loss and token count of this rank)."""

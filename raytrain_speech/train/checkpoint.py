@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import ray.train
 import torch
+from pyarrow.fs import FileSelector
 from torch import nn
 
 from raytrain_speech import storage
@@ -175,3 +176,48 @@ def read_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> tuple
         raise StorageError(f"not a raytrain-speech checkpoint: {err}") from None
     payload = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True)
     return payload, config_yaml
+
+
+def resolve_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> str:
+    """A checkpoint dir is used as is; a run dir resolves to its latest checkpoint_step* dir."""
+    if storage.exists(storage.join(uri, STATE_FILE), storage_cfg):
+        return uri
+    fs, path = storage.resolve(uri, storage_cfg)
+    try:
+        entries = fs.get_file_info(FileSelector(path, allow_not_found=True))
+    except OSError as err:
+        raise StorageError(f"{uri}: {err}") from None
+    ckpts = sorted(e.base_name for e in entries if e.base_name.startswith("checkpoint_"))
+    if not ckpts:
+        raise StorageError(f"{uri}: neither a checkpoint nor a run directory with checkpoints")
+    return storage.join(uri, ckpts[-1])
+
+
+def init_from_pretrained(model: nn.Module, uri: str, storage_cfg: StorageConfig | None = None,
+                         log: bool = True) -> set[str]:
+    """Load a pretraining run's weights into ``model`` for fine-tuning; the loaded parameter names.
+
+    Families that fine-tune another family's encoder say how (``load_pretrained_encoder``: e.g.
+    wav2vec 2.0 pretraining -> wav2vec 2.0 CTC); otherwise tensors whose name and shape match are
+    copied. The EMA weights are used when the pretraining run kept them. Nothing matching is an error
+    naming the checkpoint, so a wrong path cannot silently train from scratch.
+    """
+    ckpt = resolve_checkpoint(uri, storage_cfg)
+    payload, _ = read_checkpoint(ckpt, storage_cfg)
+    state = payload.get("ema") or payload["model"]
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if hasattr(model, "load_pretrained_encoder"):
+        model.load_pretrained_encoder(state)
+    else:
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape},
+                              strict=False)
+    # "Loaded" = changed by the load (random init never equals trained weights), whatever the mapping.
+    loaded = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    if not loaded:
+        raise StorageError(f"train.init_from={uri}: no tensor of {ckpt} fits this model "
+                           "(is it a pretraining run of a compatible family and size?)")
+    if log:
+        total = sum(1 for _ in model.parameters())
+        print(f"[raytrain-speech] initialised {len(loaded)}/{total} parameter tensors from {ckpt}", flush=True)
+    return loaded

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import ray.train
@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 
 from raytrain_speech.configlib import require
-from raytrain_speech.data.augment import mask_batch
+from raytrain_speech.data.augment import frame_span_mask, mask_batch
 from raytrain_speech.data.batching import Batch
 from raytrain_speech.data.pipeline import worker_batches
 from raytrain_speech.data.text import CharTokenizer
-from raytrain_speech.models.registry import build_model, count_parameters
+from raytrain_speech.models.registry import build_model, count_parameters, objective_for
 from raytrain_speech.objectives import ctc
 from raytrain_speech.train import checkpoint
 from raytrain_speech.train.checkpoint import TrainState
@@ -53,6 +53,18 @@ class TrainConfig:
     micro_batch_audio_s: float | None = None
     """Most padded audio seconds one worker processes at once (its memory bound); gradient
     accumulation = ceil(global / (workers x this)). None = no accumulation."""
+    global_batch_utterances: int | None = None
+    """Utterances per optimizer step over all workers (recipes that state the batch as a count, e.g.
+    2048); replaces global_batch_audio_s when set. Micro-batches are then cut by count, still
+    duration-sorted so padding stays low."""
+    micro_batch_utterances: int | None = None
+    """Most utterances one worker processes at once when the global batch is a count; accumulation
+    = ceil(global / (workers x this)). None = no accumulation."""
+    init_from: str | None = None
+    """Fine-tuning: a checkpoint (or a run directory: its latest checkpoint) of a pretraining run
+    whose encoder initialises this model. Ignored when the run resumes from its own checkpoint."""
+    freeze_feature_encoder_steps: int = 0
+    """Fine-tuning: keep the pretrained convolutional feature encoder fixed for this many steps."""
     log_every_steps: int = 10
     """Report metrics (a barrier across ranks) every this many steps."""
     checkpoint_every_steps: int = 250
@@ -90,9 +102,29 @@ class TrainConfig:
                 "must be >= 1 or null")
         require(self.early_stop_patience is None or self.validate_every_steps is not None,
                 "train.early_stop_patience", "needs train.validate_every_steps")
+        require(self.global_batch_utterances is None or self.global_batch_utterances >= 1,
+                "train.global_batch_utterances", "must be >= 1 or null")
+        require(self.micro_batch_utterances is None or self.micro_batch_utterances >= 1,
+                "train.micro_batch_utterances", "must be >= 1 or null")
+        require(self.micro_batch_utterances is None or self.global_batch_utterances is not None,
+                "train.micro_batch_utterances", "needs train.global_batch_utterances")
+        require(self.freeze_feature_encoder_steps >= 0, "train.freeze_feature_encoder_steps", "must be >= 0")
+
+    def utterance_cap(self, world_size: int) -> int | None:
+        """Utterances per micro-batch when the global batch is a count (None = cut by seconds).
+
+        Rounded up when the count does not divide evenly over workers x micro-batches; the run card
+        records the effective global batch (workers x accumulation x this)."""
+        if self.global_batch_utterances is None:
+            return None
+        accum, _ = self.accumulation(world_size)
+        return math.ceil(self.global_batch_utterances / (world_size * accum))
 
     def accumulation(self, world_size: int) -> tuple[int, float]:
         """(micro-batches per worker per step, padded-seconds budget per micro-batch) at this size."""
+        if self.global_batch_utterances is not None:
+            per_micro = self.micro_batch_utterances or self.global_batch_utterances
+            return math.ceil(self.global_batch_utterances / (world_size * per_micro) - 1e-9), math.inf
         if self.micro_batch_audio_s is None:
             return 1, self.global_batch_audio_s / world_size
         accum = math.ceil(self.global_batch_audio_s / (world_size * self.micro_batch_audio_s) - 1e-9)
@@ -111,14 +143,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def lockstep(batches: Iterator[Batch], accum: int, device: torch.device,
+def lockstep(batches: Iterator[Batch], accum: int, device: torch.device, units=ctc.units,
              ) -> Iterator[tuple[list[Batch], list[float]]]:
-    """Yield (this rank's 0..accum micro-batches, [ranks_with_data, tokens, audio_s, utterances] summed
-    over ranks) until every rank has run dry; ranks short of ``accum`` batches fill in (see Stepper)."""
+    """Yield (this rank's 0..accum micro-batches, [ranks_with_data, loss units, audio_s, utterances]
+    summed over ranks) until every rank has run dry; ranks short of ``accum`` batches fill in (see
+    Stepper). ``units`` is the objective's normaliser (target tokens, masked frames)."""
     it = iter(batches)
     while True:
         group = list(itertools.islice(it, accum))
-        totals = all_reduce_sum([1.0 if group else 0.0, sum(float(b.target_lengths_B.sum()) for b in group),
+        totals = all_reduce_sum([1.0 if group else 0.0, sum(units(b) for b in group),
                                  sum(b.audio_s for b in group), sum(b.size for b in group)], device)
         if totals[0] == 0:
             return
@@ -153,10 +186,13 @@ class Window:
     steps: int = 0
     masked_fraction: float = 0.0
     masked_batches: int = 0
+    extra_sums: dict = field(default_factory=dict)
 
     def add(self, result, group: list[Batch]) -> None:
         self.loss_sum += result.loss_sum
         self.tokens += result.tokens
+        for k, v in result.extra_sums.items():
+            self.extra_sums[k] = self.extra_sums.get(k, 0.0) + v
         self.padding += sum(b.padding_fraction for b in group) / len(group) if group else 0.0
         self.grad_norm += result.grad_norm
         self.steps += 1
@@ -200,9 +236,20 @@ class WorkerRun:
         torch.manual_seed(self.tc.seed)
         model = build_model(cfg.model, CharTokenizer(cfg.text).vocab_size)
         self.n_params = count_parameters(model)
-        optimizer = build_optimizer(model.to(self.device), cfg.optim)
-        self.stepper = Stepper(ray.train.torch.prepare_model(model), optimizer, cfg.step, ctc.loss, self.device)
+        self.objective = objective_for(cfg.model)
         restored = checkpoint.latest_ray_checkpoint()
+        pretrained: set[str] = set()
+        if self.tc.init_from:  # also on restarts, so the optimizer's parameter groups come out the same
+            pretrained = checkpoint.init_from_pretrained(model, self.tc.init_from, cfg.storage,
+                                                         log=self.rank == 0 and restored is None)
+        frozen = set()
+        if self.tc.freeze_feature_encoder_steps and hasattr(model, "feature_encoder_parameters"):
+            ids = {id(p) for p in model.feature_encoder_parameters()}
+            frozen = {n for n, p in model.named_parameters() if id(p) in ids}
+        optimizer = build_optimizer(model.to(self.device), cfg.optim, pretrained=pretrained, frozen=frozen,
+                                    frozen_steps=self.tc.freeze_feature_encoder_steps)
+        self.stepper = Stepper(ray.train.torch.prepare_model(model), optimizer, cfg.step, self.objective.loss,
+                               self.device)
         n_train = read_manifest(cfg.data.root, cfg.storage).splits[cfg.data.train_split].num_utterances
         if restored is None:
             self.state, self.cursor = TrainState(), DataCursor(n_train, 0)
@@ -212,6 +259,8 @@ class WorkerRun:
                                             self.stepper.ema)
             self.cursor = cursor if cursor is not None else DataCursor(n_train, self.state.epoch)
         self.resumed = restored is not None
+        self.plain_model = unwrap(self.stepper.model)
+        self.ssl_masks = getattr(self.plain_model, "mask_prob", 0.0) > 0
         self.state.attempts += 1
         self.state.world_sizes.append(self.world)
         self.accum, self.micro_budget_s = self.tc.accumulation(self.world)
@@ -269,7 +318,20 @@ class WorkerRun:
         if already_consumed is not None:
             rows = self._drop_stale(rows, already_consumed)
         seed = epoch_seed(self.tc.seed, self.state.epoch, self.rank)
-        return worker_batches(rows, self.micro_budget_s, self.cfg.batching, seed, self._on_bad)
+        batching = self.cfg.batching
+        cap = self.tc.utterance_cap(self.world)
+        if cap is not None:
+            batching = replace(batching, max_batch_utterances=min(cap, batching.max_batch_utterances or cap))
+        batches = worker_batches(rows, self.micro_budget_s, batching, seed, self._on_bad)
+        return map(self._with_ssl_mask, batches) if self.ssl_masks else batches
+
+    def _with_ssl_mask(self, batch: Batch) -> Batch:
+        """Masked-prediction families: draw the span mask over encoder frames before lockstep counts the
+        masked frames (the loss normaliser), from (seed, epoch, index) like all augmentation."""
+        m = self.plain_model
+        lengths_B = m.output_lengths(batch.feature_lengths_B)
+        return replace(batch, mask_BT=frame_span_mask(lengths_B, batch.indices, m.mask_prob, m.mask_span_frames,
+                                                      self.tc.seed, self.cursor.epoch, m.min_masks))
 
     def _drop_stale(self, rows, consumed):
         """Second line of defence: rows the restored cursor says were consumed never reach training."""
@@ -300,7 +362,8 @@ class WorkerRun:
             already = self.cursor.consumed.copy() if resuming else None
             first = False
             epoch_start_step = self.state.step
-            for group, totals in lockstep(self._epoch_batches(shard, already), self.accum, self.device):
+            for group, totals in lockstep(self._epoch_batches(shard, already), self.accum, self.device,
+                                          self.objective.units):
                 self._step(group, totals)
                 if self.state.step >= tc.max_steps or self.state.stopped_early:
                     return self._finish()
@@ -315,7 +378,9 @@ class WorkerRun:
             group = [self._augment(b) for b in group]
         fillers = [self.filler.to(self.device)] * (self.accum - len(group))
         lr = lr_at(self.state.step, self.tc.max_steps, self.cfg.optim)
-        set_lr(self.stepper.optimizer, lr)
+        set_lr(self.stepper.optimizer, lr, self.state.step)
+        if hasattr(self.plain_model, "set_step"):  # schedules inside the model (Gumbel temperature)
+            self.plain_model.set_step(self.state.step)
         result = self.stepper.step(group, totals[1], self.world, fillers=fillers)
         now = time.time()
         st = self.state
@@ -395,7 +460,9 @@ class WorkerRun:
 
     def _metrics(self, lr: float | None, now: float) -> tuple[dict, TrainState]:
         w = self.window
-        loss_sum, tokens, bad = all_reduce_sum([w.loss_sum, w.tokens, self.bad_local], self.device)
+        extra_keys = [f"{k}_sum" for k in self.objective.extra_stats]
+        loss_sum, tokens, bad, *extra = all_reduce_sum(
+            [w.loss_sum, w.tokens, self.bad_local, *(w.extra_sums.get(k, 0.0) for k in extra_keys)], self.device)
         st = self.state
         snapshot = TrainState(**{**st.__dict__, "bad_utterances": st.bad_utterances + int(bad)})
         metrics = {
@@ -412,6 +479,7 @@ class WorkerRun:
         if w.steps:
             metrics.update(loss=loss_sum / max(tokens, 1.0), grad_norm=w.grad_norm / w.steps,
                            padding_fraction=w.padding / w.steps)
+            metrics.update({k[: -len("_sum")]: v / max(tokens, 1.0) for k, v in zip(extra_keys, extra)})
         if w.masked_batches:
             metrics["masked_fraction"] = w.masked_fraction / w.masked_batches
         self.window = Window()

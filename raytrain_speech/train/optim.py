@@ -40,6 +40,9 @@ class OptimConfig:
     """LR at the last step (cosine and polynomial)."""
     poly_power: float = 1.0
     """Exponent of polynomial decay (0.5 = square-root decay)."""
+    pretrained_lr_peak: float | None = None
+    """Fine-tuning: peak LR of the parameters loaded by train.init_from (e.g. 1e-5) while new layers
+    use lr_peak; both follow the same schedule shape. None = lr_peak for all."""
 
     def validate(self) -> None:
         require(self.lr_peak > 0, "optim.lr_peak", "must be positive")
@@ -48,19 +51,35 @@ class OptimConfig:
         require(self.warmup_fraction is None or 0 <= self.warmup_fraction < 1, "optim.warmup_fraction",
                 "must be in [0, 1)")
         require(all(0 <= b < 1 for b in self.betas), "optim.betas", "must be in [0, 1)")
+        require(self.pretrained_lr_peak is None or self.pretrained_lr_peak > 0, "optim.pretrained_lr_peak",
+                "must be positive or null")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only tensors with >= 2 dims (weights), not norms, biases or scalars."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, cfg: OptimConfig, pretrained: set[str] = frozenset(),
+                 frozen: set[str] = frozenset(), frozen_steps: int = 0) -> list[dict]:
+    """Groups by (weight decay?, pretrained?, frozen?); empty groups are dropped.
+
+    Decay only tensors with >= 2 dims (weights), not norms, biases or scalars. A group carries an
+    ``lr_scale`` (pretrained LR / peak LR) and a ``frozen_until_step``: ``set_lr`` gives it LR 0
+    until then. Freezing by LR keeps every parameter in DDP's gradient buckets, so unfreezing
+    mid-run needs no re-wrap.
+    """
+    scale = (cfg.pretrained_lr_peak / cfg.lr_peak) if cfg.pretrained_lr_peak is not None else 1.0
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (p.ndim >= 2, name in pretrained, name in frozen)
+        group = groups.setdefault(key, {
+            "params": [], "weight_decay": cfg.weight_decay if key[0] else 0.0,
+            "lr_scale": scale if key[1] else 1.0, "frozen_until_step": frozen_steps if key[2] else 0})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, pretrained: set[str] = frozenset(),
+                    frozen: set[str] = frozenset(), frozen_steps: int = 0) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg, pretrained, frozen, frozen_steps)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     return cls(groups, lr=cfg.lr_peak, betas=cfg.betas, eps=cfg.eps)
 
@@ -78,6 +97,8 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return cfg.lr_final + (cfg.lr_peak - cfg.lr_final) * (1 - progress) ** cfg.poly_power
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, step: int = 0) -> None:
+    """Apply the scheduled LR to every group (scaled for pretrained groups, 0 while frozen)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        frozen = step < group.get("frozen_until_step", 0)
+        group["lr"] = 0.0 if frozen else lr * group.get("lr_scale", 1.0)

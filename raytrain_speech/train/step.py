@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -89,6 +89,8 @@ class StepResult:
     skipped: bool
     loss_sum: float
     tokens: float
+    extra_sums: dict[str, float] = field(default_factory=dict)
+    """The objective's other ``<name>_sum`` stats, summed over micro-batches (reported per unit)."""
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -129,8 +131,9 @@ class Stepper:
              fillers: list[Batch] = ()) -> StepResult:
         """Backward over ``micro_batches`` (gradient sync only on the last), then one update.
 
-        ``global_tokens`` is the target-token count of this step over all ranks and micro-batches;
-        the objective divides by it so the update is a per-token mean of the global batch.
+        ``global_tokens`` is the objective's unit count (target tokens, masked frames) of this step
+        over all ranks and micro-batches; the objective divides by it so the update is a per-unit
+        mean of the global batch.
         ``fillers`` are micro-steps that contribute exactly zero gradient: a rank whose data ran out
         before the others' still has to join every gradient all-reduce (DDP), so it runs them in
         eval mode (no BatchNorm update) with the loss multiplied by zero.
@@ -139,6 +142,7 @@ class Stepper:
         # non-finite must not leave NaNs in them, so they are restored when the step is skipped.
         buffers = [b.detach().clone() for b in self.model.buffers()]
         loss_sum = tokens = 0.0
+        extra: dict[str, float] = {}
         work = [(b, False) for b in micro_batches] + [(b, True) for b in fillers]
         for i, (batch, filler) in enumerate(work):
             last = i == len(work) - 1
@@ -154,8 +158,15 @@ class Stepper:
                     loss, stats = self.objective(batch, out, global_tokens, world_size)
                     loss_sum += stats["loss_sum"]
                     tokens += stats["tokens"]
+                    for k, v in stats.items():
+                        if k.endswith("_sum") and k != "loss_sum":
+                            extra[k] = extra.get(k, 0.0) + float(v)
                 self.scaler.scale(loss).backward()
         self.model.train()
+        for group in self.optimizer.param_groups:
+            if group["lr"] == 0.0:  # frozen (fine-tuning warm-up): no update, no share of the clip norm
+                for p in group["params"]:
+                    p.grad = None
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.cfg.grad_clip_norm if self.cfg.grad_clip_norm is not None else math.inf
@@ -175,4 +186,4 @@ class Stepper:
                     live.copy_(saved)
         elif self.ema is not None:
             self.ema.update(self.model)
-        return StepResult(grad_norm, skipped, loss_sum, tokens)
+        return StepResult(grad_norm, skipped, loss_sum, tokens, extra)

@@ -7,15 +7,18 @@ so the numbers are corpus-level over the whole split whatever the worker count.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from raytrain_speech.data import shards
-from raytrain_speech.data.batching import BatchingConfig, Utterance, batch_by_duration, collate
+from raytrain_speech.data.augment import frame_span_mask
+from raytrain_speech.data.batching import Batch, BatchingConfig, Utterance, batch_by_duration, collate
 from raytrain_speech.data.preprocess import Preprocessor, iter_table, to_utterances
-from raytrain_speech.evaluate.decode import ctc_greedy
+from raytrain_speech.evaluate.decode import hypotheses
 from raytrain_speech.evaluate.wer import error_counts
-from raytrain_speech.objectives import ctc
+from raytrain_speech.models.registry import family, objective_for
 
 
 class Validator:
@@ -23,6 +26,8 @@ class Validator:
         self.cfg, self.split, self.rank, self.world = cfg, split, rank, world
         self.batch_audio_s = batch_audio_s
         self.pre = Preprocessor(cfg.features, cfg.text)
+        self.objective = objective_for(cfg.model)
+        self.text_output = family(cfg.model).text_output
         self._utts: list[Utterance] | None = None
 
     def utterances(self) -> list[Utterance]:
@@ -37,27 +42,39 @@ class Validator:
 
     @torch.inference_mode()
     def counts(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        """Summed loss, tokens and edit counts of this rank's slice."""
+        """Summed loss, units and (text families) edit counts of this rank's slice."""
         was_training = model.training
         model.eval()
         totals = {"loss_sum": 0.0, "tokens": 0.0, "word_errors": 0.0, "ref_words": 0.0, "char_errors": 0.0,
                   "ref_chars": 0.0}
         for group in batch_by_duration(self.utterances(), self.batch_audio_s, BatchingConfig()):
-            b = collate(group).to(device)
+            b = with_fixed_ssl_mask(model, collate(group)).to(device)
             out = model(b)
-            _, stats = ctc.loss(b, out, global_tokens=1.0)
+            _, stats = self.objective.loss(b, out, 1.0)
             totals["loss_sum"] += stats["loss_sum"]
             totals["tokens"] += stats["tokens"]
-            hyps = [self.pre.tokenizer.decode(ids) for ids in ctc_greedy(out["log_probs_BTV"], out["lengths_B"])]
+            if self.text_output is None:
+                continue
+            hyps = [self.pre.tokenizer.decode(ids) for ids in hypotheses(model, b, out, self.text_output)]
             for k, v in error_counts(b.texts, hyps).items():
                 totals[k] += v
         model.train(was_training)
         return totals
 
 
+def with_fixed_ssl_mask(model: nn.Module, batch: Batch) -> Batch:
+    """Masked-prediction families are validated under the same masks every time (seed 0, epoch 0), so
+    valid_loss moves only with the model."""
+    if getattr(model, "mask_prob", 0.0) <= 0:
+        return batch
+    lengths_B = model.output_lengths(batch.feature_lengths_B)
+    return replace(batch, mask_BT=frame_span_mask(lengths_B, batch.indices, model.mask_prob, model.mask_span_frames,
+                                                  0, 0, model.min_masks))
+
+
 def summarize(totals: dict[str, float]) -> dict[str, float]:
-    return {
-        "valid_loss": totals["loss_sum"] / max(totals["tokens"], 1.0),
-        "valid_wer": totals["word_errors"] / max(totals["ref_words"], 1.0),
-        "valid_cer": totals["char_errors"] / max(totals["ref_chars"], 1.0),
-    }
+    out = {"valid_loss": totals["loss_sum"] / max(totals["tokens"], 1.0)}
+    if totals["ref_words"] > 0:  # self-supervised families have no transcripts to score
+        out["valid_wer"] = totals["word_errors"] / totals["ref_words"]
+        out["valid_cer"] = totals["char_errors"] / max(totals["ref_chars"], 1.0)
+    return out

@@ -22,7 +22,24 @@ def test_warmup_fraction_and_polynomial_power():
 
 def test_no_weight_decay_on_norms_and_biases():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    decay, no_decay = param_groups(model, 0.01)
+    no_decay, decay = param_groups(model, OptimConfig(weight_decay=0.01))
     assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
     opt = build_optimizer(model, OptimConfig(betas=(0.9, 0.98)))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.98)
+
+
+def test_pretrained_groups_get_their_own_lr_and_frozen_groups_wait():
+    from raytrain_speech.train.optim import set_lr
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    cfg = OptimConfig(lr_peak=1e-3, pretrained_lr_peak=1e-5)
+    opt = build_optimizer(model, cfg, pretrained={"0.weight", "0.bias"}, frozen={"0.weight"}, frozen_steps=10)
+    by_param = {}
+    for step in (0, 10):
+        set_lr(opt, 1e-3, step)
+        for g in opt.param_groups:
+            for p in g["params"]:
+                by_param[(step, id(p))] = g["lr"]
+    w0, b0, w1 = model[0].weight, model[0].bias, model[1].weight
+    assert by_param[(0, id(w0))] == 0.0 and by_param[(10, id(w0))] == pytest.approx(1e-5)
+    assert by_param[(0, id(b0))] == pytest.approx(1e-5) and by_param[(0, id(w1))] == pytest.approx(1e-3)
