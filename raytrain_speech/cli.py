@@ -149,6 +149,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    """One line per (family, preset): parameters counted on the meta device, so billion-parameter
+    presets list in a second without memory."""
+    from raytrain_speech.data.text import CharTokenizer
+    from raytrain_speech.models.registry import FAMILIES, ModelSpec, build_meta, count_parameters, family
+
+    names = [args.family] if args.family else list(FAMILIES)
+    vocab = CharTokenizer().vocab_size
+    print(f"{'family':<15} {'preset':<11} {'parameters':>15}  {'objective':<11} {'input':<9} description")
+    for name in names:
+        fam = family(ModelSpec(family=name))
+        for preset in fam.presets:
+            n = count_parameters(build_meta(ModelSpec(family=name, preset=preset), vocab))
+            print(f"{name:<15} {preset:<11} {n:>15,}  {fam.objective:<11} {fam.input_kind:<9} {fam.summary}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="raytrain-speech", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -180,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the full result as JSON here")
     p.add_argument("overrides", nargs="*", metavar="storage.key=value", help="storage settings, e.g. storage.endpoint_url=...")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("models", help="model families and presets with parameter counts (built on meta)")
+    p.add_argument("--list", action="store_true", help="list every family and preset (the default)")
+    p.add_argument("--family", help="only this family")
+    p.set_defaults(fn=cmd_models)
 
     p = sub.add_parser("demo", help="synth (if absent) -> train 2 workers on local Ray -> eval, with a summary table")
     with_config(p)

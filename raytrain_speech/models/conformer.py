@@ -12,11 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
 from raytrain_speech.configlib import require
+from raytrain_speech.data.augment import frame_span_mask
 from raytrain_speech.data.batching import Batch
+from raytrain_speech.data.text import BLANK_ID
+from raytrain_speech.models.layers import TransformerDecoder, padding_mask
+from raytrain_speech.models.wavlm import SUBSAMPLING, stacked_targets
+from raytrain_speech.objectives.seq2seq import teacher_forcing
 
 
 @dataclass
@@ -103,3 +109,121 @@ class ConformerCTC(nn.Module):
         h_BTD, out_lengths_B = self.encode(batch.features_BFM, batch.feature_lengths_B)
         logits_BTV = self.head(h_BTD)
         return {"log_probs_BTV": logits_BTV.float().log_softmax(dim=-1), "lengths_B": out_lengths_B}
+
+
+@dataclass
+class ConformerAEDConfig(ConformerCTCConfig):
+    """Conformer encoder + Transformer decoder trained with the hybrid CTC/attention loss."""
+
+    decoder_layers: int = 2
+    """Transformer decoder blocks."""
+    decoder_ffn_dim: int = 576
+    """Decoder feed-forward width."""
+    max_target_positions: int = 512
+    """Longest decoder input (prompt + characters)."""
+    ctc_weight: float = 0.3
+    """Share of the CTC loss in the hybrid loss (ESPnet's 0.3); the attention loss gets the rest."""
+
+    def validate(self) -> None:
+        super().validate()
+        require(0.0 <= self.ctc_weight <= 1.0, "model.overrides.ctc_weight", "must be in [0, 1]")
+        require(self.decoder_layers >= 1, "model.overrides.decoder_layers", "must be >= 1")
+
+
+AED_PRESETS: dict[str, dict] = {
+    "tiny": {},
+    # Conformer-L of Gulati et al. (17 x 512, 8 heads, kernel 32 -> 31: kernels must be odd here) with
+    # ESPnet's 6-layer decoder: 135.9 M parameters with a 512-channel subsampling (Conformer-L alone is
+    # 118.8 M in the paper; the write-up's 1.9/4.2 WER are Conformer-L numbers).
+    "large": {"subsampling_channels": 512, "d_model": 512, "num_layers": 17, "num_heads": 8, "ffn_dim": 2048,
+              "conv_kernel_size": 31, "decoder_layers": 6, "decoder_ffn_dim": 2048},
+}
+
+
+class ConformerAED(ConformerCTC):
+    """ConformerCTC plus an attention decoder over the same characters (ids: chars, then eot, sot).
+
+    The CTC head (``head``) and the encoder keep ConformerCTC's parameter names, so a ConformerCTC or
+    ConformerMLM checkpoint initialises this model by name (train.init_from).
+    """
+
+    def __init__(self, cfg: ConformerAEDConfig, vocab_size: int):
+        super().__init__(cfg, vocab_size)
+        self.eot_id, self.sot_id = vocab_size, vocab_size + 1
+        self.decoder = TransformerDecoder(vocab_size + 2, cfg.d_model, cfg.num_heads, cfg.decoder_ffn_dim,
+                                          cfg.decoder_layers, cfg.max_target_positions, cfg.dropout)
+
+    def _prefix(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        return torch.full((batch_size, 1), self.sot_id, dtype=torch.int64, device=device)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        h_BTD, lengths_B = self.encode(batch.features_BFM, batch.feature_lengths_B)
+        dec_in_BL, dec_out_BL = teacher_forcing(batch.targets_BL, batch.target_lengths_B,
+                                                self._prefix(h_BTD.shape[0], h_BTD.device), self.eot_id, self.eot_id)
+        return {"log_probs_BTV": self.head(h_BTD).float().log_softmax(dim=-1), "lengths_B": lengths_B,
+                "logits_BLV": self.decoder(dec_in_BL, h_BTD, lengths_B), "decoder_targets_BL": dec_out_BL}
+
+    @torch.no_grad()
+    def transcribe(self, batch: Batch, max_len: int | None = None) -> list[list[int]]:
+        """Attention-decoder greedy search (character ids; blank, eot and sot never emitted)."""
+        h_BTD, lengths_B = self.encode(batch.features_BFM, batch.feature_lengths_B)
+        allowed_V = torch.ones(self.eot_id + 2, dtype=torch.bool, device=h_BTD.device)
+        allowed_V[[BLANK_ID, self.sot_id]] = False
+        limit = self.cfg.max_target_positions - 1 if max_len is None else max_len
+        return self.decoder.greedy(h_BTD, lengths_B, self._prefix(h_BTD.shape[0], h_BTD.device), self.eot_id,
+                                   limit, allowed_V)
+
+
+@dataclass
+class ConformerMLMConfig(ConformerCTCConfig):
+    """Conformer encoder pretrained by masked log-mel reconstruction (the SSL stage of conformer_aed)."""
+
+    mask_prob: float = 0.15
+    """Span start probability per encoder frame (with 10-frame spans: 1 - 0.85^10 = 80% coverage)."""
+    mask_span_frames: int = 10
+    """Span length in encoder frames (40 ms each)."""
+    min_masks: int = 2
+    """Spans every utterance gets at least."""
+
+    def validate(self) -> None:
+        super().validate()
+        require(0.0 < self.mask_prob < 1.0, "model.overrides.mask_prob", "must be in (0, 1)")
+        require(self.mask_span_frames >= 1, "model.overrides.mask_span_frames", "must be >= 1")
+
+
+MLM_PRESETS: dict[str, dict] = {
+    "tiny": {},
+    "large": {k: v for k, v in AED_PRESETS["large"].items() if not k.startswith("decoder")},
+}
+
+
+class ConformerMLM(ConformerCTC):
+    """Masked reconstruction with the Conformer encoder (WavLM's target, objectives/masked.py).
+
+    The 3x3 subsampling convs overlap, so a masked encoder frame's input would leak through its
+    neighbours; the input log-mel under every masked frame is zeroed as well as the frame being
+    replaced by the mask embedding. ``head`` predicts the 4 x n_mels values under each frame.
+    """
+
+    def __init__(self, cfg: ConformerMLMConfig, vocab_size: int = 0):
+        super().__init__(cfg, vocab_size=SUBSAMPLING * cfg.n_mels)
+        self.mask_emb = nn.Parameter(torch.empty(cfg.d_model).uniform_())
+        self.mask_prob, self.mask_span_frames, self.min_masks = cfg.mask_prob, cfg.mask_span_frames, cfg.min_masks
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        x_BFM, lengths_B = batch.features_BFM, batch.feature_lengths_B
+        t_lengths_B = self.output_lengths(lengths_B)
+        mask_BT = batch.mask_BT
+        if mask_BT is None:
+            mask_BT = frame_span_mask(t_lengths_B, batch.indices, self.mask_prob, self.mask_span_frames, 0, 0,
+                                      self.min_masks)
+        mask_BT = mask_BT.to(x_BFM.device)
+        in_mask_BF = mask_BT.repeat_interleave(SUBSAMPLING, dim=1)[:, : x_BFM.shape[1]]
+        in_mask_BF = F.pad(in_mask_BF, (0, x_BFM.shape[1] - in_mask_BF.shape[1]))
+        h_BTD, _ = self.subsampling(x_BFM.masked_fill(in_mask_BF[..., None], 0.0), lengths_B)
+        t = h_BTD.shape[1]
+        mask_BT = F.pad(mask_BT, (0, max(0, t - mask_BT.shape[1])))[:, :t] & ~padding_mask(t_lengths_B, t)
+        h_BTD = torch.where(mask_BT[..., None], self.mask_emb.to(h_BTD.dtype), h_BTD)
+        h_BTD, _ = self.encoder(h_BTD, t_lengths_B.clamp(max=t))
+        return {"pred_BTP": self.head(h_BTD).float(), "mask_BT": mask_BT, "lengths_B": t_lengths_B,
+                "target_BTP": stacked_targets(x_BFM, lengths_B, t, renorm=False)}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from raytrain_speech.configlib import ConfigError, from_dict, to_dict
-from raytrain_speech.models import conformer
+from raytrain_speech.models import conformer, wavlm, whisper
 from raytrain_speech.objectives import Objective
 
 
@@ -51,6 +51,21 @@ FAMILIES: dict[str, Family] = {
     "conformer_ctc": Family(conformer.ConformerCTCConfig, conformer.PRESETS, conformer.ConformerCTC,
                             objective="ctc", input_kind="log_mel", text_output="ctc",
                             summary="Conformer encoder on log-mel, CTC over characters"),
+    "conformer_aed": Family(conformer.ConformerAEDConfig, conformer.AED_PRESETS, conformer.ConformerAED,
+                            objective="hybrid", input_kind="log_mel", text_output="seq2seq",
+                            summary="Conformer encoder + Transformer decoder, hybrid CTC/attention loss"),
+    "conformer_mlm": Family(conformer.ConformerMLMConfig, conformer.MLM_PRESETS, conformer.ConformerMLM,
+                            objective="masked", input_kind="log_mel", text_output=None,
+                            summary="Conformer encoder SSL pretraining: masked log-mel reconstruction"),
+    "whisper": Family(whisper.WhisperConfig, whisper.PRESETS, whisper.Whisper, objective="seq2seq",
+                      input_kind="log_mel", text_output="seq2seq",
+                      summary="Whisper-style encoder-decoder, teacher-forced cross-entropy"),
+    "wavlm": Family(wavlm.WavLMConfig, wavlm.PRESETS, wavlm.WavLMPretraining, objective="masked",
+                    input_kind="log_mel", text_output=None,
+                    summary="WavLM-style masked speech modelling (gated relative position bias)"),
+    "wavlm_ctc": Family(wavlm.WavLMConfig, wavlm.PRESETS, wavlm.WavLMCTC, objective="ctc",
+                        input_kind="log_mel", text_output="ctc",
+                        summary="WavLM encoder fine-tuned with CTC (train.init_from a wavlm run)"),
 }
 
 
