@@ -60,6 +60,30 @@ def _preflight(cfg) -> None:
     storage.check_reachable(cfg.data.root, cfg.storage)
     storage.check_reachable(cfg.run.storage_path, cfg.storage)
     shards.shard_uris(cfg.data.root, cfg.data.train_split, cfg.storage)
+    if cfg.train.init_from:
+        _check_init_from(cfg)
+
+
+def _check_init_from(cfg) -> None:
+    """A fine-tuning source that is missing or of a family this model cannot start from fails here, in
+    one line, instead of in every worker after Ray has started."""
+    import yaml
+
+    from raytrain_speech import storage
+    from raytrain_speech.models.registry import family
+    from raytrain_speech.storage import StorageError
+    from raytrain_speech.train.checkpoint import CONFIG_FILE, resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(cfg.train.init_from, cfg.storage)
+    except StorageError as err:
+        raise StorageError(f"train.init_from: {err} (point it at a pretraining run or checkpoint)") from None
+    source = yaml.safe_load(storage.read_bytes(storage.join(ckpt, CONFIG_FILE), cfg.storage).decode())
+    source_family = source.get("model", {}).get("family")
+    accepted = (cfg.model.family, *family(cfg.model).init_from_families)
+    if source_family not in accepted:
+        raise ConfigError(f"train.init_from={cfg.train.init_from}: a {source_family} checkpoint cannot initialise "
+                          f"{cfg.model.family} (it starts from: {', '.join(accepted) or 'nothing'})")
 
 
 def cmd_train(args) -> int:

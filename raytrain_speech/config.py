@@ -55,6 +55,15 @@ class Config:
                 f"model family {self.model.family} needs {fam.input_kind!r} input")
         require(not self.augment.enabled or self.features.kind == "log_mel", "augment",
                 "SpecAugment and span masks act on log-mel frames; waveform models mask inside the model")
+        if self.train.freeze_feature_encoder_steps:
+            require(hasattr(fam.builder, "feature_encoder_parameters"), "train.freeze_feature_encoder_steps",
+                    f"model family {self.model.family} has no separate feature encoder to freeze")
+        if fam.text_output is None:
+            for key, value in (("train.early_stop_metric", self.train.early_stop_metric if
+                                self.train.early_stop_patience else None),
+                               ("run.checkpoint_score_attribute", self.run.checkpoint_score_attribute)):
+                require(value not in ("valid_wer", "valid_cer"), key,
+                        f"{self.model.family} is self-supervised (no transcripts out); use valid_loss")
         model_cfg = resolve(self.model)
         if hasattr(model_cfg, "n_mels"):
             require(model_cfg.n_mels == self.features.n_mels, "features.n_mels",
@@ -72,6 +81,7 @@ class Config:
         self.data.root = fix(self.data.root)
         self.run.storage_path = fix(self.run.storage_path)
         self.train.trained_log_dir = fix(self.train.trained_log_dir)
+        self.train.init_from = fix(self.train.init_from)
         return self
 
     @classmethod

@@ -30,5 +30,7 @@ def hypotheses(model: torch.nn.Module, batch, out: dict, text_output: str, max_l
     if text_output == "ctc":
         return ctc_greedy(out["log_probs_BTV"], out["lengths_B"])
     if text_output == "seq2seq":
-        return model.transcribe(batch, max_len)
+        # A transcript never has more characters than the encoder has frames (>= 25 per second; speech
+        # is ~15 characters per second): the cap that stops an untrained decoder that never ends.
+        return model.transcribe(batch, min(max_len, int(out["lengths_B"].max())))
     raise ValueError(f"no text output kind {text_output!r}")

@@ -45,15 +45,19 @@ class Family:
     text_output: str | None
     """How text comes out: ctc (log_probs_BTV), seq2seq (model.transcribe), None (self-supervised)."""
     summary: str
+    init_from_families: tuple[str, ...] = ()
+    """Families whose checkpoints can initialise this one (train.init_from); itself is always allowed."""
 
 
 FAMILIES: dict[str, Family] = {
     "conformer_ctc": Family(conformer.ConformerCTCConfig, conformer.PRESETS, conformer.ConformerCTC,
                             objective="ctc", input_kind="log_mel", text_output="ctc",
-                            summary="Conformer encoder on log-mel, CTC over characters"),
+                            summary="Conformer encoder on log-mel, CTC over characters",
+                            init_from_families=("conformer_mlm",)),
     "conformer_aed": Family(conformer.ConformerAEDConfig, conformer.AED_PRESETS, conformer.ConformerAED,
                             objective="hybrid", input_kind="log_mel", text_output="seq2seq",
-                            summary="Conformer encoder + Transformer decoder, hybrid CTC/attention loss"),
+                            summary="Conformer encoder + Transformer decoder, hybrid CTC/attention loss",
+                            init_from_families=("conformer_mlm", "conformer_ctc")),
     "conformer_mlm": Family(conformer.ConformerMLMConfig, conformer.MLM_PRESETS, conformer.ConformerMLM,
                             objective="masked", input_kind="log_mel", text_output=None,
                             summary="Conformer encoder SSL pretraining: masked log-mel reconstruction"),
@@ -65,7 +69,8 @@ FAMILIES: dict[str, Family] = {
                     summary="WavLM-style masked speech modelling (gated relative position bias)"),
     "wavlm_ctc": Family(wavlm.WavLMConfig, wavlm.PRESETS, wavlm.WavLMCTC, objective="ctc",
                         input_kind="log_mel", text_output="ctc",
-                        summary="WavLM encoder fine-tuned with CTC (train.init_from a wavlm run)"),
+                        summary="WavLM encoder fine-tuned with CTC (train.init_from a wavlm run)",
+                        init_from_families=("wavlm",)),
 }
 
 
