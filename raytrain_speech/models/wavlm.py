@@ -29,8 +29,8 @@ What follows WavLM (Chen et al. 2022) and what does not:
   the usual choice for masked log-mel reconstruction (Mockingjay, TERA).
 - Masking: spans of ``mask_span_frames`` = 10 encoder frames (400 ms) start at each frame with
   probability ``mask_prob`` = 0.15 (``data.augment.frame_span_mask``, wav2vec 2.0's scheme; spans may
-  overlap). A frame away from the edges is masked unless none of the 10 starts that would cover it
-  fired: coverage = 1 - (1 - 0.15)^10 = 80.3%, the recipe's 80% (``expected_mask_coverage`` gives
+  overlap). A frame away from the edges stays unmasked only if none of the 10 starts that would
+  cover it fired: coverage = 1 - (1 - 0.15)^10 = 80.3%, the recipe's 80% (``expected_mask_coverage`` gives
   the exact figure with the edges: 79.0% on a 16 s segment of 400 encoder frames, 75.1% on 4 s).
 - Not reproduced: WavLM's utterance-mixing denoising augmentation and layer drop.
 """
@@ -202,9 +202,10 @@ class GatedRelativeAttention(nn.Module):
     WavLM's gate (paper, section "Gated Relative Position Bias"): from query q_i of head h,
     g_update = sigmoid(q_i . u), g_reset = sigmoid(q_i . w), and the bias for offset j - i becomes
     d + g_update * d + (1 - g_update) * s * g_reset * d, with d the bucket's learned scalar and s a
-    learned per-head scale. The bias therefore ranges over (1, 2 + s) times d, chosen by the content
-    of the query (a frame in a vowel can attend more locally than one in silence). u and w are
-    shared by all heads (one K -> 2 projection); the gate uses the projected per-head query.
+    learned per-head scale (initialised to 1). For s >= 0 the bias is thus between 1 and
+    max(2, 1 + s) times d, the multiple chosen by the content of the query (a frame in a vowel can
+    attend more locally than one in silence). u and w are shared by all heads (one K -> 2
+    projection); the gate reads the projected per-head query, the paper's q_i.
     """
 
     def __init__(self, d_model: int, num_heads: int, dropout: float, gated: bool):
@@ -384,6 +385,10 @@ class WavLMCTC(nn.Module):
 
     def output_lengths(self, lengths_B: torch.Tensor) -> torch.Tensor:
         return self.encoder.output_lengths(lengths_B)
+
+    def feature_encoder_parameters(self):
+        """The conv feature encoder: what train.freeze_feature_encoder_steps holds fixed while fine-tuning."""
+        return self.encoder.feature_encoder.parameters()
 
     def load_pretrained_encoder(self, pretraining_state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         """Copy the ``encoder.*`` weights of a WavLMPretraining state dict; (missing, unexpected) keys of
