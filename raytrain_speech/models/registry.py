@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from raytrain_speech.configlib import ConfigError, from_dict, to_dict
-from raytrain_speech.models import conformer, wavlm, whisper
+from raytrain_speech.models import conformer, wav2vec2, wavlm, whisper
 from raytrain_speech.objectives import Objective
 
 
@@ -49,6 +49,15 @@ class Family:
     """Families whose checkpoints can initialise this one (train.init_from); itself is always allowed."""
 
 
+NAR_PRESETS: dict[str, dict] = {
+    # The NAR recipe (seed 001) leaves the size open. Its encoder is wav2vec 2.0's: a 7-layer strided
+    # conv stack on the raw waveform (320x subsampling, 20 ms frames) and a Transformer, with a CTC head;
+    # sharing the architecture means its "pretrain on unlabelled audio" stage is the wav2vec2 family at
+    # the same preset, loaded by train.init_from. Full size: wav2vec 2.0 Base (12 x 768, 94.4 M).
+    "tiny": wav2vec2.PRESETS["tiny"],
+    "base": wav2vec2.PRESETS["base"],
+}
+
 FAMILIES: dict[str, Family] = {
     "conformer_ctc": Family(conformer.ConformerCTCConfig, conformer.PRESETS, conformer.ConformerCTC,
                             objective="ctc", input_kind="log_mel", text_output="ctc",
@@ -64,6 +73,17 @@ FAMILIES: dict[str, Family] = {
     "whisper": Family(whisper.WhisperConfig, whisper.PRESETS, whisper.Whisper, objective="seq2seq",
                       input_kind="log_mel", text_output="seq2seq",
                       summary="Whisper-style encoder-decoder, teacher-forced cross-entropy"),
+    "wav2vec2": Family(wav2vec2.Wav2Vec2Config, wav2vec2.PRESETS, wav2vec2.Wav2Vec2Pretraining,
+                       objective="contrastive", input_kind="waveform", text_output=None,
+                       summary="wav2vec 2.0 contrastive pretraining: span masks, Gumbel product quantizer"),
+    "wav2vec2_ctc": Family(wav2vec2.Wav2Vec2Config, wav2vec2.PRESETS, wav2vec2.Wav2Vec2CTC, objective="ctc",
+                           input_kind="waveform", text_output="ctc",
+                           summary="wav2vec 2.0 encoder fine-tuned with CTC (train.init_from a wav2vec2 run)",
+                           init_from_families=("wav2vec2",)),
+    "nar_ctc": Family(wav2vec2.Wav2Vec2Config, NAR_PRESETS, wav2vec2.Wav2Vec2CTC, objective="ctc",
+                      input_kind="waveform", text_output="ctc",
+                      summary="non-autoregressive raw-waveform encoder (strided convs + Transformer), CTC",
+                      init_from_families=("wav2vec2",)),
     "wavlm": Family(wavlm.WavLMConfig, wavlm.PRESETS, wavlm.WavLMPretraining, objective="masked",
                     input_kind="log_mel", text_output=None,
                     summary="WavLM-style masked speech modelling (gated relative position bias)"),
