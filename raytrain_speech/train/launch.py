@@ -137,7 +137,8 @@ def write_run_card(directory: str, records: list[dict], run_info: dict, storage_
 def run_info(cfg: Config) -> dict:
     return {"name": cfg.run.name, "family": cfg.model.family, "preset": cfg.model.preset,
             "use_gpu": cfg.run.use_gpu, "num_workers": cfg.run.num_workers,
-            "global_batch_audio_s": cfg.train.global_batch_audio_s}
+            "global_batch_audio_s": cfg.train.global_batch_audio_s,
+            "global_batch_utterances": cfg.train.global_batch_utterances}
 
 
 def storage_args(uri: str, storage_cfg) -> dict:

@@ -152,7 +152,8 @@ def run_card(lines: list[dict], run: dict) -> dict:
 def run_card_markdown(card: dict) -> str:
     rows = [("run", card.get("name")), ("model", f"{card.get('family')} / {card.get('preset')}"),
             ("parameters", f"{(card.get('parameters') or 0) / 1e6:.2f} M"), ("hardware", card.get("hardware")),
-            ("global batch", f"{card.get('global_batch_audio_s')} padded audio-s per step"),
+            ("global batch", f"{card['global_batch_utterances']} utterances per step"
+             if card.get("global_batch_utterances") else f"{card.get('global_batch_audio_s')} padded audio-s per step"),
             ("restarts survived", card.get("restarts_survived")),
             ("training time", format_duration(card.get("train_wall_s") or 0)),
             ("GPU-hours" if "gpu_hours" in card else "CPU worker-hours",

@@ -63,3 +63,27 @@ def test_example_recipes_load():
     assert paths
     for p in paths:
         load_config(p)
+
+
+def test_every_recipe_has_a_tiny_variant_and_starts_with_its_command():
+    import glob
+    import os
+
+    recipes = {"whisper_large_v3", "nar_ctc", "conformer_aed", "wav2vec2_xl", "wavlm_large_plus"}
+    for name in recipes:
+        assert os.path.exists(f"examples/{name}.yaml") and os.path.exists(f"examples/{name}_tiny.yaml"), name
+    for path in glob.glob("examples/*.yaml"):
+        first = open(path).readline()
+        assert first.startswith("# ") and ("raytrain-speech " in first or "jobs/submit.py" in first), path
+        assert os.path.basename(path) in first or "--config" not in first or path in first, path
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["model.family=whisper", "train.freeze_feature_encoder_steps=10"], "train.freeze_feature_encoder_steps"),
+    (["model.family=wavlm", "run.checkpoint_score_attribute=valid_wer"], "run.checkpoint_score_attribute"),
+    (["model.family=wav2vec2"], "features.kind"),
+    (["train.micro_batch_utterances=4"], "train.micro_batch_utterances"),
+])
+def test_cross_section_mistakes_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)

@@ -57,3 +57,14 @@ def test_run_card_records_restarts_and_worker_history():
     assert card["gpu_hours"] == pytest.approx((10 * 2 + 36 * 1) / 3600, abs=1e-4)
     assert card["throughput_audio_s_per_s"] == pytest.approx(0.3 * 3600 / 30)
     assert card["final"]["loss"] == 1.5
+
+
+def test_utterance_count_global_batch_recomputes_accumulation_per_world_size():
+    cfg = TrainConfig(global_batch_utterances=2048, micro_batch_utterances=2)
+    for world, accum in ((128, 8), (32, 32), (100, 11)):
+        got_accum, budget_s = cfg.accumulation(world)
+        cap = cfg.utterance_cap(world)
+        assert got_accum == accum and budget_s == float("inf")
+        assert cap <= 2 and world * got_accum * cap >= 2048  # never fewer than promised
+        assert world * got_accum * cap - 2048 < world * got_accum  # over by under one row per micro-batch
+    assert TrainConfig(global_batch_utterances=64).utterance_cap(2) == 32
