@@ -199,12 +199,12 @@ def init_from_pretrained(model: nn.Module, uri: str, storage_cfg: StorageConfig 
 
     Families that fine-tune another family's encoder say how (``load_pretrained_encoder``: e.g.
     wav2vec 2.0 pretraining -> wav2vec 2.0 CTC); otherwise tensors whose name and shape match are
-    copied. The EMA weights are used when the pretraining run kept them. Nothing matching is an error
+    copied. The live weights are used, not the EMA, which keeps part of the random init early in a run. Nothing matching is an error
     naming the checkpoint, so a wrong path cannot silently train from scratch.
     """
     ckpt = resolve_checkpoint(uri, storage_cfg)
     payload, _ = read_checkpoint(ckpt, storage_cfg)
-    state = payload.get("ema") or payload["model"]
+    state = payload["model"]  # the live weights: an EMA that started at random init still carries some of it
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if hasattr(model, "load_pretrained_encoder"):
         model.load_pretrained_encoder(state)
