@@ -1,0 +1,255 @@
+"""Back-off n-gram language model over characters or words, for shallow fusion in beam search.
+
+Smoothing is *interpolated modified Kneser-Ney* (Chen & Goodman 1998): three discounts per order
+(for n-grams seen once, twice, three or more times) estimated from the count-of-counts, lower orders
+trained on continuation counts (how many distinct units precede an n-gram, not how often it occurs),
+and every order interpolated with the next lower one down to a uniform distribution over the
+vocabulary. ``smoothing="kn"`` uses one discount per order (plain interpolated Kneser-Ney). Both
+give a proper distribution: for any context the probabilities of all vocabulary units plus ``</s>``
+sum to 1, because each context hands exactly the mass it discounts to its lower order.
+
+N-grams that start with ``<s>`` keep their raw counts at every order (as in KenLM): nothing can
+precede the sentence start, so a continuation count would be 1 for all of them.
+
+Unknown units: words seen fewer than ``min_word_count`` times in training are replaced by ``<unk>``
+before counting, so ``<unk>`` gets the probability that rare words had in the training text (the
+Good-Turing intuition: the rate of once-seen words estimates the rate of new ones), and every unit is
+also reachable through the uniform floor. At query time any unit outside the vocabulary is scored
+as ``<unk>``. Character models keep every character seen (plus the ``units`` passed to ``train``).
+
+Pure Python and plain data: tables are dicts of tuples, saved as JSON (no pickle), and the
+probabilities of a context are cached once computed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from raytrain_speech.configlib import from_dict, require
+from raytrain_speech.data.text import normalize_text
+
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+_FORMAT = "raytrain_speech.ngram/1"
+_DISTRIBUTION_MAX_VOCAB = 512  # above this (word models), cache per (context, unit) instead of whole rows
+_CACHE_MAX_ENTRIES = 500_000  # the caches are dropped wholesale beyond this, bounding memory in long evals
+
+
+@dataclass
+class NGramConfig:
+    """What the n-gram language model counts and how it smooths."""
+
+    unit: Literal["char", "word"] = "char"
+    """Modelled unit: characters (space included) or whitespace-separated words."""
+    order: int | None = None
+    """Longest n-gram (context = order - 1 units); None: 6 for characters, 3 for words."""
+    smoothing: Literal["modified_kn", "kn"] = "modified_kn"
+    """Interpolated Kneser-Ney with three discounts per order (modified) or one (plain)."""
+    min_word_count: int = 2
+    """Word models: training words seen fewer times become <unk> (gives <unk> a learned mass)."""
+
+    def validate(self) -> None:
+        require(self.order is None or 1 <= self.order <= 12, "eval.lm.order", "must be between 1 and 12 (or null)")
+        require(self.min_word_count >= 1, "eval.lm.min_word_count", "must be >= 1")
+
+    @property
+    def resolved_order(self) -> int:
+        return self.order if self.order is not None else (6 if self.unit == "char" else 3)
+
+
+def _units(text: str, unit: str) -> list[str]:
+    norm = normalize_text(text)
+    return list(norm) if unit == "char" else norm.split()
+
+
+def _discounts(adjusted: Counter, smoothing: str) -> tuple[float, float, float]:
+    """(D1, D2, D3+) from the count-of-counts; falls back to plain KN, then 0.5, where data is too thin."""
+    n = Counter(min(c, 5) for c in adjusted.values())
+    n1, n2, n3, n4 = n[1], n[2], n[3], n[4]
+    y = n1 / (n1 + 2 * n2) if n1 and n2 else 0.5
+    if smoothing == "modified_kn" and n1 and n2 and n3 and n4:
+        d = (1 - 2 * y * n2 / n1, 2 - 3 * y * n3 / n2, 3 - 4 * y * n4 / n3)
+        if all(0 < di <= i + 1 for i, di in enumerate(d)):
+            return d
+    y = min(max(y, 0.05), 0.95)  # a discount in (0, 1): unseen units keep mass, seen ones stay positive
+    return (y, y, y)
+
+
+class NGramLM:
+    """Interpolated (modified) Kneser-Ney n-gram model; contexts are tuples of units (``<s>`` first at a start)."""
+
+    def __init__(self, cfg: NGramConfig, vocab: list[str], discounts: list[tuple[float, float, float]],
+                 counts: list[dict[tuple[str, ...], int]]):
+        self.cfg = cfg
+        self.order = cfg.resolved_order
+        self.vocab = vocab  # predictable units: everything but <s>; </s> and <unk> included
+        self._known = set(vocab)
+        self.discounts = discounts  # per order (index 0 = unigrams)
+        self.counts = counts  # per order: n-gram tuple -> adjusted count
+        # Per context: (total adjusted count, mass handed to the lower order = sum of discounts).
+        self._contexts: list[dict[tuple[str, ...], tuple[int, float]]] = []
+        for k, table in enumerate(counts):
+            d1, d2, d3 = discounts[k]
+            stats: dict[tuple[str, ...], list[float]] = {}
+            for gram, c in table.items():
+                s = stats.get(gram[:-1])
+                if s is None:
+                    s = stats[gram[:-1]] = [0, 0.0]
+                s[0] += c
+                s[1] += d1 if c == 1 else d2 if c == 2 else d3
+            self._contexts.append({h: (int(s[0]), s[1]) for h, s in stats.items()})
+        self._rows: dict[tuple[str, ...], dict[str, float]] = {}
+        self._pairs: dict[tuple[tuple[str, ...], str], float] = {}
+
+    # ----------------------------------------------------------------------------------------- training
+    @classmethod
+    def train(cls, texts: Iterable[str], cfg: NGramConfig | None = None, units: Iterable[str] = ()) -> NGramLM:
+        """Count ``texts`` (normalised like the targets); ``units`` are added to the vocabulary even if unseen."""
+        cfg = cfg or NGramConfig()
+        cfg.validate()
+        n = cfg.resolved_order
+        sentences = [u for u in (_units(t, cfg.unit) for t in texts) if u]
+        if cfg.unit == "word" and cfg.min_word_count > 1:
+            freq = Counter(w for s in sentences for w in s)
+            sentences = [[w if freq[w] >= cfg.min_word_count else UNK for w in s] for s in sentences]
+        # Highest order: raw counts. Lower orders: raw counts of the n-grams that start with <s> (the
+        # sentence-initial ones, shorter than n), continuation counts for the rest (filled below).
+        counts: list[Counter] = [Counter() for _ in range(n)]
+        for s in sentences:
+            toks = [BOS, *s, EOS] if n > 1 else [*s, EOS]
+            counts[n - 1].update(zip(*(toks[j:] for j in range(n))))
+            for k in range(2, min(n - 1, len(toks)) + 1):
+                counts[k - 1][tuple(toks[:k])] += 1
+        drop_first = operator.itemgetter(slice(1, None))
+        for k in range(n - 1, 0, -1):  # order k from the distinct (k+1)-grams
+            counts[k - 1].update(map(drop_first, counts[k]))
+        seen = {g[0] for g in counts[0]}
+        extra = {u for u in units if u not in (BOS, EOS, UNK)}
+        vocab = [EOS, UNK, *sorted((seen | extra) - {EOS, UNK, BOS})]
+        discounts = [_discounts(c, cfg.smoothing) for c in counts]
+        return cls(cfg, vocab, discounts, [dict(c) for c in counts])
+
+    # ----------------------------------------------------------------------------------------- queries
+    def begin(self) -> tuple[str, ...]:
+        """The context at a sentence start."""
+        return (BOS,) if self.order > 1 else ()
+
+    def extend(self, context: tuple[str, ...], unit: str) -> tuple[str, ...]:
+        """The context after ``unit``, cut to the ``order - 1`` units the model looks at."""
+        keep = self.order - 1
+        if keep <= 0:
+            return ()
+        unit = unit if unit in self._known else UNK
+        out = context + (unit,)
+        return out[len(out) - keep:] if len(out) > keep else out
+
+    def _context(self, context: tuple[str, ...]) -> tuple[str, ...]:
+        keep = self.order - 1
+        if keep <= 0:
+            return ()
+        ctx = context[len(context) - keep:] if len(context) > keep else tuple(context)
+        if any(u not in self._known and u != BOS for u in ctx):
+            ctx = tuple(u if u in self._known or u == BOS else UNK for u in ctx)
+        return ctx
+
+    def distribution(self, context: tuple[str, ...]) -> dict[str, float]:
+        """Natural-log probabilities of every vocabulary unit (``</s>`` and ``<unk>`` included) after ``context``."""
+        ctx = self._context(context)
+        row = self._rows.get(ctx)
+        if row is not None:
+            return row
+        if ctx:
+            lower = self.distribution(ctx[1:])
+            p = {u: math.exp(lp) for u, lp in lower.items()}
+        else:
+            p = dict.fromkeys(self.vocab, 1.0 / len(self.vocab))
+        k = len(ctx)
+        stats = self._contexts[k].get(ctx)
+        if stats is not None:
+            total, backoff = stats
+            d1, d2, d3 = self.discounts[k]
+            table = self.counts[k]
+            for u in self.vocab:
+                c = table.get(ctx + (u,), 0)
+                seen = max(c - (d1 if c == 1 else d2 if c == 2 else d3), 0.0) if c else 0.0
+                p[u] = (seen + backoff * p[u]) / total
+        row = {u: math.log(v) if v > 0 else -math.inf for u, v in p.items()}
+        if len(self._rows) >= _CACHE_MAX_ENTRIES:
+            self._rows.clear()
+        self._rows[ctx] = row
+        return row
+
+    def logprob(self, context: tuple[str, ...], unit: str) -> float:
+        """ln P(unit | context); ``context`` starts with ``<s>`` at a sentence start; unknown units score as <unk>."""
+        unit = unit if unit in self._known else UNK
+        if len(self.vocab) <= _DISTRIBUTION_MAX_VOCAB:
+            return self.distribution(context)[unit]
+        ctx = self._context(context)
+        key = (ctx, unit)
+        lp = self._pairs.get(key)
+        if lp is None:
+            lp = math.log(self._prob(ctx, unit))
+            if len(self._pairs) >= _CACHE_MAX_ENTRIES:
+                self._pairs.clear()
+            self._pairs[key] = lp
+        return lp
+
+    def _prob(self, ctx: tuple[str, ...], unit: str) -> float:
+        """P(unit | ctx) from the uniform floor up through the orders (stops at the first unseen context)."""
+        p = 1.0 / len(self.vocab)
+        for k in range(len(ctx) + 1):
+            h = ctx[len(ctx) - k:] if k else ()
+            stats = self._contexts[k].get(h)
+            if stats is None:  # a longer context containing an unseen one is unseen too
+                break
+            total, backoff = stats
+            c = self.counts[k].get(h + (unit,), 0)
+            d1, d2, d3 = self.discounts[k]
+            seen = max(c - (d1 if c == 1 else d2 if c == 2 else d3), 0.0) if c else 0.0
+            p = (seen + backoff * p) / total
+        return p
+
+    def score(self, text: str) -> float:
+        """Total ln-probability of a transcript, end of sentence included."""
+        ctx, total = self.begin(), 0.0
+        for u in _units(text, self.cfg.unit):
+            total += self.logprob(ctx, u)
+            ctx = self.extend(ctx, u)
+        return total + self.logprob(ctx, EOS)
+
+    def perplexity(self, texts: Iterable[str]) -> float:
+        """exp of the mean negative ln-probability per predicted unit (``</s>`` counted)."""
+        total, n = 0.0, 0
+        for t in texts:
+            total += self.score(t)
+            n += len(_units(t, self.cfg.unit)) + 1
+        return math.exp(-total / max(n, 1))
+
+    # ----------------------------------------------------------------------------------------- storage
+    def save(self, path: str | Path) -> None:
+        """JSON: the config, the vocabulary, discounts and every n-gram as [unit ids..., count]."""
+        ids = {u: i for i, u in enumerate([BOS, *self.vocab])}
+        data = {
+            "format": _FORMAT,
+            "config": asdict(self.cfg),
+            "vocab": [BOS, *self.vocab],
+            "discounts": [list(d) for d in self.discounts],
+            "ngrams": [[[*(ids[u] for u in g), c] for g, c in table.items()] for table in self.counts],
+        }
+        Path(path).write_text(json.dumps(data, separators=(",", ":")))
+
+    @classmethod
+    def load(cls, path: str | Path) -> NGramLM:
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != _FORMAT:
+            raise ValueError(f"{path}: not a {_FORMAT} file (format {data.get('format')!r})")
+        cfg = from_dict(NGramConfig, data["config"])
+        symbols = data["vocab"]
+        counts = [{tuple(symbols[i] for i in row[:-1]): row[-1] for row in table} for table in data["ngrams"]]
+        return cls(cfg, symbols[1:], [tuple(d) for d in data["discounts"]], counts)
