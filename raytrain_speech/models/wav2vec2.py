@@ -431,9 +431,10 @@ class Wav2Vec2Encoder(nn.Module):
         features_BTC = self.feature_projection.layer_norm(x_BCT.transpose(1, 2))
         x_BTD = self.feature_projection.dropout(self.feature_projection.projection(features_BTC))
         x_BTD = x_BTD * valid_BT[..., None].to(x_BTD.dtype)  # padded frames enter the pos-conv as zeros
-        if mask_BT is not None:
-            mask_BT = fit_mask(mask_BT, T) & valid_BT
-            x_BTD = torch.where(mask_BT[..., None], self.mask_embedding.to(x_BTD.dtype), x_BTD)
+        # Always through the mask (empty when there is none): under DDP every parameter must take part
+        # in every forward, and the CTC model masks only some batches (or never, finetune_mask_prob 0).
+        mask_BT = torch.zeros_like(valid_BT) if mask_BT is None else fit_mask(mask_BT, T) & valid_BT
+        x_BTD = torch.where(mask_BT[..., None], self.mask_embedding.to(x_BTD.dtype), x_BTD)
         attend_B11T = None
         if not bool(valid_BT.all()):
             # Rows with no valid frame attend to everything (finite garbage instead of NaN); nothing reads them.
