@@ -127,7 +127,7 @@ def cmd_eval(args) -> int:
 
     storage_cfg = Config.from_dict(apply_overrides({}, args.overrides)).storage
     ckpt = resolve_checkpoint(args.checkpoint, storage_cfg)
-    res = evaluate_checkpoint(ckpt, storage_cfg, split=args.split, data_root=args.data)
+    res = evaluate_checkpoint(ckpt, storage_cfg, split=args.split, data_root=args.data, overrides=args.overrides)
     print(f"{res['split']}: WER {100 * res['wer']:.2f}%  CER {100 * res['cer']:.2f}%  "
           f"({res['utterances']} utterances, step {res['step']}, {res['bad_utterances']} skipped)")
     for ex in res["examples"][:3]:
@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split to score (default: the checkpoint config's eval.split)")
     p.add_argument("--data", help="corpus root (default: the checkpoint config's data.root)")
     p.add_argument("--out", help="write the full result as JSON here")
-    p.add_argument("overrides", nargs="*", metavar="storage.key=value", help="storage settings, e.g. storage.endpoint_url=...")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="storage and decoding settings, e.g. eval.beam_width=5 eval.lm_weight=0.5 storage.endpoint_url=...")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("models", help="model families and presets with parameter counts (built on meta)")

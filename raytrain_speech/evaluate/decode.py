@@ -1,14 +1,18 @@
-"""Decoding: CTC greedy and the dispatch to a family's own decoder (beam search with LM fusion arrives
-with the decoding issue).
+"""Decoding: CTC greedy, and the dispatch to beam search with shallow LM fusion (evaluate/beam.py) or to
+a family's own decoder.
 
 Shapes: B = batch, T = encoder frames, V = vocabulary.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from raytrain_speech.data.text import BLANK_ID
+from raytrain_speech.data.text import BLANK_ID, CharTokenizer
+from raytrain_speech.evaluate.beam import attention_beam_search, ctc_beam_batch
+from raytrain_speech.evaluate.lm import NGramLM
 
 
 def ctc_greedy(log_probs_BTV: torch.Tensor, lengths_B: torch.Tensor) -> list[list[int]]:
@@ -25,12 +29,41 @@ def ctc_greedy(log_probs_BTV: torch.Tensor, lengths_B: torch.Tensor) -> list[lis
     return out
 
 
-def hypotheses(model: torch.nn.Module, batch, out: dict, text_output: str, max_len: int = 448) -> list[list[int]]:
-    """Greedy token ids per row: best CTC path, or the attention decoder's greedy search."""
+@dataclass
+class Search:
+    """How to turn model outputs into text: greedy (beam_width 1, no LM) or beam search with fusion."""
+
+    beam_width: int = 1
+    lm: NGramLM | None = None
+    lm_weight: float = 0.0
+    length_bonus: float = 0.0
+    tokenizer: CharTokenizer | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.beam_width == 1 and (self.lm is None or self.lm_weight == 0.0) and self.length_bonus == 0.0
+
+
+def hypotheses(model: torch.nn.Module, batch, out: dict, text_output: str, max_len: int = 448,
+               search: Search | None = None) -> list[list[int]]:
+    """Token ids per row: best CTC path / prefix beam search, or the attention decoder's greedy / beam search."""
+    search = search or Search()
     if text_output == "ctc":
-        return ctc_greedy(out["log_probs_BTV"], out["lengths_B"])
+        if search.greedy:
+            return ctc_greedy(out["log_probs_BTV"], out["lengths_B"])
+        return ctc_beam_batch(out["log_probs_BTV"], out["lengths_B"], search.beam_width, search.lm, search.lm_weight,
+                              search.length_bonus, search.tokenizer)
     if text_output == "seq2seq":
         # A transcript never has more characters than the encoder has frames (>= 25 per second; speech
         # is ~15 characters per second): the cap that stops an untrained decoder that never ends.
-        return model.transcribe(batch, min(max_len, int(out["lengths_B"].max())))
+        max_len = min(max_len, int(out["lengths_B"].max()))
+        if search.greedy:
+            return model.transcribe(batch, max_len)
+        inputs = model.decoding_inputs(batch)
+        inputs["max_len"] = min(inputs["max_len"], max_len)
+        symbols = search.tokenizer.symbols if search.tokenizer is not None else None
+        nbest = attention_beam_search(model.decoder, **inputs, beam_width=search.beam_width, lm=search.lm,
+                                      lm_weight=search.lm_weight, length_bonus=search.length_bonus,
+                                      id_to_unit=symbols)
+        return [rows[0][0] if rows else [] for rows in nbest]
     raise ValueError(f"no text output kind {text_output!r}")

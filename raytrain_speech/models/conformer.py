@@ -164,14 +164,21 @@ class ConformerAED(ConformerCTC):
                 "logits_BLV": self.decoder(dec_in_BL, h_BTD, lengths_B), "decoder_targets_BL": dec_out_BL}
 
     @torch.no_grad()
-    def transcribe(self, batch: Batch, max_len: int | None = None) -> list[list[int]]:
-        """Attention-decoder greedy search (character ids; blank, eot and sot never emitted)."""
+    def decoding_inputs(self, batch: Batch) -> dict:
+        """Keyword arguments of TransformerDecoder.greedy / evaluate.beam.attention_beam_search."""
         h_BTD, lengths_B = self.encode(batch.features_BFM, batch.feature_lengths_B)
         allowed_V = torch.ones(self.eot_id + 2, dtype=torch.bool, device=h_BTD.device)
         allowed_V[[BLANK_ID, self.sot_id]] = False
-        limit = self.cfg.max_target_positions - 1 if max_len is None else max_len
-        return self.decoder.greedy(h_BTD, lengths_B, self._prefix(h_BTD.shape[0], h_BTD.device), self.eot_id,
-                                   limit, allowed_V)
+        return {"memory_BSD": h_BTD, "memory_lengths_B": lengths_B, "eot_id": self.eot_id, "allowed_V": allowed_V,
+                "prefix_BP": self._prefix(h_BTD.shape[0], h_BTD.device), "max_len": self.cfg.max_target_positions - 1}
+
+    @torch.no_grad()
+    def transcribe(self, batch: Batch, max_len: int | None = None) -> list[list[int]]:
+        """Attention-decoder greedy search (character ids; blank, eot and sot never emitted)."""
+        search = self.decoding_inputs(batch)
+        if max_len is not None:
+            search["max_len"] = min(max_len, search["max_len"])
+        return self.decoder.greedy(**search)
 
 
 @dataclass

@@ -168,13 +168,22 @@ class Whisper(nn.Module):
         return {"logits_BLV": logits_BLV, "lengths_B": lengths_B, "decoder_targets_BL": decoder_out_BL}
 
     @torch.no_grad()
-    def transcribe(self, batch: Batch, max_len: int | None = None) -> list[list[int]]:
-        """Greedy transcripts as char-tokenizer ids (no specials, no blank); for evaluation."""
+    def decoding_inputs(self, batch: Batch) -> dict:
+        """What a decoder search needs (keyword arguments of TransformerDecoder.greedy and of
+        evaluate.beam.attention_beam_search): encoder memory, prompt, end token, allowed ids, length cap."""
         memory_BTD, lengths_B = self.encode(batch.features_BFM, batch.feature_lengths_B)
         prefix_BP = self.prefix(batch.languages, memory_BTD.shape[0], memory_BTD.device)
         allowed_V = torch.zeros(self.decoder.embed.num_embeddings, dtype=torch.bool, device=memory_BTD.device)
         allowed_V[: self.text_vocab_size] = True
         allowed_V[BLANK_ID] = False
-        limit = self.cfg.max_target_positions - prefix_BP.shape[1]
-        return self.decoder.greedy(memory_BTD, lengths_B, prefix_BP, self.eot_id,
-                                   limit if max_len is None else min(max_len, limit), allowed_V)
+        return {"memory_BSD": memory_BTD, "memory_lengths_B": lengths_B, "prefix_BP": prefix_BP,
+                "eot_id": self.eot_id, "allowed_V": allowed_V,
+                "max_len": self.cfg.max_target_positions - prefix_BP.shape[1]}
+
+    @torch.no_grad()
+    def transcribe(self, batch: Batch, max_len: int | None = None) -> list[list[int]]:
+        """Greedy transcripts as char-tokenizer ids (no specials, no blank); for evaluation."""
+        search = self.decoding_inputs(batch)
+        if max_len is not None:
+            search["max_len"] = min(max_len, search["max_len"])
+        return self.decoder.greedy(**search)

@@ -80,3 +80,9 @@ def test_demo_end_to_end_small(tmp_path):
     proc = _run_in(tmp_path, ["eval", "--checkpoint", "runs/mini", "--split", "dev"])
     assert proc.returncode == 0, proc.stderr
     assert "dev: WER" in proc.stdout
+    beam = _run_in(tmp_path, ["eval", "--checkpoint", "runs/mini", "--split", "dev", "--out", "beam.json",
+                              "eval.beam_width=4", "eval.lm_weight=0.5", "eval.lm.order=4"])
+    assert beam.returncode == 0, beam.stderr
+    assert "4-gram char LM on" in beam.stdout
+    decoding = json.loads((tmp_path / "beam.json").read_text())["decoding"]
+    assert decoding["beam_width"] == 4 and decoding["lm"]["order"] == 4
