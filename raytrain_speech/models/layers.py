@@ -61,7 +61,8 @@ class MultiHeadAttention(nn.Module):
         q_BHTK, k_BHSK, v_BHSK = self._heads(self.q(x_BTD)), self._heads(self.k(kv_BSD)), self._heads(self.v(kv_BSD))
         t, s = x_BTD.shape[1], kv_BSD.shape[1]
         mask = None  # bool, True = may attend (SDPA's convention, the opposite of padding_mask)
-        if key_lengths_B is not None:
+        # No mask when no key is padding: a mask rules out the flash kernel on CUDA (one host sync here).
+        if key_lengths_B is not None and not bool((key_lengths_B >= s).all()):
             mask = ~padding_mask(key_lengths_B, s)[:, None, None, :]  # B, 1, 1, S
         if causal and mask is not None:  # SDPA takes either is_causal or a mask, so fold causality in
             mask = mask & torch.ones(t, s, dtype=torch.bool, device=x_BTD.device).tril(s - t)
