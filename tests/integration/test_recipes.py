@@ -3,8 +3,9 @@
 eval`` scores the text-output recipes. Pretraining recipes run first and their fine-tuning recipe
 starts from them (train.init_from), as a user would chain them.
 
-The two stages of each self-supervised recipe are one test; the default run covers one recipe per
-objective kind (seq2seq, contrastive + CTC fine-tuning) and the rest are ``slow``.
+The two stages of each self-supervised recipe are one test. All are ``slow`` (~1-3 min each): the
+default run is at the CI budget's edge; tests/unit/test_ddp_families.py steps every family under DDP
+there, and test_cli/test_train_* drive the same loop through Ray.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def _eval(recipe: str, runs: str, tmp_path) -> dict:
     return result
 
 
+@pytest.mark.slow
 def test_whisper_tiny_recipe(ray_local, corpus, tmp_path):
     runs = str(tmp_path / "runs")
     metrics = _train("whisper_large_v3_tiny", corpus, runs, 16, "optim.lr_peak=3e-3")
