@@ -50,7 +50,9 @@ class AugmentConfig:
 
 def utterance_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The generator for one utterance in one epoch: a pure function of the three numbers."""
-    return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]))
+    # Masked to unsigned: SeedSequence rejects negatives, and filler rows (index -1) draw masks too.
+    u64 = 0xFFFFFFFFFFFFFFFF
+    return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch & u64, index & u64]))
 
 
 def utterance_mask(cfg: AugmentConfig, num_frames: int, num_bins: int,

@@ -53,3 +53,13 @@ def test_padding_is_never_masked_and_masked_cells_are_zero():
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"augment.{key}"):
         AugmentConfig(**{key: value}).validate()
+
+
+def test_filler_rows_with_negative_index_draw_masks_too():
+    """A rank with no data runs filler micro-steps whose row index is -1; SSL models mask those too."""
+    import torch
+
+    from raytrain_speech.data.augment import frame_span_mask
+
+    mask = frame_span_mask(torch.tensor([30]), [-1], 0.15, 10, seed=0, epoch=0, min_spans=2)
+    assert mask.shape == (1, 30) and mask.sum() >= 10
