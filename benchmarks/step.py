@@ -58,11 +58,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import transformers
 import yaml
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices
+
+try:
+    import transformers
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices
+except ImportError:
+    raise SystemExit("benchmarks/step.py compares against Hugging Face transformers, which the project does "
+                     "not depend on: pip install transformers") from None
 
 from raytrain_speech.data.augment import frame_span_mask
 from raytrain_speech.data.batching import Batch
