@@ -175,10 +175,7 @@ class ConformerAED(ConformerCTC):
     @torch.no_grad()
     def transcribe(self, batch: Batch, max_len: int | None = None) -> list[list[int]]:
         """Attention-decoder greedy search (character ids; blank, eot and sot never emitted)."""
-        search = self.decoding_inputs(batch)
-        if max_len is not None:
-            search["max_len"] = min(max_len, search["max_len"])
-        return self.decoder.greedy(**search)
+        return self.decoder.greedy_from(self.decoding_inputs(batch), max_len)
 
 
 @dataclass

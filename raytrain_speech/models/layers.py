@@ -158,6 +158,13 @@ class TransformerDecoder(nn.Module):
             x_BLD = layer(x_BLD, memory_BSD, memory_lengths_B)
         return self.norm(x_BLD) @ self.embed.weight.T
 
+    def greedy_from(self, inputs: dict, max_len: int | None = None) -> list[list[int]]:
+        """``greedy`` on a model's ``decoding_inputs`` (memory, prompt, eot, allowed ids, length cap),
+        with the cap lowered to ``max_len`` when given."""
+        if max_len is not None:
+            inputs = {**inputs, "max_len": min(max_len, inputs["max_len"])}
+        return self.greedy(**inputs)
+
     @torch.no_grad()
     def greedy(self, memory_BSD: torch.Tensor, memory_lengths_B: torch.Tensor | None, prefix_BP: torch.Tensor,
                eot_id: int, max_len: int, allowed_V: torch.Tensor | None = None) -> list[list[int]]:

@@ -183,7 +183,4 @@ class Whisper(nn.Module):
     @torch.no_grad()
     def transcribe(self, batch: Batch, max_len: int | None = None) -> list[list[int]]:
         """Greedy transcripts as char-tokenizer ids (no specials, no blank); for evaluation."""
-        search = self.decoding_inputs(batch)
-        if max_len is not None:
-            search["max_len"] = min(max_len, search["max_len"])
-        return self.decoder.greedy(**search)
+        return self.decoder.greedy_from(self.decoding_inputs(batch), max_len)
