@@ -118,3 +118,12 @@ def frame_span_mask(frame_lengths_B: torch.Tensor, indices: list[int], prob: flo
         for s in starts:
             mask_BT[b, s:s + span] = True
     return torch.from_numpy(mask_BT).to(frame_lengths_B.device)
+
+
+def model_span_mask(model, batch, seed: int = 0, epoch: int = 0) -> torch.Tensor:
+    """``frame_span_mask`` with a masked family's own settings (``output_lengths``, ``mask_prob``,
+    ``mask_span_frames``, ``min_masks``): the one draw the training loop, validation (seed 0, epoch 0)
+    and the models' own fallback for a batch without a mask all share."""
+    indices = batch.indices or list(range(batch.feature_lengths_B.shape[0]))
+    return frame_span_mask(model.output_lengths(batch.feature_lengths_B), indices, model.mask_prob,
+                           model.mask_span_frames, seed, epoch, model.min_masks)

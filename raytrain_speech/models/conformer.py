@@ -17,7 +17,7 @@ import torchaudio
 from torch import nn
 
 from raytrain_speech.configlib import require
-from raytrain_speech.data.augment import frame_span_mask
+from raytrain_speech.data.augment import model_span_mask
 from raytrain_speech.data.batching import Batch
 from raytrain_speech.data.text import BLANK_ID
 from raytrain_speech.models.layers import TransformerDecoder, padding_mask
@@ -219,8 +219,7 @@ class ConformerMLM(ConformerCTC):
         t_lengths_B = self.output_lengths(lengths_B)
         mask_BT = batch.mask_BT
         if mask_BT is None:
-            mask_BT = frame_span_mask(t_lengths_B, batch.indices, self.mask_prob, self.mask_span_frames, 0, 0,
-                                      self.min_masks)
+            mask_BT = model_span_mask(self, batch)
         mask_BT = mask_BT.to(x_BFM.device)
         in_mask_BF = mask_BT.repeat_interleave(SUBSAMPLING, dim=1)[:, : x_BFM.shape[1]]
         in_mask_BF = F.pad(in_mask_BF, (0, x_BFM.shape[1] - in_mask_BF.shape[1]))

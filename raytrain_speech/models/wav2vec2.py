@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytrain_speech.configlib import require
-from raytrain_speech.data.augment import frame_span_mask
+from raytrain_speech.data.augment import model_span_mask
 from raytrain_speech.data.batching import Batch
 
 
@@ -549,9 +549,7 @@ class Wav2Vec2Pretraining(nn.Module):
         waveform_BS, lengths_B = batch.features_BFM, batch.feature_lengths_B
         mask_BT = batch.mask_BT
         if mask_BT is None:  # unit tests, validation: the same function the loop uses, at (seed 0, epoch 0)
-            indices = batch.indices or list(range(waveform_BS.shape[0]))
-            mask_BT = frame_span_mask(self.output_lengths(lengths_B), indices, self.mask_prob,
-                                      self.mask_span_frames, 0, 0, self.min_masks)
+            mask_BT = model_span_mask(self, batch)
         enc = self.encoder(waveform_BS, lengths_B, mask_BT.to(waveform_BS.device))
         mask_BT = fit_mask(mask_BT.to(waveform_BS.device), enc.valid_BT.shape[1]) & enc.valid_BT
         y_NC = self.feature_dropout(enc.features_BTC[mask_BT])

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytrain_speech.configlib import require
-from raytrain_speech.data.augment import frame_span_mask
+from raytrain_speech.data.augment import model_span_mask
 from raytrain_speech.data.batching import Batch
 from raytrain_speech.models.layers import padding_mask
 
@@ -359,8 +359,7 @@ class WavLMPretraining(nn.Module):
         t = x_BTD.shape[1]
         mask_BT = batch.mask_BT
         if mask_BT is None:  # unit tests and validation: the loop's draw, at seed 0 / epoch 0
-            mask_BT = frame_span_mask(self.output_lengths(batch.feature_lengths_B), batch.indices,
-                                      self.mask_prob, self.mask_span_frames, 0, 0, self.min_masks)
+            mask_BT = model_span_mask(self, batch)
         mask_BT = _fit_mask(mask_BT.to(x_BTD.device), t) & ~padding_mask(lengths_B, t)
         x_BTD = torch.where(mask_BT[..., None], self.mask_emb.to(x_BTD.dtype), x_BTD)
         h_BTD = self.encoder.contextualize(x_BTD, lengths_B)

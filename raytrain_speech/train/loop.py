@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from raytrain_speech.configlib import require
-from raytrain_speech.data.augment import frame_span_mask, mask_batch
+from raytrain_speech.data.augment import mask_batch, model_span_mask
 from raytrain_speech.data.batching import Batch
 from raytrain_speech.data.pipeline import worker_batches
 from raytrain_speech.data.text import CharTokenizer
@@ -328,10 +328,7 @@ class WorkerRun:
     def _with_ssl_mask(self, batch: Batch) -> Batch:
         """Masked-prediction families: draw the span mask over encoder frames before lockstep counts the
         masked frames (the loss normaliser), from (seed, epoch, index) like all augmentation."""
-        m = self.plain_model
-        lengths_B = m.output_lengths(batch.feature_lengths_B)
-        return replace(batch, mask_BT=frame_span_mask(lengths_B, batch.indices, m.mask_prob, m.mask_span_frames,
-                                                      self.tc.seed, self.cursor.epoch, m.min_masks))
+        return replace(batch, mask_BT=model_span_mask(self.plain_model, batch, self.tc.seed, self.cursor.epoch))
 
     def _drop_stale(self, rows, consumed):
         """Second line of defence: rows the restored cursor says were consumed never reach training."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from raytrain_speech.data import shards
-from raytrain_speech.data.augment import frame_span_mask
+from raytrain_speech.data.augment import model_span_mask
 from raytrain_speech.data.batching import Batch, BatchingConfig, Utterance, batch_by_duration, collate
 from raytrain_speech.data.preprocess import Preprocessor, iter_table, to_utterances
 from raytrain_speech.evaluate.decode import hypotheses
@@ -67,9 +67,7 @@ def with_fixed_ssl_mask(model: nn.Module, batch: Batch) -> Batch:
     valid_loss moves only with the model."""
     if getattr(model, "mask_prob", 0.0) <= 0:
         return batch
-    lengths_B = model.output_lengths(batch.feature_lengths_B)
-    return replace(batch, mask_BT=frame_span_mask(lengths_B, batch.indices, model.mask_prob, model.mask_span_frames,
-                                                  0, 0, model.min_masks))
+    return replace(batch, mask_BT=model_span_mask(model, batch))
 
 
 def summarize(totals: dict[str, float]) -> dict[str, float]:
