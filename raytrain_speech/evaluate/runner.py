@@ -114,7 +114,9 @@ def evaluate_checkpoint(checkpoint: str, storage_cfg: StorageConfig | None = Non
     with torch.inference_mode():
         for group in batch_by_duration(utts, cfg.eval.batch_audio_s, BatchingConfig()):
             b = collate(group)
-            out = model(b)
+            # Encoder-decoder models search from their own encoder pass; the teacher-forced forward would
+            # only be thrown away, so they need nothing here but the encoder lengths (the length cap).
+            out = model(b) if text_output == "ctc" else {"lengths_B": model.output_lengths(b.feature_lengths_B)}
             hyps += [pre.tokenizer.decode(t) for t in hypotheses(model, b, out, text_output, search=search)]
             refs += b.texts
             ids += b.ids
