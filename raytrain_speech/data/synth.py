@@ -6,6 +6,10 @@ libespeak-ng directly with ctypes. A *speaker* is an accent x voice variant with
 pitch range and speaking rate; utterances jitter rate and pitch around that. Dev and test use
 speakers (accent+variant combinations) and sentences that training never sees.
 
+Optionally (``SynthConfig.second_language``, e.g. "es") a fixed share of every split is spoken in a
+second language by its own speakers and words, so that evaluation's per-language WER table has a
+second row; the default is English only and gives the same specs and audio as before the option.
+
 Everything is a function of ``SynthConfig.seed``: the same config gives the same audio bytes.
 """
 
@@ -22,7 +26,7 @@ import numpy as np
 
 from raytrain_speech.configlib import require, to_dict
 from raytrain_speech.data import audio, shards
-from raytrain_speech.data.words import WORDS
+from raytrain_speech.data.words import WORDS, WORDS_ES
 from raytrain_speech.storage import StorageConfig
 
 ACCENTS = ("en", "en-us", "en-029", "en-gb-scotland", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan",
@@ -32,6 +36,23 @@ VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f
             "edward", "ian", "iven", "john", "linda", "max", "Michael", "norbert", "steph", "travis",
             "victor", "paul", "robert", "quincy", "shelby", "benjamin", "belinda", "aunty", "grandpa")
 SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class Language:
+    """A language of the corpus: its code (the shards' ``language`` column), espeak accents and words."""
+
+    code: str
+    accents: tuple[str, ...]
+    words: tuple[str, ...]
+
+
+ENGLISH = Language("en", ACCENTS, WORDS)
+SECOND_LANGUAGES = {
+    "es": Language("es", ("es", "es-419"), WORDS_ES),  # Spain and Latin America
+}
+"""Supported ``SynthConfig.second_language`` values; their accents never overlap English's, so speaker
+names (``<accent>+<variant>``) are unique across languages."""
 
 
 @dataclass
@@ -64,6 +85,10 @@ class SynthConfig:
     """Utterances per Parquet shard."""
     workers: int = 0
     """Synthesis processes; 0 = one per CPU core."""
+    second_language: str = ""
+    """Code of an optional second language (one of SECOND_LANGUAGES, e.g. "es"); "" = English only."""
+    second_language_share: float = 0.2
+    """Fraction of the utterances of every split (train, dev, test) spoken in the second language."""
 
     def validate(self) -> None:
         require(self.train_hours > 0, "synth.train_hours", "must be positive")
@@ -73,6 +98,20 @@ class SynthConfig:
         require(need <= n_combos, "synth.train_speakers",
                 f"train_speakers + 2*heldout_speakers must be <= {n_combos} voice combinations")
         require(self.shard_utterances >= 1, "synth.shard_utterances", "must be >= 1")
+        supported = ", ".join(repr(code) for code in sorted(SECOND_LANGUAGES))
+        require(self.second_language in ("", *SECOND_LANGUAGES), "synth.second_language",
+                f"unknown language {self.second_language!r}: must be '' (English only) or one of {supported}")
+        require(0 < self.second_language_share < 1, "synth.second_language_share", "must be in (0, 1)")
+        if self.second_language:
+            n_second = len(SECOND_LANGUAGES[self.second_language].accents) * len(VARIANTS)
+            require(2 * self.heldout_speakers < n_second, "synth.heldout_speakers",
+                    f"2*heldout_speakers must be < {n_second} {self.second_language!r} voice combinations "
+                    "(dev and test each need their own speakers and train at least one)")
+
+    @property
+    def languages(self) -> tuple[Language, ...]:
+        """English, then the second language if any."""
+        return (ENGLISH,) + ((SECOND_LANGUAGES[self.second_language],) if self.second_language else ())
 
 
 @dataclass(frozen=True)
@@ -82,6 +121,7 @@ class Speaker:
     pitch: int
     pitch_range: int
     rate_wpm: int
+    language: str = "en"
 
 
 @dataclass(frozen=True)
@@ -101,23 +141,39 @@ class UtteranceSpec:
     def id(self) -> str:
         return f"{self.split}-{self.index:06d}"
 
+    @property
+    def language(self) -> str:
+        return self.speaker.language
+
+
+def _rng(cfg: SynthConfig, stream: str, lang: Language) -> random.Random:
+    """English keeps the streams it had before there was a second language; others get their own."""
+    return random.Random(f"{cfg.seed}/{stream}" if lang is ENGLISH else f"{cfg.seed}/{stream}/{lang.code}")
+
 
 def make_speakers(cfg: SynthConfig) -> dict[str, list[Speaker]]:
-    """Draw speakers without replacement from accent x variant so splits share no voice."""
-    rng = random.Random(f"{cfg.seed}/speakers")
-    combos = [(a, v) for a in ACCENTS for v in VARIANTS]
-    rng.shuffle(combos)
-    counts = {"dev": cfg.heldout_speakers, "test": cfg.heldout_speakers, "train": cfg.train_speakers}
-    out, pos = {}, 0
-    for split in ("dev", "test", "train"):
-        speakers = []
-        for accent, variant in combos[pos: pos + counts[split]]:
-            pitch = rng.randint(*cfg.pitch)
-            rate = rng.randint(*cfg.rate_wpm)
-            speakers.append(Speaker(f"{accent}+{variant}", f"{accent}+{variant}", pitch,
-                                    rng.randint(30, 90), rate))
-        out[split] = speakers
-        pos += counts[split]
+    """Draw speakers without replacement from accent x variant so splits share no voice.
+
+    Each language draws from its own accents with its own random stream (English's is the one it always
+    had). The second language has ``heldout_speakers`` in dev and in test like English, and in train
+    ``train_speakers`` or as many as its remaining voice combinations allow. English speakers come first
+    in each split's list.
+    """
+    out: dict[str, list[Speaker]] = {split: [] for split in ("dev", "test", "train")}
+    for lang in cfg.languages:
+        rng = _rng(cfg, "speakers", lang)
+        combos = [(a, v) for a in lang.accents for v in VARIANTS]
+        rng.shuffle(combos)
+        n_train = min(cfg.train_speakers, len(combos) - 2 * cfg.heldout_speakers)
+        counts = {"dev": cfg.heldout_speakers, "test": cfg.heldout_speakers, "train": n_train}
+        pos = 0
+        for split in ("dev", "test", "train"):
+            for accent, variant in combos[pos: pos + counts[split]]:
+                pitch = rng.randint(*cfg.pitch)
+                rate = rng.randint(*cfg.rate_wpm)
+                out[split].append(Speaker(f"{accent}+{variant}", f"{accent}+{variant}", pitch,
+                                          rng.randint(30, 90), rate, lang.code))
+            pos += counts[split]
     return out
 
 
@@ -125,13 +181,25 @@ def _estimate_duration_s(n_words: int, rate_wpm: int) -> float:
     return n_words * 60.0 / rate_wpm * 0.97 + 0.4
 
 
+def is_second_language(index: int, share: float) -> bool:
+    """Whether utterance ``index`` of a split is in the second language: spread evenly, so that any first
+    n utterances of a split (and so every split, whatever its size) hold floor(n * share) of them."""
+    return math.floor((index + 1) * share) > math.floor(index * share)
+
+
 def make_specs(cfg: SynthConfig) -> dict[str, list[UtteranceSpec]]:
-    """All utterance specs; held-out sentences are drawn first and excluded from train."""
+    """All utterance specs; held-out sentences are drawn first and excluded from train.
+
+    Each language has its own random stream per split (English's is the one it always had), so English
+    only draws for English utterances: with no second language the specs are exactly as before it existed.
+    """
     speakers = make_speakers(cfg)
+    languages = cfg.languages
     used: set[str] = set()
     specs: dict[str, list[UtteranceSpec]] = {}
     for split in ("dev", "test", "train"):
-        rng = random.Random(f"{cfg.seed}/{split}")
+        rngs = {lang.code: _rng(cfg, split, lang) for lang in languages}
+        pools = {lang.code: [s for s in speakers[split] if s.language == lang.code] for lang in languages}
         out: list[UtteranceSpec] = []
         total_s = 0.0
         while True:
@@ -139,12 +207,15 @@ def make_specs(cfg: SynthConfig) -> dict[str, list[UtteranceSpec]]:
                 break
             if split != "train" and len(out) >= getattr(cfg, f"{split}_utterances"):
                 break
-            words = rng.choices(WORDS, k=rng.randint(cfg.min_words, cfg.max_words))
+            lang = languages[-1] if len(languages) > 1 and is_second_language(
+                len(out), cfg.second_language_share) else ENGLISH
+            rng = rngs[lang.code]
+            words = rng.choices(lang.words, k=rng.randint(cfg.min_words, cfg.max_words))
             text = " ".join(words)
             if text in used:
                 continue
             used.add(text)
-            spk = rng.choice(speakers[split])
+            spk = rng.choice(pools[lang.code])
             rate = max(80, round(spk.rate_wpm * rng.uniform(0.9, 1.1)))
             pitch = min(99, max(0, spk.pitch + rng.randint(-6, 6)))
             spec = UtteranceSpec(len(out), split, text, spk, rate, pitch, rng.uniform(0.05, 0.3),
@@ -180,6 +251,17 @@ class Espeak:
         if n > 0:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
         return 0
+
+    class _Voice(ctypes.Structure):  # espeak_VOICE
+        _fields_ = [("name", ctypes.c_char_p), ("languages", ctypes.c_char_p), ("identifier", ctypes.c_char_p),
+                    ("gender", ctypes.c_ubyte), ("age", ctypes.c_ubyte), ("variant", ctypes.c_ubyte),
+                    ("xx1", ctypes.c_ubyte), ("score", ctypes.c_int), ("spare", ctypes.c_void_p)]
+
+    def current_voice(self) -> tuple[str, str]:
+        """(name, language) of the voice last selected, e.g. ("Spanish (Latin America)", "es-419")."""
+        self.lib.espeak_GetCurrentVoice.restype = ctypes.POINTER(self._Voice)
+        voice = self.lib.espeak_GetCurrentVoice().contents
+        return voice.name.decode(), voice.languages[1:].decode()  # languages starts with a priority byte
 
     def has_variant(self, variant: str) -> bool:
         return os.path.exists(os.path.join(self.data_path, "voices", "!v", variant))
@@ -235,26 +317,42 @@ def _write_shard(job: tuple) -> tuple[str, int, float]:
         rows.append({
             "index": spec.index, "id": spec.id, "audio": audio.encode_flac(wav, sample_rate_hz),
             "sample_rate_hz": sample_rate_hz, "duration_s": len(wav) / sample_rate_hz,
-            "text": spec.text, "language": "en", "speaker": spec.speaker.name,
+            "text": spec.text, "language": spec.language, "speaker": spec.speaker.name,
         })
     shards.write_shard(root, relpath, shards.rows_to_table(rows), storage_cfg)
     return relpath, len(rows), sum(r["duration_s"] for r in rows)
 
 
-def check_voices() -> None:
-    """Checks the voice files without loading the library (the parent must stay espeak-free)."""
+def check_voices(accents: tuple[str, ...] = ()) -> None:
+    """Checks the voice files without loading the library (the parent must stay espeak-free): the
+    variants, and the language files of ``accents`` (the second language's; English's are not checked)."""
     import espeakng_loader
 
-    variants_dir = os.path.join(espeakng_loader.get_data_path(), "voices", "!v")
+    data_path = espeakng_loader.get_data_path()
+    variants_dir = os.path.join(data_path, "voices", "!v")
     missing = [v for v in VARIANTS if not os.path.exists(os.path.join(variants_dir, v))]
     if missing:
         raise RuntimeError(f"espeak-ng data lacks voice variants {missing}; reinstall espeakng-loader")
+    if accents:
+        present = {name.lower() for _, _, files in os.walk(os.path.join(data_path, "lang")) for name in files}
+        missing = [a for a in accents if a.lower() not in present]
+        if missing:
+            raise RuntimeError(f"espeak-ng data lacks voices {missing}; reinstall espeakng-loader")
+
+
+def _source_config(cfg: SynthConfig) -> dict:
+    """The config as the manifest records it; an English-only corpus leaves out the second-language
+    fields so that its manifest stays byte-identical to one written before they existed."""
+    data = to_dict(cfg)
+    if not cfg.second_language:
+        del data["second_language"], data["second_language_share"]
+    return data
 
 
 def synthesize(cfg: SynthConfig, out_uri: str, storage_cfg: StorageConfig | None = None,
                log=print) -> shards.Manifest:
     """Render every split to ``out_uri`` as shards and write the manifest last (its presence = done)."""
-    check_voices()
+    check_voices(SECOND_LANGUAGES[cfg.second_language].accents if cfg.second_language else ())
     specs = make_specs(cfg)
     jobs = []
     for split in SPLITS:
@@ -263,7 +361,7 @@ def synthesize(cfg: SynthConfig, out_uri: str, storage_cfg: StorageConfig | None
             chunk = items[n * cfg.shard_utterances: (n + 1) * cfg.shard_utterances]
             jobs.append((out_uri, shards.shard_name(split, n), chunk, cfg.sample_rate_hz, storage_cfg))
     workers = cfg.workers or os.cpu_count() or 1
-    manifest = shards.Manifest(source={"kind": "synth", "config": to_dict(cfg)})
+    manifest = shards.Manifest(source={"kind": "synth", "config": _source_config(cfg)})
     for split in SPLITS:
         manifest.splits[split] = shards.SplitInfo()
     # libespeak-ng keeps state between utterances (pitch flutter, wave generator phase) that neither

@@ -3,6 +3,11 @@
 Common English words, chosen so that no two share a pronunciation (no "their"/"there",
 "two"/"too"): sentences are random word sequences with no context to tell homophones apart, so a
 homophone pair would put an error floor under the WER that has nothing to do with training.
+
+``WORDS_ES`` is the same for the optional Spanish part of the corpus (``synth.second_language``):
+common words whose spelling needs no accent or n-tilde (the models' alphabet is a-z and
+apostrophe), with no pair that sounds alike under seseo, yeismo, b/v or a silent h ("casa"/"caza",
+"hola"/"ola", "vaca"/"baca" have at most one member here), and none spelled like an English word.
 """
 
 WORDS: tuple[str, ...] = tuple("""
@@ -43,4 +48,40 @@ true try turn twelve umbrella uncle under understand until usual valley vegetabl
 voice wait walk wall want warm wash watch water week welcome west wet what wheel when white why
 wide wife wild window winter wish without woman wonderful wood word work world worry yellow
 yesterday young zebra zero
+""".split())
+
+WORDS_ES: tuple[str, ...] = tuple("""
+abeja abierto abrazo abrigo abril abrir abuela abuelo aceite agosto agua aguja ahora ajo alegre
+algo alguien almohada almuerzo alto alumno amargo amarillo amiga amigo amor ancho andar antes
+aprender arena arriba arroz ayer ayudar azul bailar bajar ballena bandera barato barba barco barrio
+bastante beber besar bicicleta blanco boca bolsa bolsillo bonito bosque botella brazo bueno buscar
+caballo cabeza cabra cada caer caja calle cama camino camisa campo cansado cantar cara carne caro
+carretera carta casa casi catorce cebolla cena cepillo cerca cerdo cerrar cerveza chaqueta chica
+chico cielo cien ciencia cinco cincuenta ciudad claro clase clavo coche cocina cocinar comer comida
+comprar con conejo conocer contar contento correr corto cosa crecer creer cuaderno cuadro cuarenta
+cuarto cuatro cuchara cuchillo cuello cuento cuerda cuerpo culebra decir dedo dejar delgado dentro
+deporte derecho desayuno desde desierto diciembre diente diez dinero dios doce domingo donde dormir
+dulce duro edad ejemplo ella ellos empezar encontrar enero enfermera enfermo entrar entre equipo
+escalera escoba escribir escuchar escuela espalda espejo esperar esquina estrella estudiar examen
+falda familia febrero feliz feo fiesta flaco flor forma foto fresa fruta fuego fuera fuerte galleta
+gallina ganar gato gente gordo gorra gracias grande gris grupo guerra gustar harina helado hermana
+hermano hielo hija hijo hilo historia hoja hombre hombro hormiga hueso huevo iglesia invierno isla
+juego jueves jugar juguete julio junio lado lago lavar leche lechuga leer lejos lengua lento libro
+limpiar limpio listo llamar llave llegar lleno llevar llorar lluvia lobo loco luego lugar luna
+lunes luz madera madre maestro malo manera mano manta manzana mapa mar martes martillo marzo mayo
+medio mejor menos mentira mercado mesa mesero miedo miel mientras mil mirar mismo mochila mojado
+momento mono morado morir mosca moto mucho muerte mujer mundo museo muy nacer nada nadar nadie
+naranja nariz necesitar negro nieve noche nombre norte nota noventa noviembre nube nueve nuevo
+nunca ochenta ocho octubre oeste ojo olvidar once oreja oro oscuro oso otro oveja padre pagar
+palabra paloma pan pantalones papel para parque parte pasillo pastel patata pato paz pedir peine
+pelo pelota pensar pera perder perro pescado pez piedra piel pierna pimienta piso planta plata
+plato playa plaza pluma pobre poco poder pollo poner por porque postre precio pregunta preguntar
+primavera primero primo pronto pueblo puente puerta punto quemar querer queso quince regalo reina
+reloj responder rey rico rodilla rojo romper ropa rosa rueda ruido saber sacar sala salir saltar
+salud sangre seco segundo seis selva semana sentir septiembre serpiente sesenta setenta siempre
+siete silla sobre sol soldado sombra sombrero sopa sucio suelo sur tarde taza techo temprano
+tenedor tener terminar tiempo tienda tierra tigre tijeras toalla tocar todo tomar tomate tonto
+tormenta toro trabajar trabajo traer tranquilo trece treinta tren tres triste uno usted uva vaca
+vacaciones vaso veinte vela vender ventana ver verano verdad verde vestido viejo viento viernes
+vino vivir volar volver voz yo zanahoria zapato zorro
 """.split())

@@ -1,8 +1,24 @@
+import dataclasses
+import hashlib
+import re
+
 import pyarrow.parquet as pq
 import pytest
 
+from raytrain_speech.configlib import ConfigError
 from raytrain_speech.data import audio, shards
-from raytrain_speech.data.synth import SynthConfig, make_specs, render, synthesize
+from raytrain_speech.data.synth import (
+    ACCENTS,
+    SECOND_LANGUAGES,
+    VARIANTS,
+    SynthConfig,
+    _espeak,
+    make_speakers,
+    make_specs,
+    render,
+    synthesize,
+)
+from raytrain_speech.data.words import WORDS, WORDS_ES
 
 SMALL = SynthConfig(train_hours=0.01, dev_utterances=6, test_utterances=8, train_speakers=8, heldout_speakers=2,
                     shard_utterances=10, workers=1)
@@ -45,7 +61,96 @@ def test_synthesize_writes_shards_and_manifest_deterministically(tmp_path):
             samples, rate = audio.decode(row["audio"])
             assert rate == 16000 and abs(len(samples) / rate - row["duration_s"]) < 1e-3
             assert row["text"] and row["id"].startswith(split)
+            assert set(t1["language"].to_pylist()) == {"en"}
     manifest = shards.read_manifest(str(tmp_path / "a"))
+    assert "second_language" not in manifest.source["config"]  # English-only manifests are as before
     assert manifest.splits["test"].num_utterances == 8
     indices = [i for rel in manifest.splits["train"].shards for i in pq.read_table(tmp_path / "a" / rel)["index"].to_pylist()]
     assert indices == list(range(len(indices)))
+
+
+def _fingerprint(specs) -> tuple[int, str]:
+    rows = [(s.id, s.split, s.index, s.text, s.speaker.name, s.speaker.voice, s.speaker.pitch, s.speaker.pitch_range,
+             s.speaker.rate_wpm, s.rate_wpm, s.pitch, repr(s.lead_s), repr(s.tail_s), repr(s.gain), s.seed)
+            for split in ("dev", "test", "train") for s in specs[split]]
+    return len(rows), hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+def test_english_only_default_specs_are_pinned():
+    """Regression pin, computed before the second language existed: existing corpora and recorded
+    measurements depend on the default config giving exactly these specs (and so these audio bytes)."""
+    small = make_specs(SynthConfig(train_hours=0.05, dev_utterances=10, test_utterances=10))
+    assert _fingerprint(small) == (101, "d25df91070c8092267eaa55b21454fe2ba08e2102ff7819c699bef0cc57c59d1")
+    assert small["dev"][0].text == "hammer finish zero" and small["dev"][0].speaker.name == "en-gb-x-gbcwmd+m5"
+    default = make_specs(SynthConfig())
+    assert _fingerprint(default) == (10076, "dc76c9dd801fe25fe809a738ebd02ffff9f998290d2ae6fc0109a3e541e1c04c")
+    assert {s.language for split in default.values() for s in split} == {"en"}
+
+
+def test_spanish_word_list_fits_the_alphabet():
+    assert len(WORDS_ES) >= 300 and len(set(WORDS_ES)) == len(WORDS_ES)
+    assert all(re.fullmatch(r"[a-z']+", w) for w in WORDS_ES)
+    assert not set(WORDS_ES) & set(WORDS)
+
+
+def test_second_language_share_voices_and_words_per_split():
+    cfg = SynthConfig(second_language="es", second_language_share=0.25)
+    cfg.validate()
+    specs = make_specs(cfg)
+    es_voices = {f"{a}+{v}" for a in SECOND_LANGUAGES["es"].accents for v in VARIANTS}
+    en_voices = {f"{a}+{v}" for a in ACCENTS for v in VARIANTS}
+    voices_by_split = {}
+    for split, items in specs.items():
+        es = [s for s in items if s.language == "es"]
+        assert {s.language for s in items} == {"en", "es"}
+        assert abs(len(es) / len(items) - 0.25) < 0.01, split
+        assert {s.speaker.voice for s in es} <= es_voices
+        assert {s.speaker.voice for s in items if s.language == "en"} <= en_voices
+        assert all(w in WORDS_ES for s in es for w in s.text.split())
+        assert [s.index for s in items] == list(range(len(items)))
+        voices_by_split[split] = {s.speaker.voice for s in items}
+    assert not voices_by_split["train"] & voices_by_split["dev"]
+    assert not voices_by_split["train"] & voices_by_split["test"]
+    assert not voices_by_split["dev"] & voices_by_split["test"]
+    train_txt = {s.text for s in specs["train"]}
+    assert not train_txt & {s.text for split in ("dev", "test") for s in specs[split]}
+    speakers = make_speakers(cfg)
+    names = [s.name for split in speakers.values() for s in split]
+    assert len(names) == len(set(names))
+    assert sum(s.language == "es" for s in speakers["dev"]) == cfg.heldout_speakers
+    # English utterances draw from English's own random streams, exactly as without the option.
+    english_only = make_specs(SynthConfig())
+    assert [s.text for s in specs["dev"] if s.language == "en"] == [s.text for s in english_only["dev"][:150]]
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"second_language": "fr"}, "synth.second_language"),
+    ({"second_language": "es", "second_language_share": 0.0}, "synth.second_language_share"),
+    ({"second_language": "es", "second_language_share": 1.0}, "synth.second_language_share"),
+    ({"second_language": "es", "train_speakers": 8, "heldout_speakers": 43}, "synth.heldout_speakers"),
+])
+def test_second_language_validation(override, key):
+    with pytest.raises(ConfigError, match=key) as err:
+        SynthConfig(**override).validate()
+    if key == "synth.second_language":
+        assert "'es'" in str(err.value)
+
+
+def test_spanish_voices_render_and_shards_record_the_language(tmp_path):
+    cfg = dataclasses.replace(SMALL, dev_utterances=10, test_utterances=10, second_language="es")
+    es_specs = [s for split in make_specs(cfg).values() for s in split if s.language == "es"]
+    for accent in SECOND_LANGUAGES["es"].accents:  # espeak resolves both Spanish voices to Spanish
+        spec = next(s for s in es_specs if s.speaker.voice.split("+")[0] == accent)
+        a = render(spec, 16000)
+        assert 0.5 < len(a) / 16000 < 8.0 and abs(a).max() == pytest.approx(spec.gain, rel=1e-3)
+        name, language = _espeak().current_voice()
+        assert name.startswith("Spanish") and language == accent
+    manifest = synthesize(cfg, str(tmp_path), log=lambda s: None)
+    assert manifest.source["config"]["second_language"] == "es"
+    for split, info in manifest.splits.items():
+        rows = [r for rel in info.shards for r in shards.read_shard(str(tmp_path / rel)).to_pylist()]
+        es = [r for r in rows if r["language"] == "es"]
+        assert es and {r["language"] for r in rows} == {"en", "es"}, split
+        assert all(r["speaker"].split("+")[0] in SECOND_LANGUAGES["es"].accents for r in es)
+        assert all(r["duration_s"] > 0.5 for r in es)
+    assert len(es) == 2  # test: floor(10 * 0.2)
