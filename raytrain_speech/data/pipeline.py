@@ -21,7 +21,7 @@ from raytrain_speech import storage
 from raytrain_speech.configlib import require
 from raytrain_speech.data import shards
 from raytrain_speech.data.batching import Batch, BatchingConfig, batch_by_duration, collate
-from raytrain_speech.data.preprocess import INPUT_COLUMNS, Preprocessor, to_utterances
+from raytrain_speech.data.preprocess import Preprocessor, input_columns, to_utterances
 from raytrain_speech.data.progress import drop_consumed
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def build_dataset(cfg: Config, split: str, consumed: np.ndarray | None = None) -
     # of an epoch one rank can hold up to a block more than the others and train alone with filler
     # steps on the rest; smaller blocks make that tail shorter.
     ds = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths) * cfg.data.blocks_per_shard)
-    ds = ds.select_columns(INPUT_COLUMNS)
+    ds = ds.select_columns(input_columns(ds.schema().names))
     if cfg.data.shuffle_blocks:
         ds = ds.randomize_block_order()
     if consumed is not None and consumed.any():
@@ -78,6 +78,39 @@ def build_dataset(cfg: Config, split: str, consumed: np.ndarray | None = None) -
         _preprocess, fn_kwargs={"features": cfg.features, "text": cfg.text},
         batch_size=cfg.data.preprocess_batch_rows, batch_format="numpy", num_cpus=cfg.data.preprocess_cpus,
     )
+
+
+def decode_rows(cfg: Config, split: str, decoder_cls: type, decoder_kwargs: dict) -> list[dict]:
+    """Evaluation on Ray Data: the split's shards -> ``map_batches(decoder_cls)`` on a pool of
+    ``eval.actors`` model actors -> one output row per utterance, gathered on the driver.
+
+    ``decoder_cls`` (evaluate/runner.py ``BatchDecoder``) loads the model once per actor; shards
+    stream through the pool, so a test set of any size is decoded with only a few row batches in
+    flight. Joins ``run.ray_address`` / $RAY_ADDRESS, or starts a local Ray sized to the pool.
+    """
+    import os
+
+    if not ray.is_initialized():
+        address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, logging_level="WARNING")
+        else:
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cfg.eval.actors * cfg.eval.actor_cpus) + 1),
+                     object_store_memory=cfg.run.object_store_memory_mb * 2**20, include_dashboard=False,
+                     logging_level="WARNING")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = ctx.print_on_execution_start = False  # one result line per test set instead
+    uris = shards.shard_uris(cfg.data.root, split, cfg.storage)
+    fs, _ = storage.resolve(cfg.data.root, cfg.storage)
+    ds = ray.data.read_parquet([storage.resolve(u, cfg.storage)[1] for u in uris], filesystem=fs)
+    ds = ds.select_columns(input_columns(ds.schema().names))
+    gpus = {"num_gpus": cfg.eval.actor_gpus} if cfg.eval.actor_gpus else {}
+    ds = ds.map_batches(
+        decoder_cls, fn_constructor_kwargs=decoder_kwargs, batch_size=cfg.eval.actor_batch_rows,
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.eval.actors),
+        num_cpus=cfg.eval.actor_cpus, **gpus,
+    )
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in ds.iter_rows()]
 
 
 _PREPROCESSORS: dict[str, Preprocessor] = {}

@@ -19,6 +19,12 @@ from raytrain_speech.data.features import FeatureConfig, FeatureExtractor
 from raytrain_speech.data.text import CharTokenizer, TextConfig, TextError, normalize_text
 
 INPUT_COLUMNS = ["index", "id", "audio", "duration_s", "text"]
+OPTIONAL_INPUT_COLUMNS = ["language"]
+
+
+def input_columns(available) -> list[str]:
+    """The columns the preprocessor reads from a shard with ``available`` columns (optional ones if present)."""
+    return INPUT_COLUMNS + [c for c in OPTIONAL_INPUT_COLUMNS if c in set(available)]
 
 
 class Preprocessor:
@@ -38,6 +44,7 @@ class Preprocessor:
         return self.features(samples), targets
 
     def __call__(self, batch: dict) -> dict:
+        n = len(batch["index"])
         feats, targets, errors = [], [], []
         empty_f = np.zeros((0, self.features_cfg.n_mels), np.float32)
         for audio_bytes, text in zip(batch["audio"], batch["text"]):
@@ -56,6 +63,9 @@ class Preprocessor:
             "duration_s": np.asarray(batch["duration_s"], dtype=np.float32),
             "text": np.asarray([normalize_text(t) if isinstance(t, str) else "" for t in batch["text"]],
                                dtype=object),
+            # Carried through for per-language scoring and the Whisper prompt; '' where a corpus has none.
+            "language": np.asarray([v if isinstance(v, str) else "" for v in batch.get("language", [None] * n)],
+                                   dtype=object),
             "features": _ragged(feats),
             "targets": _ragged(targets),
             "error": np.asarray(errors, dtype=object),
@@ -77,11 +87,11 @@ def to_utterances(batch: dict) -> tuple[list[Utterance], list[tuple[int, str, st
             continue
         good.append(Utterance(int(batch["index"][i]), str(batch["id"][i]), float(batch["duration_s"][i]),
                               np.asarray(batch["features"][i]), np.asarray(batch["targets"][i]),
-                              str(batch["text"][i])))
+                              str(batch["text"][i]), str(batch["language"][i]) if "language" in batch else ""))
     return good, bad
 
 
 def iter_table(table: pa.Table, pre: Preprocessor, rows_per_batch: int = 32) -> Iterator[dict]:
     """Preprocess an in-memory shard table batch by batch (the no-Ray path)."""
-    for rb in table.select(INPUT_COLUMNS).to_batches(max_chunksize=rows_per_batch):
+    for rb in table.select(input_columns(table.column_names)).to_batches(max_chunksize=rows_per_batch):
         yield pre(rb.to_pydict())
