@@ -1,4 +1,4 @@
-"""``raytrain-speech``: synth, train, tune, eval, demo.
+"""``raytrain-speech``: synth, train, tune, eval, transcribe, export, probe, models, demo.
 
 Configs are loaded and validated before anything starts Ray, and every expected failure (bad
 config, missing corpus, unreachable storage, a training error) ends as one ``error:`` line and exit
@@ -120,21 +120,91 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def _storage_from(overrides):
     from raytrain_speech.config import Config, apply_overrides
-    from raytrain_speech.evaluate.runner import evaluate_checkpoint
-    from raytrain_speech.train.checkpoint import resolve_checkpoint
 
-    storage_cfg = Config.from_dict(apply_overrides({}, args.overrides)).storage
-    ckpt = resolve_checkpoint(args.checkpoint, storage_cfg)
-    res = evaluate_checkpoint(ckpt, storage_cfg, split=args.split, data_root=args.data, overrides=args.overrides)
-    print(f"{res['split']}: WER {100 * res['wer']:.2f}%  CER {100 * res['cer']:.2f}%  "
-          f"({res['utterances']} utterances, step {res['step']}, {res['bad_utterances']} skipped)")
+    return Config.from_dict(apply_overrides({}, [o for o in overrides if o.startswith("storage.")])).storage
+
+
+def _write_text(path: str, text: str, storage_cfg) -> None:
+    from raytrain_speech import storage
+
+    storage.write_bytes(path, text.encode(), storage_cfg)
+
+
+def cmd_eval(args) -> int:
+    from raytrain_speech.evaluate.runner import evaluate_checkpoint, results_markdown
+
+    storage_cfg = _storage_from(args.overrides)
+    res = evaluate_checkpoint(args.checkpoint, storage_cfg, split=args.split, data_root=args.data,
+                              overrides=args.overrides)
+    for s in res["sets"]:
+        print(f"{s['split']}: WER {100 * s['wer']:.2f}%  CER {100 * s['cer']:.2f}%  "
+              f"({s['utterances']} utterances, step {res['step']}, {s['bad_utterances']} skipped)")
+        if len(s["by_language"]) > 1:
+            for lang, r in s["by_language"].items():
+                print(f"  {lang}: WER {100 * r['wer']:.2f}%  CER {100 * r['cer']:.2f}%  ({r['utterances']} utterances)")
     for ex in res["examples"][:3]:
         print(f"  {ex['id']}  ref: {ex['ref']}\n  {' ' * len(ex['id'])}  hyp: {ex['hyp']}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+        _write_text(args.out, json.dumps(res, indent=2), storage_cfg)
+        md = args.out[:-5] + ".md" if args.out.endswith(".json") else args.out + ".md"
+        _write_text(md, results_markdown(res), storage_cfg)
+        print(f"wrote {args.out} and {md}")
+    return 0
+
+
+def cmd_transcribe(args) -> int:
+    from raytrain_speech.evaluate.transcribe import transcribe
+
+    storage_cfg = _storage_from(args.overrides)
+    results = transcribe(args.checkpoint, args.audio, storage_cfg, overrides=args.overrides,
+                         log=lambda s: print(s, file=sys.stderr))
+    for t in results:
+        print(f"{t.path}\t{t.text}")
+        if args.timestamps:
+            for w in t.words:
+                print(f"  {w.start_s:7.2f} {w.end_s:7.2f}  {w.word}")
+    if args.out:
+        from dataclasses import asdict
+
+        _write_text(args.out, json.dumps([asdict(t) for t in results], indent=2), storage_cfg)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from raytrain_speech.evaluate.quantize import export_checkpoint
+
+    storage_cfg = _storage_from(args.overrides)
+    rep = export_checkpoint(args.checkpoint, args.out, args.quantize, storage_cfg, split=args.split,
+                            overrides=args.overrides, evaluate=not args.no_eval)
+    size = rep["bytes"]
+    print(f"wrote {args.out}: {args.quantize} artifact {size['artifact'] / 2**20:.2f} MiB; float export "
+          f"{size['float_export'] / 2**20:.2f} MiB ({100 * rep['size_reduction_vs_float']:.1f}% smaller); "
+          f"training checkpoint {size['checkpoint_state'] / 2**20:.2f} MiB")
+    if "eval" in rep:
+        e = rep["eval"]
+        print(f"{e['split']} WER: float {100 * e['float']['wer']:.2f}% -> {args.quantize} "
+              f"{100 * e[args.quantize]['wer']:.2f}% ({100 * e['wer_relative_change']:+.1f}% relative); "
+              f"decode {e['float']['decode_wall_s']:.1f} s -> {e[args.quantize]['decode_wall_s']:.1f} s")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from raytrain_speech.evaluate.probe import probe_checkpoint
+
+    storage_cfg = _storage_from(args.overrides)
+    res = probe_checkpoint(args.checkpoint, storage_cfg, splits=tuple(args.split or ["dev", "test"]),
+                           data_root=args.data, overrides=args.overrides)
+    print(f"{'probe':<20} {'pretrained':>11} {'random init':>12}")
+    print(f"{'speaker accuracy':<20} {res['pretrained']['speaker_accuracy']:>11.3f} "
+          f"{res['random_init']['speaker_accuracy']:>12.3f}   ({res['speakers']} speakers, "
+          f"chance {res['chance_accuracy']:.3f})")
+    if "pitch_rmse" in res["pretrained"]:
+        print(f"{'pitch RMSE':<20} {res['pretrained']['pitch_rmse']:>11.2f} {res['random_init']['pitch_rmse']:>12.2f}"
+              f"   (predicting the mean: {res['pitch_rmse_predict_mean']:.2f})")
+    if args.out:
+        _write_text(args.out, json.dumps(res, indent=2), storage_cfg)
     return 0
 
 
@@ -214,14 +284,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", required=True, help="sweep YAML (e.g. examples/sweeps/conformer_ctc_tiny.yaml)")
     p.set_defaults(fn=cmd_tune)
 
-    p = sub.add_parser("eval", help="WER/CER of a checkpoint (or a run's latest checkpoint) on a split")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (local or s3://)")
-    p.add_argument("--split", help="split to score (default: the checkpoint config's eval.split)")
+    p = sub.add_parser("eval", help="WER/CER per test set and language of a checkpoint, run dir or exported artifact")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir or export dir (local or s3://)")
+    p.add_argument("--split", action="append",
+                   help="split to score; repeat for several test sets (default: the config's eval.split)")
     p.add_argument("--data", help="corpus root (default: the checkpoint config's data.root)")
-    p.add_argument("--out", help="write the full result as JSON here")
+    p.add_argument("--out", help="write the full result as JSON here, and the table as Markdown beside it (.md)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="storage and decoding settings, e.g. eval.beam_width=5 eval.lm_weight=0.5 storage.endpoint_url=...")
+                   help="decoding, placement and storage settings, e.g. eval.beam_width=5 eval.lm_weight=0.5 "
+                        "eval.actors=4 eval.actor_gpus=1 storage.endpoint_url=...")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("transcribe", help="print the text of audio files (word times for CTC models)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir or export dir (local or s3://)")
+    p.add_argument("--timestamps", action="store_true", help="print start/end seconds of each word (CTC models)")
+    p.add_argument("--out", help="write the transcripts (with word times) as JSON here")
+    p.add_argument("audio", nargs="+", help="WAV/FLAC/OGG files (any sample rate; local or s3://)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
+                   help="decoding or storage setting, e.g. --set eval.beam_width=5 (repeatable)")
+    p.set_defaults(fn=cmd_transcribe)
+
+    p = sub.add_parser("export", help="standalone inference artifact, optionally int8, with size and WER before/after")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (local or s3://)")
+    p.add_argument("--out", required=True, help="artifact directory to write (local or s3://)")
+    p.add_argument("--quantize", choices=["int8", "none"], default="int8",
+                   help="int8: dynamic int8 Linear layers + int8-stored other matrices (default); none: float")
+    p.add_argument("--split", help="split to score before/after (default: the config's eval.split)")
+    p.add_argument("--no-eval", action="store_true", help="skip the WER before/after")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="decoding and storage settings")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("probe", help="linear probes (speaker id, pitch) of a frozen encoder vs a random-init one")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run dir of an SSL or fine-tuned model")
+    p.add_argument("--split", action="append", help="splits whose speakers are probed (default: dev and test)")
+    p.add_argument("--data", help="corpus root (default: the checkpoint config's data.root)")
+    p.add_argument("--out", help="write the result as JSON here")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="storage settings")
+    p.set_defaults(fn=cmd_probe)
 
     p = sub.add_parser("models", help="model families and presets with parameter counts (built on meta)")
     p.add_argument("--list", action="store_true", help="list every family and preset (the default)")

@@ -233,6 +233,13 @@ class NGramLM:
 
     # ----------------------------------------------------------------------------------------- storage
     def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> NGramLM:
+        return cls.from_json(Path(path).read_text(), str(path))
+
+    def to_json(self) -> str:
         """JSON: the config, the vocabulary, discounts and every n-gram as [unit ids..., count]."""
         ids = {u: i for i, u in enumerate([BOS, *self.vocab])}
         data = {
@@ -242,13 +249,13 @@ class NGramLM:
             "discounts": [list(d) for d in self.discounts],
             "ngrams": [[[*(ids[u] for u in g), c] for g, c in table.items()] for table in self.counts],
         }
-        Path(path).write_text(json.dumps(data, separators=(",", ":")))
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
-    def load(cls, path: str | Path) -> NGramLM:
-        data = json.loads(Path(path).read_text())
+    def from_json(cls, text: str, where: str = "LM") -> NGramLM:
+        data = json.loads(text)
         if data.get("format") != _FORMAT:
-            raise ValueError(f"{path}: not a {_FORMAT} file (format {data.get('format')!r})")
+            raise ValueError(f"{where}: not a {_FORMAT} file (format {data.get('format')!r})")
         cfg = from_dict(NGramConfig, data["config"])
         symbols = data["vocab"]
         counts = [{tuple(symbols[i] for i in row[:-1]): row[-1] for row in table} for table in data["ngrams"]]

@@ -1,8 +1,15 @@
-"""Evaluate a checkpoint on a split: read shards, same front end as training, decode, score.
+"""Evaluate a checkpoint on one or more test sets: read shards, same front end as training, decode, score.
 
-Runs in-process with plain torch (no Ray): a tiny model on a few hundred test utterances is faster
-to score here than to schedule. The checkpoint carries its resolved config, so evaluation needs
-nothing but the checkpoint URI (and, optionally, a different corpus root or split).
+Two ways to run the same decoder (``BatchDecoder``, a callable on a column batch of shard rows):
+
+* in this process (``eval.actors: 0``, the default): a tiny model on a few hundred test utterances is
+  faster to score here than to schedule;
+* as Ray Data ``map_batches`` over the test shards with a pool of ``eval.actors`` model actors
+  (``eval.actor_gpus`` each), for full-size models and test sets (data/pipeline.py ``decode_rows``).
+
+The checkpoint carries its resolved config, so evaluation needs nothing but the checkpoint URI (or an
+exported artifact, evaluate/quantize.py) and, optionally, other splits or another corpus root. Scores
+are reported per test set and per language (the shards' ``language`` column) as JSON and Markdown.
 """
 
 from __future__ import annotations
@@ -10,32 +17,35 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import yaml
 
 from raytrain_speech.configlib import ConfigError, require, to_dict
 from raytrain_speech.data import shards
 from raytrain_speech.data.batching import BatchingConfig, batch_by_duration, collate
-from raytrain_speech.data.preprocess import Preprocessor, iter_table, to_utterances
+from raytrain_speech.data.preprocess import Preprocessor, input_columns, to_utterances
 from raytrain_speech.data.text import normalize_text
 from raytrain_speech.evaluate.decode import Search, hypotheses
 from raytrain_speech.evaluate.lm import NGramConfig, NGramLM
 from raytrain_speech.evaluate.wer import error_rates
 from raytrain_speech.models.registry import build_model, family
 from raytrain_speech.storage import StorageConfig
-from raytrain_speech.train.checkpoint import read_checkpoint
+
+NO_LANGUAGE = "-"
+"""Row label in the per-language table for utterances whose shard has no language."""
 
 
 @dataclass
 class EvalConfig:
-    """What to score and how to batch it."""
+    """What to score, how to decode it, and where the decoding runs."""
 
     split: str = "test"
-    """Split of data.root to score."""
+    """Split of data.root to score (the CLI's repeatable --split scores several test sets)."""
     batch_audio_s: float = 300.0
     """Padded audio seconds per decoding batch."""
     threads: int = 0
-    """torch threads for decoding; 0 = all cores."""
+    """torch threads for in-process decoding; 0 = all cores."""
     use_ema: bool = True
     """Score the EMA weights when the checkpoint has them (step.ema_decay)."""
     beam_width: int = 1
@@ -46,12 +56,82 @@ class EvalConfig:
     """Score added per emitted character (offsets the LM's preference for short outputs)."""
     lm: NGramConfig = field(default_factory=NGramConfig)
     """The fusion LM: unit (char/word), order, smoothing."""
+    actors: int = 0
+    """Ray Data decoding actors (map_batches over the test shards); 0 = decode in this process."""
+    actor_gpus: float = 0.0
+    """GPUs per decoding actor (the model runs on cuda when > 0)."""
+    actor_cpus: float = 1.0
+    """CPUs per decoding actor (also its torch thread count, rounded up)."""
+    actor_batch_rows: int = 64
+    """Shard rows handed to an actor per map_batches call (decoded in duration-sorted batches)."""
 
     def validate(self) -> None:
         require(self.batch_audio_s > 0, "eval.batch_audio_s", "must be positive")
         require(self.beam_width >= 1, "eval.beam_width", "must be >= 1")
         require(self.lm_weight >= 0, "eval.lm_weight", "must be >= 0")
+        require(self.actors >= 0, "eval.actors", "must be >= 0 (0 = decode in-process)")
+        require(self.actor_gpus >= 0 and self.actor_cpus > 0, "eval.actor_cpus",
+                "actor_cpus must be > 0 and actor_gpus >= 0")
+        require(self.actor_batch_rows >= 1, "eval.actor_batch_rows", "must be >= 1")
         self.lm.validate()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to decode, with the config it was trained (or exported) with."""
+
+    cfg: object
+    model: torch.nn.Module
+    step: int
+    weights: str
+    """'ema' | 'live' | 'int8' / 'fp32' (an exported artifact)."""
+    pre: Preprocessor
+    text_output: str | None
+    uri: str = ""
+    """The checkpoint directory (a run directory resolved to its latest checkpoint) or artifact."""
+
+
+def _config(config_yaml: str, overrides, storage_cfg: StorageConfig | None):
+    from raytrain_speech.config import Config, apply_overrides
+
+    cfg = Config.from_dict(apply_overrides(yaml.safe_load(config_yaml), list(overrides)))
+    if storage_cfg is not None:
+        cfg.storage = storage_cfg
+    return cfg
+
+
+def load_model(uri: str, storage_cfg: StorageConfig | None = None, overrides=(), need_text: bool = True,
+               weights: str | None = None) -> LoadedModel:
+    """A training checkpoint (EMA weights when it has them and ``eval.use_ema``), a run directory (its
+    latest checkpoint) or an exported artifact (evaluate/quantize.py), ready for ``model.eval()`` use.
+    ``weights='live'`` forces the live weights of a checkpoint."""
+    from raytrain_speech.evaluate import quantize
+    from raytrain_speech.train.checkpoint import read_checkpoint, resolve_checkpoint
+
+    if quantize.is_artifact(uri, storage_cfg):
+        payload, config_yaml = quantize.read_artifact(uri, storage_cfg)
+        cfg = _config(config_yaml, overrides, storage_cfg)
+        pre = Preprocessor(cfg.features, cfg.text)
+        model = quantize.build_from_artifact(payload, cfg, pre.tokenizer.vocab_size)
+        return LoadedModel(cfg, model, payload["step"], payload["quantize"], pre, family(cfg.model).text_output, uri)
+    uri = resolve_checkpoint(uri, storage_cfg)
+    payload, config_yaml = read_checkpoint(uri, storage_cfg)
+    cfg = _config(config_yaml, overrides, storage_cfg)
+    text_output = family(cfg.model).text_output
+    if need_text and text_output is None:
+        raise ConfigError(f"{uri}: model family {cfg.model.family} is self-supervised and has no text "
+                          "output to score; fine-tune it first (train.init_from) and evaluate that run, "
+                          "or probe its features (raytrain-speech probe)")
+    pre = Preprocessor(cfg.features, cfg.text)
+    model = build_model(cfg.model, pre.tokenizer.vocab_size)
+    state = payload["model"]
+    use_ema = (weights or ("ema" if cfg.eval.use_ema else "live")) == "ema" and bool(payload.get("ema"))
+    if use_ema:
+        state = {**state, **{k: v.to(state[k].dtype) for k, v in payload["ema"].items()}}
+    model.load_state_dict(state)
+    model.eval()
+    return LoadedModel(cfg, model, payload["train_state"]["step"], "ema" if use_ema else "live", pre, text_output,
+                       uri)
 
 
 def train_transcripts(cfg, split: str | None = None) -> list[str]:
@@ -62,71 +142,167 @@ def train_transcripts(cfg, split: str | None = None) -> list[str]:
     return texts
 
 
-def build_search(cfg, tokenizer, log=print) -> Search:
-    """Greedy, or beam search with an LM trained here on the train split (a few seconds for 10k sentences)."""
-    lm = None
-    if cfg.eval.lm_weight > 0:
-        start = time.time()
-        texts = train_transcripts(cfg)
-        lm = NGramLM.train(texts, cfg.eval.lm, units=tokenizer.symbols[1:])
-        log(f"[eval] {cfg.eval.lm.resolved_order}-gram {cfg.eval.lm.unit} LM on {len(texts)} training transcripts "
-            f"in {time.time() - start:.1f} s")
+def build_lm(cfg, tokenizer, log=print) -> NGramLM | None:
+    """The fusion LM, trained here on the train split (a few seconds for 10k sentences); None without fusion."""
+    if cfg.eval.lm_weight <= 0:
+        return None
+    start = time.time()
+    texts = train_transcripts(cfg)
+    lm = NGramLM.train(texts, cfg.eval.lm, units=tokenizer.symbols[1:])
+    log(f"[eval] {cfg.eval.lm.resolved_order}-gram {cfg.eval.lm.unit} LM on {len(texts)} training transcripts "
+        f"in {time.time() - start:.1f} s")
+    return lm
+
+
+def build_search(cfg, tokenizer, log=print, lm: NGramLM | None = None) -> Search:
+    """Greedy, or beam search with shallow fusion of ``lm`` (trained from the train split when not given)."""
+    if lm is None:
+        lm = build_lm(cfg, tokenizer, log)
     return Search(cfg.eval.beam_width, lm, cfg.eval.lm_weight, cfg.eval.length_bonus, tokenizer)
 
 
-def evaluate_checkpoint(checkpoint: str, storage_cfg: StorageConfig | None = None, split: str | None = None,
-                        data_root: str | None = None, log=print, overrides: list[str] = ()) -> dict:
-    """Decode ``split`` with the checkpoint's model (greedy, or beam + LM per ``eval.*``); WER/CER plus a
-    few example transcripts. ``overrides`` (``eval.beam_width=5`` ...) apply to the checkpoint's config."""
-    from raytrain_speech.config import Config, apply_overrides
+class BatchDecoder:
+    """Shard rows (a column batch: index, id, audio, duration_s, text, language) -> one output row per
+    input row: id, language, reference, hypothesis, and the skip reason of rows that could not be read.
 
-    payload, config_yaml = read_checkpoint(checkpoint, storage_cfg)
-    cfg = Config.from_dict(apply_overrides(yaml.safe_load(config_yaml), list(overrides)))
-    if storage_cfg is not None:
-        cfg.storage = storage_cfg
-    split = split or cfg.eval.split
-    root = cfg.data.root = data_root or cfg.data.root
+    The same class decodes in-process and as a Ray Data actor (built from the checkpoint URI there,
+    with the driver's LM passed as JSON so every actor fuses the same LM without re-reading the corpus).
+    """
+
+    def __init__(self, checkpoint: str = "", storage_cfg: StorageConfig | None = None, overrides=(),
+                 lm_json: str | None = None, gpus: float = 0.0, threads: int = 0,
+                 loaded: LoadedModel | None = None, search: Search | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.loaded = loaded or load_model(checkpoint, storage_cfg, overrides)
+        self.device = torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.loaded.model.to(self.device)
+        cfg = self.loaded.cfg
+        lm = NGramLM.from_json(lm_json) if lm_json else None
+        self.search = search or Search(cfg.eval.beam_width, lm, cfg.eval.lm_weight, cfg.eval.length_bonus,
+                                       self.loaded.pre.tokenizer)
+
+    def __call__(self, batch: dict) -> dict:
+        loaded, cfg = self.loaded, self.loaded.cfg
+        prepared = loaded.pre(batch)
+        good, bad = to_utterances(prepared)
+        out = {"id": [], "index": [], "language": [], "ref": [], "hyp": [], "duration_s": [], "error": []}
+
+        def emit(index, utt_id, language, ref, hyp, duration_s, error):
+            for key, v in zip(out, (utt_id, index, language, ref, hyp, duration_s, error)):
+                out[key].append(v)
+
+        languages = dict(zip((int(i) for i in prepared["index"]), prepared["language"]))
+        for index, utt_id, reason in bad:
+            emit(index, utt_id, languages.get(index, ""), "", "", 0.0, reason)
+        with torch.inference_mode():
+            for group in batch_by_duration(good, cfg.eval.batch_audio_s, BatchingConfig()):
+                b = collate(group).to(self.device)
+                # Encoder-decoder models search from their own encoder pass; a teacher-forced forward
+                # would only be thrown away, so they need just the encoder lengths (the length cap).
+                res = (loaded.model(b) if loaded.text_output == "ctc"
+                       else {"lengths_B": loaded.model.output_lengths(b.feature_lengths_B)})
+                for u, ids in zip(group, hypotheses(loaded.model, b, res, loaded.text_output, search=self.search)):
+                    emit(u.index, u.id, u.language, u.text, loaded.pre.tokenizer.decode(ids), u.duration_s, "")
+        return {k: np.asarray(v, dtype=object if k not in ("index", "duration_s") else None)
+                for k, v in out.items()}
+
+
+def score_rows(rows: list[dict], split: str, log=print) -> dict:
+    """WER/CER of one test set, overall and per language, from decoder output rows."""
+    bad = [r for r in rows if r["error"]]
+    good = sorted((r for r in rows if not r["error"]), key=lambda r: r["id"])
+    for r in bad[:5]:
+        log(f"[eval] {split}: skipped {r['id']}: {r['error']}")
+    if len(bad) > 5:
+        log(f"[eval] {split}: ... and {len(bad) - 5} more skipped (all listed in the JSON output)")
+    by_language = {}
+    for lang in sorted({r["language"] or NO_LANGUAGE for r in good}):
+        part = [r for r in good if (r["language"] or NO_LANGUAGE) == lang]
+        by_language[lang] = {**error_rates([r["ref"] for r in part], [r["hyp"] for r in part]),
+                             "audio_s": float(sum(r["duration_s"] for r in part))}
+    return {
+        **error_rates([r["ref"] for r in good], [r["hyp"] for r in good]), "split": split,
+        "by_language": by_language, "audio_s": float(sum(r["duration_s"] for r in good)),
+        "bad_utterances": len(bad), "skipped": [{"id": r["id"], "reason": r["error"]} for r in bad],
+        "examples": [{"id": r["id"], "language": r["language"], "ref": r["ref"], "hyp": r["hyp"]} for r in good[:5]],
+    }
+
+
+def rows_in_process(decoder: BatchDecoder, cfg, split: str) -> list[dict]:
+    rows = []
+    for uri in shards.shard_uris(cfg.data.root, split, cfg.storage):
+        table = shards.read_shard(uri, cfg.storage)
+        table = table.select(input_columns(table.column_names))
+        # Whole slices of up to 1024 rows, not the file's row groups: padding-sensitive models (the
+        # Conformer's convolutions see padded frames) then batch a shard the same way however it was written.
+        for offset in range(0, len(table), 1024):
+            res = decoder(table.slice(offset, 1024).to_pydict())
+            rows += [dict(zip(res, vals)) for vals in zip(*res.values())]
+    return rows
+
+
+def evaluate_checkpoint(checkpoint: str, storage_cfg: StorageConfig | None = None,
+                        split: str | list[str] | None = None, data_root: str | None = None, log=print,
+                        overrides: list[str] = ()) -> dict:
+    """Decode each test set with the checkpoint's model (greedy, or beam + LM per ``eval.*``), in-process
+    or on Ray Data actors (``eval.actors``); WER/CER per test set and language, plus example transcripts.
+
+    The top-level ``wer``/``cer``/``utterances``/``split``/``examples`` are the first test set's (what
+    scripts and the demo read); ``sets`` has every test set. ``overrides`` (``eval.beam_width=5`` ...)
+    apply to the checkpoint's config.
+    """
+    loaded = load_model(checkpoint, storage_cfg, overrides)
+    cfg = loaded.cfg
+    splits = [split] if isinstance(split, str) else list(split or [cfg.eval.split])
+    cfg.data.root = data_root or cfg.data.root
     if cfg.eval.threads:
         torch.set_num_threads(cfg.eval.threads)
-    pre = Preprocessor(cfg.features, cfg.text)
-    text_output = family(cfg.model).text_output
-    if text_output is None:
-        raise ConfigError(f"{checkpoint}: model family {cfg.model.family} is self-supervised and has no text "
-                          "output to score; fine-tune it first (train.init_from) and evaluate that run")
-    model = build_model(cfg.model, pre.tokenizer.vocab_size)
-    weights = payload["model"]
-    if cfg.eval.use_ema and payload.get("ema"):
-        weights = {**weights, **{k: v.to(weights[k].dtype) for k, v in payload["ema"].items()}}
-    model.load_state_dict(weights)
-    model.eval()
+    lm = build_lm(cfg, loaded.pre.tokenizer, log)
+    sets = []
+    for name in splits:
+        start = time.time()
+        if cfg.eval.actors:
+            from raytrain_speech.data.pipeline import decode_rows
 
-    search = build_search(cfg, pre.tokenizer, log)
-    start = time.time()
-    utts, bad = [], []
-    for uri in shards.shard_uris(root, split, cfg.storage):
-        for batch in iter_table(shards.read_shard(uri, cfg.storage), pre):
-            good, rejected = to_utterances(batch)
-            utts.extend(good)
-            bad.extend(rejected)
-    for _, utt_id, reason in bad[:5]:
-        log(f"[eval] skipped {utt_id}: {reason}")
-    refs, hyps, ids = [], [], []
-    with torch.inference_mode():
-        for group in batch_by_duration(utts, cfg.eval.batch_audio_s, BatchingConfig()):
-            b = collate(group)
-            # Encoder-decoder models search from their own encoder pass; the teacher-forced forward would
-            # only be thrown away, so they need nothing here but the encoder lengths (the length cap).
-            out = model(b) if text_output == "ctc" else {"lengths_B": model.output_lengths(b.feature_lengths_B)}
-            hyps += [pre.tokenizer.decode(t) for t in hypotheses(model, b, out, text_output, search=search)]
-            refs += b.texts
-            ids += b.ids
-    scores = error_rates(refs, hyps)
-    order = sorted(range(len(ids)), key=lambda i: ids[i])
+            kwargs = {"checkpoint": loaded.uri, "storage_cfg": cfg.storage, "overrides": list(overrides),
+                      "lm_json": lm.to_json() if lm is not None else None, "gpus": cfg.eval.actor_gpus,
+                      "threads": max(1, int(np.ceil(cfg.eval.actor_cpus)))}
+            rows = decode_rows(cfg, name, BatchDecoder, kwargs)
+        else:
+            decoder = BatchDecoder(loaded=loaded, search=build_search(cfg, loaded.pre.tokenizer, log, lm=lm))
+            rows = rows_in_process(decoder, cfg, name)
+        res = score_rows(rows, name, log)
+        res["eval_wall_s"] = time.time() - start
+        sets.append(res)
+    first = sets[0]
     return {
-        **scores, "split": split, "data_root": root, "checkpoint": checkpoint, "step": payload["train_state"]["step"],
-        "weights": "ema" if cfg.eval.use_ema and payload.get("ema") else "live",
+        "wer": first["wer"], "cer": first["cer"], "utterances": first["utterances"], "split": first["split"],
+        "bad_utterances": first["bad_utterances"], "audio_s": first["audio_s"], "eval_wall_s": first["eval_wall_s"],
+        "examples": first["examples"], "sets": sets,
+        "data_root": cfg.data.root, "checkpoint": loaded.uri, "step": loaded.step, "weights": loaded.weights,
         "decoding": {"beam_width": cfg.eval.beam_width, "lm_weight": cfg.eval.lm_weight,
-                     "length_bonus": cfg.eval.length_bonus, "lm": to_dict(cfg.eval.lm)},
-        "bad_utterances": len(bad), "audio_s": sum(u.duration_s for u in utts), "eval_wall_s": time.time() - start,
-        "examples": [{"id": ids[i], "ref": refs[i], "hyp": hyps[i]} for i in order[:5]],
+                     "length_bonus": cfg.eval.length_bonus, "lm": to_dict(cfg.eval.lm),
+                     "where": f"{cfg.eval.actors} Ray Data actors" if cfg.eval.actors else "in-process"},
+        "normalisation": "lower-case, whitespace collapsed (data/text.py normalize_text), same as training targets",
     }
+
+
+def results_markdown(res: dict) -> str:
+    """The per-test-set, per-language table of ``evaluate_checkpoint``'s result."""
+    d = res["decoding"]
+    how = "greedy" if d["beam_width"] == 1 and not d["lm_weight"] else (
+        f"beam {d['beam_width']}" + (f" + {d['lm']['unit']} LM (weight {d['lm_weight']:g}, "
+                                      f"length bonus {d['length_bonus']:g})" if d["lm_weight"] else ""))
+    lines = [f"# Evaluation of `{res['checkpoint']}`", "",
+             f"Step {res['step']}, {res['weights']} weights, {how}, decoded {d['where']}. "
+             f"Text normalisation: {res['normalisation']}.", "",
+             "| test set | language | utterances | audio (min) | WER | CER | skipped |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for s in res["sets"]:
+        for lang, r in s["by_language"].items():
+            lines.append(f"| {s['split']} | {lang} | {r['utterances']} | {r['audio_s'] / 60:.1f} | "
+                         f"{100 * r['wer']:.2f}% | {100 * r['cer']:.2f}% | |")
+        lines.append(f"| **{s['split']}** | **all** | {s['utterances']} | {s['audio_s'] / 60:.1f} | "
+                     f"**{100 * s['wer']:.2f}%** | **{100 * s['cer']:.2f}%** | {s['bad_utterances']} |")
+    return "\n".join(lines) + "\n"

@@ -54,12 +54,15 @@ def test_unreachable_storage_is_a_clear_error(tmp_path):
 
 
 def test_demo_end_to_end_small(tmp_path):
-    """`raytrain-speech demo` on a tiny corpus: synth -> train 2 workers -> eval -> summary table.
+    """`raytrain-speech demo` on a tiny bilingual corpus: synth -> train 2 workers -> eval -> summary table;
+    then every inference command on the run it made: eval (several test sets, per language, in-process and
+    on Ray Data actors), export int8, transcribe, probe.
 
     Paths are relative to the working directory, as in the README (Ray Train runs workers elsewhere)."""
     args = ["demo", "data.root=corpus", "run.storage_path=runs", "run.name=mini",
             "train.max_steps=16", "train.log_every_steps=4", "train.checkpoint_every_steps=8",
-            "train.global_batch_audio_s=40", "run.object_store_memory_mb=512", *TINY_SYNTH]
+            "train.global_batch_audio_s=40", "run.object_store_memory_mb=512", *TINY_SYNTH,
+            "synth.second_language=es", "synth.second_language_share=0.3"]
     proc = _run_in(tmp_path, args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -86,3 +89,73 @@ def test_demo_end_to_end_small(tmp_path):
     assert "4-gram char LM on" in beam.stdout
     decoding = json.loads((tmp_path / "beam.json").read_text())["decoding"]
     assert decoding["beam_width"] == 4 and decoding["lm"]["order"] == 4
+
+    _inference_commands(tmp_path)
+
+
+def _inference_commands(tmp_path):
+    from raytrain_speech.data import audio, shards
+
+    # Two test sets, each scored per language, as JSON and Markdown.
+    proc = _run_in(tmp_path, ["eval", "--checkpoint", "runs/mini", "--split", "test", "--split", "dev",
+                              "--out", "both.json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "both.json").read_text())
+    assert [s["split"] for s in res["sets"]] == ["test", "dev"]
+    for s in res["sets"]:
+        assert set(s["by_language"]) == {"en", "es"}, s["by_language"]
+        assert sum(r["utterances"] for r in s["by_language"].values()) == s["utterances"] > 0
+    table = (tmp_path / "both.md").read_text()
+    assert "| test | es |" in table and "| dev | en |" in table
+    assert "  es: WER" in proc.stdout
+
+    # The same test set on a Ray Data actor pool scores the same utterances.
+    ray_eval = _run_in(tmp_path, ["eval", "--checkpoint", "runs/mini", "--out", "ray.json", "eval.actors=1",
+                                  "eval.actor_batch_rows=16", "run.object_store_memory_mb=256"])
+    assert ray_eval.returncode == 0, ray_eval.stderr[-3000:]
+    on_ray = json.loads((tmp_path / "ray.json").read_text())
+    assert on_ray["decoding"]["where"] == "1 Ray Data actors"
+    assert on_ray["utterances"] == res["sets"][0]["utterances"]
+    assert set(on_ray["sets"][0]["by_language"]) == {"en", "es"}
+
+    # int8 export: much smaller, scored before/after, and usable wherever a checkpoint is.
+    exp = _run_in(tmp_path, ["export", "--checkpoint", "runs/mini", "--out", "int8"])
+    assert exp.returncode == 0, exp.stderr[-3000:]
+    report = json.loads((tmp_path / "int8" / "export.json").read_text())
+    assert report["size_reduction_vs_float"] > 0.6
+    assert report["bytes"]["artifact"] == (tmp_path / "int8" / "model.pt").stat().st_size
+    assert {"float", "int8"} <= set(report["eval"]) and report["eval"]["utterances"] == res["utterances"]
+    on_artifact = _run_in(tmp_path, ["eval", "--checkpoint", "int8", "--out", "int8.json"])
+    assert on_artifact.returncode == 0, on_artifact.stderr[-3000:]
+    assert json.loads((tmp_path / "int8.json").read_text())["weights"] == "int8"
+
+    # transcribe: a file at another sample rate, in stereo, from the artifact; a bad file is one line.
+    import numpy as np
+    import soundfile as sf
+
+    table_ = shards.read_shard(str(tmp_path / "corpus" / "test" / "shard-00000.parquet"))
+    samples, rate = audio.decode(table_.column("audio")[0].as_py())
+    sf.write(tmp_path / "clip.wav", np.stack([samples, samples], 1), rate)
+    sf.write(tmp_path / "clip8k.flac", audio.resample(samples, rate, 8000), 8000)
+    tr = _run_in(tmp_path, ["transcribe", "--checkpoint", "int8", "--timestamps", "--out", "tr.json",
+                            "clip.wav", "clip8k.flac"])
+    assert tr.returncode == 0, tr.stderr[-3000:]
+    got = json.loads((tmp_path / "tr.json").read_text())
+    assert [t["path"] for t in got] == ["clip.wav", "clip8k.flac"]
+    assert all(abs(t["duration_s"] - len(samples) / rate) < 0.01 for t in got)
+    (tmp_path / "notaudio.wav").write_bytes(b"RIFF-not-really")
+    bad = _run_in(tmp_path, ["transcribe", "--checkpoint", "int8", "notaudio.wav"])
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: notaudio.wav: cannot decode audio")
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+    # Linear probes of the Conformer encoder against a random-init one.
+    pr = _run_in(tmp_path, ["probe", "--checkpoint", "runs/mini", "--out", "probe.json"])
+    assert pr.returncode == 0, pr.stderr[-3000:]
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    speakers = set()
+    for split in ("dev", "test"):
+        for uri in shards.shard_uris(str(tmp_path / "corpus"), split):
+            speakers |= set(shards.read_shard(uri).column("speaker").to_pylist())
+    assert probe["speakers"] == len(speakers) >= 2
+    for which in ("pretrained", "random_init"):
+        assert 0 <= probe[which]["speaker_accuracy"] <= 1 and probe[which]["pitch_rmse"] > 0
