@@ -65,6 +65,10 @@ class TrainConfig:
     whose encoder initialises this model. Ignored when the run resumes from its own checkpoint."""
     freeze_feature_encoder_steps: int = 0
     """Fine-tuning: keep the pretrained convolutional feature encoder fixed for this many steps."""
+    freeze_pretrained_steps: int = 0
+    """Fine-tuning: train only the new parameters (the output head) for this many steps, with every
+    parameter loaded by init_from fixed, so a random head's first gradients cannot wreck the pretrained
+    encoder (fairseq's freeze_finetune_updates)."""
     log_every_steps: int = 10
     """Report metrics (a barrier across ranks) every this many steps."""
     checkpoint_every_steps: int = 250
@@ -109,6 +113,7 @@ class TrainConfig:
         require(self.micro_batch_utterances is None or self.global_batch_utterances is not None,
                 "train.micro_batch_utterances", "needs train.global_batch_utterances")
         require(self.freeze_feature_encoder_steps >= 0, "train.freeze_feature_encoder_steps", "must be >= 0")
+        require(self.freeze_pretrained_steps >= 0, "train.freeze_pretrained_steps", "must be >= 0")
 
     def utterance_cap(self, world_size: int) -> int | None:
         """Utterances per micro-batch when the global batch is a count (None = cut by seconds).
@@ -242,12 +247,13 @@ class WorkerRun:
         if self.tc.init_from:  # also on restarts, so the optimizer's parameter groups come out the same
             pretrained = checkpoint.init_from_pretrained(model, self.tc.init_from, cfg.storage,
                                                          log=self.rank == 0 and restored is None)
-        frozen = set()
+        frozen = dict.fromkeys(pretrained, self.tc.freeze_pretrained_steps)
         if self.tc.freeze_feature_encoder_steps and hasattr(model, "feature_encoder_parameters"):
             ids = {id(p) for p in model.feature_encoder_parameters()}
-            frozen = {n for n, p in model.named_parameters() if id(p) in ids}
-        optimizer = build_optimizer(model.to(self.device), cfg.optim, pretrained=pretrained, frozen=frozen,
-                                    frozen_steps=self.tc.freeze_feature_encoder_steps)
+            for n, p in model.named_parameters():
+                if id(p) in ids:
+                    frozen[n] = max(frozen.get(n, 0), self.tc.freeze_feature_encoder_steps)
+        optimizer = build_optimizer(model.to(self.device), cfg.optim, pretrained=pretrained, frozen=frozen)
         self.stepper = Stepper(ray.train.torch.prepare_model(model), optimizer, cfg.step, self.objective.loss,
                                self.device)
         n_train = read_manifest(cfg.data.root, cfg.storage).splits[cfg.data.train_split].num_utterances

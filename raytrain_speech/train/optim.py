@@ -56,8 +56,10 @@ class OptimConfig:
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig, pretrained: set[str] = frozenset(),
-                 frozen: set[str] = frozenset(), frozen_steps: int = 0) -> list[dict]:
-    """Groups by (weight decay?, pretrained?, frozen?); empty groups are dropped.
+                 frozen: set[str] | dict[str, int] = frozenset(), frozen_steps: int = 0) -> list[dict]:
+    """Groups by (weight decay?, pretrained?, frozen until which step?); empty groups are dropped.
+
+    ``frozen`` is a set of names (each frozen for ``frozen_steps``) or a mapping name -> steps.
 
     Decay only tensors with >= 2 dims (weights), not norms, biases or scalars. A group carries an
     ``lr_scale`` (pretrained LR / peak LR) and a ``frozen_until_step``: ``set_lr`` gives it LR 0
@@ -65,20 +67,21 @@ def param_groups(model: nn.Module, cfg: OptimConfig, pretrained: set[str] = froz
     mid-run needs no re-wrap.
     """
     scale = (cfg.pretrained_lr_peak / cfg.lr_peak) if cfg.pretrained_lr_peak is not None else 1.0
+    until = frozen if isinstance(frozen, dict) else dict.fromkeys(frozen, frozen_steps)
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = (p.ndim >= 2, name in pretrained, name in frozen)
+        key = (p.ndim >= 2, name in pretrained, until.get(name, 0))
         group = groups.setdefault(key, {
             "params": [], "weight_decay": cfg.weight_decay if key[0] else 0.0,
-            "lr_scale": scale if key[1] else 1.0, "frozen_until_step": frozen_steps if key[2] else 0})
+            "lr_scale": scale if key[1] else 1.0, "frozen_until_step": key[2]})
         group["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, pretrained: set[str] = frozenset(),
-                    frozen: set[str] = frozenset(), frozen_steps: int = 0) -> torch.optim.Optimizer:
+                    frozen: set[str] | dict[str, int] = frozenset(), frozen_steps: int = 0) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg, pretrained, frozen, frozen_steps)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     return cls(groups, lr=cfg.lr_peak, betas=cfg.betas, eps=cfg.eps)

@@ -43,3 +43,22 @@ def test_pretrained_groups_get_their_own_lr_and_frozen_groups_wait():
     w0, b0, w1 = model[0].weight, model[0].bias, model[1].weight
     assert by_param[(0, id(w0))] == 0.0 and by_param[(10, id(w0))] == pytest.approx(1e-5)
     assert by_param[(0, id(b0))] == pytest.approx(1e-5) and by_param[(0, id(w1))] == pytest.approx(1e-3)
+
+
+def test_per_parameter_freeze_lengths():
+    """freeze_pretrained_steps (all loaded weights) and freeze_feature_encoder_steps (the CNN) differ."""
+    from raytrain_speech.train.optim import set_lr
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    cfg = OptimConfig(lr_peak=1e-3)
+    opt = build_optimizer(model, cfg, pretrained={"0.weight", "1.weight"}, frozen={"0.weight": 50, "1.weight": 20})
+    lr = {}
+    for step in (0, 20, 50):
+        set_lr(opt, 1e-3, step)
+        for g in opt.param_groups:
+            for p in g["params"]:
+                lr[(step, id(p))] = g["lr"]
+    w0, w1, w2 = model[0].weight, model[1].weight, model[2].weight
+    assert [lr[(s, id(w0))] for s in (0, 20, 50)] == [0.0, 0.0, 1e-3]
+    assert [lr[(s, id(w1))] for s in (0, 20, 50)] == [0.0, 1e-3, 1e-3]
+    assert [lr[(s, id(w2))] for s in (0, 20, 50)] == [1e-3, 1e-3, 1e-3]
