@@ -108,14 +108,12 @@ def load_model(uri: str, storage_cfg: StorageConfig | None = None, overrides=(),
     from raytrain_speech.evaluate import quantize
     from raytrain_speech.train.checkpoint import read_checkpoint, resolve_checkpoint
 
-    if quantize.is_artifact(uri, storage_cfg):
+    artifact = quantize.is_artifact(uri, storage_cfg)
+    if artifact:
         payload, config_yaml = quantize.read_artifact(uri, storage_cfg)
-        cfg = _config(config_yaml, overrides, storage_cfg)
-        pre = Preprocessor(cfg.features, cfg.text)
-        model = quantize.build_from_artifact(payload, cfg, pre.tokenizer.vocab_size)
-        return LoadedModel(cfg, model, payload["step"], payload["quantize"], pre, family(cfg.model).text_output, uri)
-    uri = resolve_checkpoint(uri, storage_cfg)
-    payload, config_yaml = read_checkpoint(uri, storage_cfg)
+    else:
+        uri = resolve_checkpoint(uri, storage_cfg)
+        payload, config_yaml = read_checkpoint(uri, storage_cfg)
     cfg = _config(config_yaml, overrides, storage_cfg)
     text_output = family(cfg.model).text_output
     if need_text and text_output is None:
@@ -123,6 +121,9 @@ def load_model(uri: str, storage_cfg: StorageConfig | None = None, overrides=(),
                           "output to score; fine-tune it first (train.init_from) and evaluate that run, "
                           "or probe its features (raytrain-speech probe)")
     pre = Preprocessor(cfg.features, cfg.text)
+    if artifact:
+        model = quantize.build_from_artifact(payload, cfg, pre.tokenizer.vocab_size)
+        return LoadedModel(cfg, model, payload["step"], payload["quantize"], pre, text_output, uri)
     model = build_model(cfg.model, pre.tokenizer.vocab_size)
     state = payload["model"]
     use_ema = (weights or ("ema" if cfg.eval.use_ema else "live")) == "ema" and bool(payload.get("ema"))
