@@ -33,6 +33,7 @@ from raytrain_speech.models.registry import build_model, count_parameters, objec
 from raytrain_speech.objectives import ctc
 from raytrain_speech.train import checkpoint
 from raytrain_speech.train.checkpoint import TrainState
+from raytrain_speech.train.memory import malloc_trim, rss_mb
 from raytrain_speech.train.optim import build_optimizer, lr_at, set_lr
 from raytrain_speech.train.step import Stepper, unwrap
 
@@ -69,6 +70,9 @@ class TrainConfig:
     """Fine-tuning: train only the new parameters (the output head) for this many steps, with every
     parameter loaded by init_from fixed, so a random head's first gradients cannot wreck the pretrained
     encoder (fairseq's freeze_finetune_updates)."""
+    malloc_trim_every_steps: int = 10
+    """Give freed heap memory back to the OS every this many steps (glibc ``malloc_trim``; 0 = never):
+    variable-length batches otherwise fragment the heap and a CPU worker's RSS grows by GBs an hour."""
     log_every_steps: int = 10
     """Report metrics (a barrier across ranks) every this many steps."""
     checkpoint_every_steps: int = 250
@@ -114,6 +118,7 @@ class TrainConfig:
                 "train.micro_batch_utterances", "needs train.global_batch_utterances")
         require(self.freeze_feature_encoder_steps >= 0, "train.freeze_feature_encoder_steps", "must be >= 0")
         require(self.freeze_pretrained_steps >= 0, "train.freeze_pretrained_steps", "must be >= 0")
+        require(self.malloc_trim_every_steps >= 0, "train.malloc_trim_every_steps", "must be >= 0")
 
     def utterance_cap(self, world_size: int) -> int | None:
         """Utterances per micro-batch when the global batch is a count (None = cut by seconds).
@@ -385,6 +390,8 @@ class WorkerRun:
         if hasattr(self.plain_model, "set_step"):  # schedules inside the model (Gumbel temperature)
             self.plain_model.set_step(self.state.step)
         result = self.stepper.step(group, totals[1], self.world, fillers=fillers)
+        if self.tc.malloc_trim_every_steps and (self.state.step + 1) % self.tc.malloc_trim_every_steps == 0:
+            malloc_trim()
         now = time.time()
         st = self.state
         st.step += 1
@@ -477,7 +484,7 @@ class WorkerRun:
             "bad_utterances": snapshot.bad_utterances, "skipped_steps": st.skipped_steps,
             "parameters": self.n_params, "device": device_name(self.device), "stopped_early": st.stopped_early,
             "attempt_elapsed_s": now - self.attempt_start, "checkpoint_blocked_s": self.checkpoint_blocked_s,
-            "report_blocked_s": self.report_blocked_s,
+            "report_blocked_s": self.report_blocked_s, "worker_rss_mb": rss_mb(),
         }
         if w.steps:
             metrics.update(loss=loss_sum / max(tokens, 1.0), grad_norm=w.grad_norm / w.steps,
