@@ -36,6 +36,32 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    """Flags fill a PrepareConfig; ``prepare.*`` and ``storage.*`` key=value overrides go on top."""
+    from raytrain_speech.config import apply_overrides
+    from raytrain_speech.configlib import from_dict
+    from raytrain_speech.data.prepare import PrepareConfig, prepare
+    from raytrain_speech.storage import StorageConfig
+
+    flags = {"layout": args.layout, "input": args.input, "split": args.split, "shard_target_mb": args.shard_mb,
+             "shard_utterances": args.shard_utterances, "language": args.language,
+             "min_duration_s": args.min_duration_s, "max_duration_s": args.max_duration_s, "workers": args.workers}
+    data = apply_overrides({"prepare": {k: v for k, v in flags.items() if v is not None}}, args.overrides)
+    unknown = sorted(set(data) - {"prepare", "storage"})
+    if unknown:
+        raise ConfigError(f"override {unknown[0]}.*: prepare takes only prepare.* and storage.* keys")
+    cfg = from_dict(PrepareConfig, data["prepare"], prefix="prepare.")
+    storage_cfg = from_dict(StorageConfig, data.get("storage", {}), prefix="storage.")
+    outcome = prepare(cfg, args.out, storage_cfg, log=print if args.verbose else (lambda s: None))
+    info = outcome.manifest.splits[outcome.split]
+    print(f"{outcome.split}: {info.num_utterances} utterances, {info.hours:.2f} h, {len(info.shards)} shards "
+          f"({outcome.shards_written} written, {outcome.shards_reused} already there from an earlier run)")
+    print(f"skipped {outcome.skipped} bad inputs and {outcome.filtered} outside the duration limits "
+          f"(listed in {outcome.skipped_uri})")
+    print(f"wrote {args.out} in {outcome.wall_s:.0f} s")
+    return 0
+
+
 def _ensure_corpus(cfg) -> None:
     from raytrain_speech import storage
     from raytrain_speech.data import shards
@@ -273,6 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="corpus root (local path or s3://bucket/prefix); default data.root")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("prepare", help="convert a corpus (TSV/JSONL manifest, LibriSpeech, WebDataset tars) into "
+                                       "shards (re-run to resume)")
+    p.add_argument("--input", required=True, help="manifest file, LibriSpeech root, or .tar file/dir/glob "
+                                                  "(local or s3://)")
+    p.add_argument("--layout", required=True, help="manifest, librispeech or webdataset")
+    p.add_argument("--out", required=True, help="corpus root to write (local path or s3://bucket/prefix)")
+    p.add_argument("--split", help="split to write (default train); other splits in the root are kept")
+    p.add_argument("--shard-mb", type=float, help="target audio MiB per shard (default 128)")
+    p.add_argument("--shard-utterances", type=int, help="at most this many utterances per shard")
+    p.add_argument("--language", help="language code where the input gives none (default en)")
+    p.add_argument("--min-duration-s", type=float, help="leave out shorter utterances")
+    p.add_argument("--max-duration-s", type=float, help="leave out longer utterances")
+    p.add_argument("--workers", type=int, help="Ray tasks in flight (default: one per CPU; 0 = no Ray)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="prepare.* and storage.* settings, e.g. storage.endpoint_url=http://127.0.0.1:9000")
+    p.set_defaults(fn=cmd_prepare)
 
     p = sub.add_parser("train", help="train with Ray Train (resumes a run of the same name)")
     with_config(p)

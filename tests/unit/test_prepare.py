@@ -1,0 +1,429 @@
+"""`prepare` without Ray (workers=0): each input layout, stable indices, bad inputs, shard cutting,
+resume and refusal of a changed input. Inputs are real synthesized speech written as FLAC/WAV/OGG.
+
+The layout builders here are shared with tests/integration/test_prepare.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from raytrain_speech.configlib import ConfigError, from_dict
+from raytrain_speech.data import audio, shards
+from raytrain_speech.data.prepare import (
+    SKIPPED_FILE,
+    STATE_FILE,
+    PrepareConfig,
+    Utterance,
+    cut_shards,
+    prepare,
+    scan_librispeech,
+    scan_manifest,
+    survey_tar,
+)
+from raytrain_speech.storage import StorageError
+
+FORMATS = {"flac": ("FLAC", "PCM_16"), "wav": ("WAV", "PCM_16"), "ogg": ("OGG", "VORBIS")}
+GARBAGE = b"this is not audio at all " * 8
+
+
+# ------------------------------------------------------------------------------ input builders
+
+
+def encode(flac: bytes, ext: str) -> bytes:
+    """The same speech in another container (FLAC bytes are passed through untouched)."""
+    if ext == "flac":
+        return flac
+    samples, rate_hz = audio.decode(flac)
+    buf = io.BytesIO()
+    fmt, subtype = FORMATS[ext]
+    sf.write(buf, samples, rate_hz, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def speech_records(rows: list[dict]) -> list[dict]:
+    """Shard rows (id, text, speaker, FLAC audio) -> builder records with a per-utterance format."""
+    exts = list(FORMATS)
+    return [{"name": r["id"], "text": r["text"], "speaker": r["speaker"], "ext": exts[i % len(exts)],
+             "audio": encode(r["audio"], exts[i % len(exts)])} for i, r in enumerate(rows)]
+
+
+def _truth(uid, rec) -> dict:
+    samples, rate_hz = audio.decode(rec["audio"])
+    return {"text": rec["text"], "speaker": rec["speaker"], "audio": rec["audio"], "duration_s": len(samples) / rate_hz,
+            "sample_rate_hz": rate_hz}
+
+
+def build_manifest_layout(root, records, fmt: str = "tsv") -> tuple[str, dict, dict]:
+    """``root/clips/<name>.<ext>`` + ``root/manifest.<fmt>``; the first record's audio is corrupt and
+    the second's transcript empty. Returns (input, {id: truth}, {bad id: reason fragment})."""
+    os.makedirs(os.path.join(root, "clips"), exist_ok=True)
+    good, bad, lines = {}, {}, []
+    for i, rec in enumerate(records):
+        rel = f"clips/{rec['name']}.{rec['ext']}"
+        data, text = rec["audio"], rec["text"]
+        uid = rec["name"] if fmt == "jsonl" else f"clips/{rec['name']}"
+        if i == 0:
+            data, bad[uid] = GARBAGE, "unreadable audio"
+        elif i == 1:
+            text, bad[uid] = "  ", "empty transcript"
+        else:
+            good[uid] = _truth(uid, rec)
+        with open(os.path.join(root, rel), "wb") as f:
+            f.write(data)
+        if fmt == "jsonl":
+            lines.append(json.dumps({"audio_filepath": rel, "text": text, "id": uid, "speaker": rec["speaker"],
+                                     "duration": 1.0}))
+        else:
+            lines.append(f"{rel}\t{text}\t{rec['speaker']}")
+    header = [] if fmt == "jsonl" else ["path\ttext\tspeaker"]
+    path = os.path.join(root, f"manifest.{fmt}")
+    with open(path, "w") as f:
+        f.write("\n".join(header + lines) + "\n")
+    return path, good, bad
+
+
+def build_librispeech_layout(root, records) -> tuple[str, dict, dict]:
+    """``root/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt`` + FLAC; speakers numbered like
+    LibriSpeech's; the first utterance's FLAC is corrupt, the second has no transcript text."""
+    speakers = {s: str(100 + n) for n, s in enumerate(sorted({r["speaker"] for r in records}))}
+    good, bad, trans = {}, {}, {}
+    for i, rec in enumerate(records):
+        spk = speakers[rec["speaker"]]
+        chapter = str(10 + i % 2)
+        uid = f"{spk}-{chapter}-{i:04d}"
+        folder = os.path.join(root, spk, chapter)
+        os.makedirs(folder, exist_ok=True)
+        flac, text = rec["audio"] if rec["ext"] == "flac" else _as_flac(rec), rec["text"].upper()
+        if i == 0:
+            flac, bad[uid] = GARBAGE, "unreadable audio"
+        elif i == 1:
+            text, bad[uid] = "", "empty transcript"
+        else:
+            good[uid] = {**_truth(uid, {**rec, "audio": flac}), "text": text, "speaker": spk}
+        with open(os.path.join(folder, f"{uid}.flac"), "wb") as f:
+            f.write(flac)
+        trans.setdefault(folder, []).append(f"{uid} {text}".rstrip())
+    for folder, lines in trans.items():
+        spk, chapter = folder.split(os.sep)[-2:]
+        with open(os.path.join(folder, f"{spk}-{chapter}.trans.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return str(root), good, bad
+
+
+def _as_flac(rec) -> bytes:
+    samples, rate_hz = audio.decode(rec["audio"])
+    return audio.encode_flac(samples, rate_hz)
+
+
+def build_webdataset_layout(root, records, n_tars: int = 2) -> tuple[str, dict, dict]:
+    """``root/part-NNNN.tar`` with ``<key>.<ext>`` + ``<key>.txt`` (even records) or ``<key>.json``
+    (odd, with speaker); the first key's audio is corrupt, the second's transcript empty."""
+    os.makedirs(root, exist_ok=True)
+    good, bad = {}, {}
+    tars = [tarfile.open(os.path.join(root, f"part-{n:04d}.tar"), "w") for n in range(n_tars)]
+    for i, rec in enumerate(records):
+        key, data, text = rec["name"], rec["audio"], rec["text"]
+        if i == 0:
+            data, bad[key] = GARBAGE, "unreadable audio"
+        elif i == 1:
+            text, bad[key] = "", "empty transcript"
+        else:
+            good[key] = {**_truth(key, rec), "speaker": rec["speaker"] if i % 2 else None}
+        meta = (f"{key}.txt", text.encode()) if i % 2 == 0 else \
+            (f"{key}.json", json.dumps({"text": text, "speaker": rec["speaker"]}).encode())
+        for name, payload in ((f"{key}.{rec['ext']}", data), meta):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tars[i % n_tars].addfile(info, io.BytesIO(payload))
+    for tf in tars:
+        tf.close()
+    return str(root), good, bad
+
+
+def read_split(root: str, split: str = "train", storage_cfg=None) -> list[dict]:
+    manifest = shards.read_manifest(root, storage_cfg)
+    rows = []
+    for rel in manifest.splits[split].shards:
+        rows += shards.read_shard(shards.storage.join(root, rel), storage_cfg).to_pylist()
+    return rows
+
+
+def read_skipped(root: str, split: str = "train", storage_cfg=None) -> dict:
+    text = shards.storage.read_bytes(shards.storage.join(root, split, SKIPPED_FILE), storage_cfg).decode()
+    return {r["id"]: r for r in map(json.loads, text.splitlines())}
+
+
+def check_prepared(root: str, good: dict, bad: dict, split: str = "train", storage_cfg=None) -> list[dict]:
+    """Every good utterance exactly once, with its text, speaker and original bytes; indices 0..n-1 in
+    id order; the bad ones listed with their reasons and counted in the manifest."""
+    rows = read_split(root, split, storage_cfg)
+    assert [r["id"] for r in rows] == sorted(good)
+    assert [r["index"] for r in rows] == list(range(len(good)))
+    for r in rows:
+        truth = good[r["id"]]
+        assert r["text"] == truth["text"] and r["speaker"] == truth["speaker"] and r["language"] == "en"
+        assert r["audio"] == truth["audio"]  # stored as-is, never re-encoded
+        assert r["sample_rate_hz"] == truth["sample_rate_hz"]
+        assert r["duration_s"] == pytest.approx(truth["duration_s"], abs=1e-3)
+    skipped = read_skipped(root, split, storage_cfg)
+    assert set(skipped) == set(bad)
+    for uid, fragment in bad.items():
+        assert fragment in skipped[uid]["reason"], skipped[uid]
+    manifest = shards.read_manifest(root, storage_cfg)
+    assert manifest.splits[split].num_utterances == len(good)
+    assert manifest.source["skipped"] == len(bad) and manifest.source["kind"] == "prepare"
+    return rows
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def records():
+    """Seven real synthesized utterances (a few seconds each), cycling through FLAC, WAV and OGG."""
+    from raytrain_speech.data.synth import SynthConfig, make_specs, render
+
+    cfg = SynthConfig(train_hours=0.01, dev_utterances=6, test_utterances=8, train_speakers=8, heldout_speakers=2)
+    rows = [{"id": s.id, "text": s.text, "speaker": s.speaker.name,
+             "audio": audio.encode_flac(render(s, 16000), 16000)} for s in make_specs(cfg)["test"][:7]]
+    return speech_records(rows)
+
+
+def _cfg(**kw) -> PrepareConfig:
+    return from_dict(PrepareConfig, {"workers": 0, **kw}, prefix="prepare.")
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+# ------------------------------------------------------------------------------ layouts
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl"])
+def test_manifest_layout(tmp_path, records, fmt):
+    path, good, bad = build_manifest_layout(tmp_path / "in", records, fmt)
+    out = prepare(_cfg(layout="manifest", input=path), str(tmp_path / "out"), log=_quiet)
+    assert (out.skipped, out.filtered, out.shards_written, out.shards_reused) == (2, 0, 1, 0)
+    rows = check_prepared(str(tmp_path / "out"), good, bad)
+    assert {r["audio"][:4] for r in rows} == {b"fLaC", b"RIFF", b"OggS"}
+    assert out.manifest.source["layout"] == "manifest" and out.manifest.source["input"] == path
+
+
+def test_manifest_directory_input_and_headerless_tsv(tmp_path, records):
+    folder = tmp_path / "in"
+    path, good, bad = build_manifest_layout(folder, records, "tsv")
+    lines = open(path).read().splitlines()[1:]  # drop the header: path<TAB>text only
+    with open(path, "w") as f:
+        f.write("\n".join("\t".join(line.split("\t")[:2]) for line in lines) + "\n")
+    found, skipped = scan_manifest(str(folder), "fr")
+    assert sorted(u.id for u in found) == sorted([*good, "clips/" + records[0]["name"]])
+    assert {u.speaker for u in found} == {None} and {u.language for u in found} == {"fr"}
+    assert [(s.id, s.reason) for s in skipped] == [("clips/" + records[1]["name"], "empty transcript")]
+
+
+def test_manifest_bad_lines_are_listed_not_fatal(tmp_path, records):
+    path, good, _ = build_manifest_layout(tmp_path / "in", records[:4], "tsv")
+    with open(path, "ab") as f:
+        f.write(b"clips/missing.flac\thello there\n")
+        f.write(b"clips/latin1.flac\tcaf\xe9 au lait\n")
+    open(tmp_path / "in" / "clips" / "empty.wav", "wb").close()
+    with open(path, "ab") as f:
+        f.write(b"clips/empty.wav\tnothing here\n")
+    prepare(_cfg(layout="manifest", input=path), str(tmp_path / "out"), log=_quiet)
+    skipped = read_skipped(str(tmp_path / "out"))
+    assert skipped["clips/missing"]["reason"] == "audio file missing"
+    assert skipped["clips/latin1"]["reason"] == "transcript is not UTF-8"
+    assert skipped["clips/empty"]["reason"] == "zero-length audio file"
+    assert skipped["clips/missing"]["source"].endswith("clips/missing.flac")
+    assert len(read_split(str(tmp_path / "out"))) == len(good)
+
+
+def test_librispeech_layout(tmp_path, records):
+    root, good, bad = build_librispeech_layout(tmp_path / "LibriSpeech" / "dev-clean", records)
+    found, skipped = scan_librispeech(root, "en")
+    corrupt, empty = bad  # the corrupt FLAC is only found out when its header is read
+    assert sorted(u.id for u in found) == sorted([*good, corrupt])
+    assert all(u.speaker == u.id.split("-")[0] and u.audio_uri.endswith(f"{u.id}.flac") for u in found)
+    assert [(s.id, s.reason) for s in skipped] == [(empty, "empty transcript")]
+    out = prepare(_cfg(layout="librispeech", input=root), str(tmp_path / "out"), log=_quiet)
+    assert out.skipped == 2
+    check_prepared(str(tmp_path / "out"), good, bad)
+    out = prepare(_cfg(layout="librispeech", input=root, language="en-GB", split="dev"), str(tmp_path / "out"),
+                  log=_quiet)
+    assert {r["language"] for r in read_split(str(tmp_path / "out"), "dev")} == {"en-GB"}
+
+
+def test_webdataset_layout(tmp_path, records):
+    root, good, bad = build_webdataset_layout(tmp_path / "wds", records)
+    found, _ = survey_tar((os.path.join(root, "part-0000.tar"), "en", None))
+    assert all(u.member_offset is not None and u.size_bytes > 0 for u in found if not u.problem)
+    out = prepare(_cfg(layout="webdataset", input=os.path.join(root, "part-*.tar")), str(tmp_path / "out"),
+                  log=_quiet)
+    assert out.skipped == 2
+    check_prepared(str(tmp_path / "out"), good, bad)
+
+
+def test_webdataset_keys_follow_webdataset_and_a_directory_is_searched(tmp_path, records):
+    folder = tmp_path / "wds" / "nested"
+    folder.mkdir(parents=True)
+    flac = next(r for r in records if r["ext"] == "flac")
+    members = [("./a.flac", flac["audio"]), ("./a.json", json.dumps({"text": "hello", "language": "de"}).encode()),
+               ("./a.wav", encode(flac["audio"], "wav")),  # a second take of key a: FLAC is preferred
+               ("./b.txt", b"text without audio"), ("./c.cls", b"3")]
+    with tarfile.open(folder / "x.tar", "w") as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    out = prepare(_cfg(layout="webdataset", input=str(tmp_path / "wds")), str(tmp_path / "out"), log=_quiet)
+    rows = read_split(str(tmp_path / "out"))
+    assert [(r["id"], r["text"], r["language"], r["speaker"]) for r in rows] == [("a", "hello", "de", None)]
+    assert rows[0]["audio"] == flac["audio"]
+    assert out.skipped == 1 and read_skipped(str(tmp_path / "out"))["b"]["reason"].startswith("no audio member")
+
+
+# ------------------------------------------------------------------------------ plan
+
+
+def test_indices_are_stable_under_input_order(tmp_path, records):
+    path, good, _ = build_manifest_layout(tmp_path / "in", records, "jsonl")
+    lines = open(path).read().splitlines()
+    tables = []
+    for seed in (0, 1):
+        random.Random(seed).shuffle(lines)
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        out = prepare(_cfg(layout="manifest", input=path, shard_utterances=2), str(tmp_path / f"out{seed}"),
+                      log=_quiet)
+        assert len(out.manifest.splits["train"].shards) == 3
+        tables.append([pq.read_table(tmp_path / f"out{seed}" / rel) for rel in out.manifest.splits["train"].shards])
+    assert all(a.equals(b) for a, b in zip(*tables))
+    assert [r["id"] for t in tables[0] for r in t.to_pylist()] == sorted(good)
+
+
+def test_duplicate_id_is_a_one_line_error(tmp_path, records):
+    path, _, _ = build_manifest_layout(tmp_path / "in", records, "jsonl")
+    entries = [json.loads(line) for line in open(path)]
+    entries[3]["id"] = entries[2]["id"]
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in entries))
+    with pytest.raises(ConfigError) as err:
+        prepare(_cfg(layout="manifest", input=path), str(tmp_path / "out"), log=_quiet)
+    message = str(err.value)
+    assert f"duplicate utterance id {entries[2]['id']!r}" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+
+
+def test_cut_shards_respects_size_target_and_cap():
+    utts = [Utterance(f"u{i}", "t", f"/a/{i}", size_bytes=size) for i, size in enumerate([40, 40, 40, 100, 10, 10, 10])]
+    by_size = cut_shards(utts, "train", target_bytes=100)
+    assert [[u.id for u in j.utterances] for j in by_size] == [["u0", "u1"], ["u2"], ["u3"], ["u4", "u5", "u6"]]
+    assert [j.first_index for j in by_size] == [0, 2, 3, 4]
+    assert [j.relpath for j in by_size] == [shards.shard_name("train", n) for n in range(4)]
+    both = cut_shards(utts, "train", target_bytes=100, max_utterances=2)
+    assert [len(j.utterances) for j in both] == [2, 1, 1, 2, 1]
+    assert all(sum(u.size_bytes for u in j.utterances) <= 100 for j in both)
+
+
+def test_duration_limits_leave_out_and_list(tmp_path, records):
+    path, good, bad = build_manifest_layout(tmp_path / "in", records, "tsv")
+    cut_s = sorted(t["duration_s"] for t in good.values())[len(good) // 2]
+    out = prepare(_cfg(layout="manifest", input=path, min_duration_s=cut_s), str(tmp_path / "out"), log=_quiet)
+    short = {k for k, t in good.items() if t["duration_s"] < cut_s}
+    assert out.filtered == len(short) > 0 and out.skipped == 2
+    assert {r["id"] for r in read_split(str(tmp_path / "out"))} == set(good) - short
+    skipped = read_skipped(str(tmp_path / "out"))
+    assert set(skipped) == set(bad) | short
+    assert all("below min_duration_s" in skipped[k]["reason"] for k in short)
+
+
+# ------------------------------------------------------------------------------ resume, merge, errors
+
+
+def test_resume_rewrites_only_missing_shards_and_refuses_a_changed_input(tmp_path, records):
+    path, good, bad = build_manifest_layout(tmp_path / "in", records, "tsv")
+    out_dir = tmp_path / "out"
+    cfg = _cfg(layout="manifest", input=path, shard_utterances=2)
+    first = prepare(cfg, str(out_dir), log=_quiet)
+    assert (first.shards_written, first.shards_reused) == (3, 0)
+    assert json.loads((out_dir / "train" / STATE_FILE).read_text())["shards"].keys() == set(
+        first.manifest.splits["train"].shards)
+    mtimes = {p: os.stat(out_dir / p).st_mtime_ns for p in first.manifest.splits["train"].shards}
+    os.remove(out_dir / "train" / "shard-00001.parquet")  # as if the run had died before this shard
+    lines = []
+    second = prepare(cfg, str(out_dir), log=lines.append)
+    assert (second.shards_written, second.shards_reused) == (1, 2)
+    assert any("resuming: 2 of 3 shards already written" in line for line in lines)
+    assert os.stat(out_dir / "train" / "shard-00000.parquet").st_mtime_ns == mtimes["train/shard-00000.parquet"]
+    check_prepared(str(out_dir), good, bad)
+
+    with pytest.raises(ConfigError, match="holds a different prepare .*settings changed: shard_utterances 2 -> 3"
+                                          ".*delete .*train to start over"):
+        prepare(_cfg(layout="manifest", input=path, shard_utterances=3), str(out_dir), log=_quiet)
+    extra = tmp_path / "in" / "clips" / f"extra.{records[2]['ext']}"
+    extra.write_bytes(records[2]["audio"])
+    with open(path, "a") as f:  # the input grows by one utterance
+        f.write(f"clips/{extra.name}\tanother take\tx\n")
+    with pytest.raises(ConfigError, match="holds a different prepare .*the input files differ"):
+        prepare(cfg, str(out_dir), log=_quiet)
+    check_prepared(str(out_dir), good, bad)  # untouched by the refused runs
+
+
+def test_second_split_is_merged_into_the_manifest(tmp_path, records):
+    out_dir = str(tmp_path / "out")
+    path, _, _ = build_manifest_layout(tmp_path / "a", records[:4], "tsv")
+    prepare(_cfg(layout="manifest", input=path), out_dir, log=_quiet)
+    root, good, bad = build_librispeech_layout(tmp_path / "b", records[4:])
+    out = prepare(_cfg(layout="librispeech", input=root, split="test"), out_dir, log=_quiet)
+    manifest = shards.read_manifest(out_dir)
+    assert set(manifest.splits) == {"train", "test"} and manifest.splits["train"].num_utterances == 2
+    assert manifest.source["splits"]["train"]["layout"] == "manifest"
+    assert manifest.source["splits"]["test"]["layout"] == "librispeech" == manifest.source["layout"]
+    assert out.manifest.splits["test"].num_utterances == len(good)
+
+
+def test_input_errors_name_the_path_and_the_fix(tmp_path):
+    with pytest.raises(StorageError, match=re.escape(f"{tmp_path}/nope: not found") + ".*LibriSpeech root"):
+        prepare(_cfg(layout="librispeech", input=str(tmp_path / "nope")), str(tmp_path / "out"), log=_quiet)
+    with pytest.raises(StorageError, match="nope.tar: not found .*<key>.flac"):
+        prepare(_cfg(layout="webdataset", input=str(tmp_path / "nope.tar")), str(tmp_path / "out"), log=_quiet)
+    with pytest.raises(ConfigError, match="prepare.layout: 'kaldi' is not one of"):
+        _cfg(layout="kaldi", input=str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no utterances found for --layout librispeech .*trans.txt"):
+        prepare(_cfg(layout="librispeech", input=str(tmp_path / "empty")), str(tmp_path / "out"), log=_quiet)
+    with pytest.raises(ConfigError, match="no .tar files found"):
+        prepare(_cfg(layout="webdataset", input=str(tmp_path / "empty" / "*.tar")), str(tmp_path / "out"), log=_quiet)
+    with pytest.raises(ConfigError, match="no .tsv or .jsonl"):
+        prepare(_cfg(layout="manifest", input=str(tmp_path / "empty")), str(tmp_path / "out"), log=_quiet)
+    with pytest.raises(ConfigError, match="prepare.input: is required"):
+        _cfg(layout="manifest")
+
+
+def test_cli_prepare(tmp_path, records, capsys):
+    from raytrain_speech.cli import main
+
+    path, good, _ = build_manifest_layout(tmp_path / "in", records, "tsv")
+    out = str(tmp_path / "out")
+    assert main(["prepare", "--input", path, "--layout", "manifest", "--out", out, "--split", "dev",
+                 "--shard-mb", "0.05", "--workers", "0", "prepare.language=en"]) == 0
+    printed = capsys.readouterr().out
+    assert f"dev: {len(good)} utterances" in printed and "skipped 2 bad inputs" in printed
+    assert len(shards.read_manifest(out).splits["dev"].shards) > 1  # 50 kB target: several shards
+    assert main(["prepare", "--input", str(tmp_path / "missing"), "--layout", "manifest", "--out", out]) == 2
+    assert main(["prepare", "--input", path, "--layout", "kaldi", "--out", out]) == 2
+    assert main(["prepare", "--input", path, "--layout", "manifest", "--out", out, "train.max_steps=3"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(e.startswith("error: ") for e in errors), errors
+    assert "missing: not found" in errors[0] and "prepare.layout" in errors[1] and "train.*" in errors[2]
