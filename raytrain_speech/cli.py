@@ -1,4 +1,4 @@
-"""``raytrain-speech``: synth, train, tune, eval, transcribe, export, probe, models, demo.
+"""``raytrain-speech``: synth, prepare, train, tune, eval, transcribe, export, probe, models, demo.
 
 Configs are loaded and validated before anything starts Ray, and every expected failure (bad
 config, missing corpus, unreachable storage, a training error) ends as one ``error:`` line and exit
