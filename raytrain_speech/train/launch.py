@@ -90,6 +90,28 @@ def run_dir(cfg: Config) -> str:
     return storage.join(cfg.run.storage_path, cfg.run.name)
 
 
+DEFAULT_DASHBOARD_PORT = 8265
+
+
+def dashboard_port() -> int:
+    """Ray's usual dashboard port, or a free one when another local Ray on this machine holds it.
+
+    A second local cluster would otherwise start without a dashboard, and Train's placement-group
+    cleaner and preemption checks, which read it, fail in the background.
+    """
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", DEFAULT_DASHBOARD_PORT))
+            return DEFAULT_DASHBOARD_PORT
+        except OSError:
+            pass
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_ray(cfg: Config) -> None:
     """Join the configured/ambient cluster, or start a right-sized local one."""
     if ray.is_initialized():
@@ -103,7 +125,8 @@ def init_ray(cfg: Config) -> None:
     num_cpus = cfg.run.local_num_cpus or (os.cpu_count() or 1) + int(workers * cfg.run.cpus_per_worker)
     # The dashboard stays on: Train's placement-group cleaner and `ray job` use its state API.
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=cfg.run.object_store_memory_mb * 2**20,
-             include_dashboard=True, runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}}, **quiet)
+             include_dashboard=True, dashboard_port=dashboard_port(),
+             runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}}, **quiet)
 
 
 class RunRecordCallback(ray.train.UserCallback):

@@ -14,7 +14,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from raytrain_speech.data.synth import synthesize
-from raytrain_speech.train.launch import fit
+from raytrain_speech.train.launch import dashboard_port, fit
 from raytrain_speech.train.metrics import read_metrics
 from tests.conftest import tiny_config
 from tests.integration.audit import assert_exactly_once, read_attempts
@@ -29,7 +29,8 @@ def two_node_cluster(s3_endpoint):
     # A lost node is declared dead after missed health checks (Ray's default: ~30 s); a test need not wait.
     fast_health = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "object_store_memory": 300 * 2**20, "_system_config": fast_health})
+        "num_cpus": 2, "object_store_memory": 300 * 2**20, "_system_config": fast_health,
+        "dashboard_port": dashboard_port()})
     workers = [cluster.add_node(num_cpus=1, resources={"trainer_slot": 1}, object_store_memory=200 * 2**20)
                for _ in range(2)]
     cluster.wait_for_nodes()
