@@ -78,7 +78,7 @@ def test_wavlm_pretrain_then_ctc_finetune(ray_local, corpus, tmp_path):
     runs = str(tmp_path / "runs")
     _train("wavlm_large_plus_tiny", corpus, runs, 12)
     _train("wavlm_large_plus_ctc_tiny", corpus, runs, 16, f"train.init_from={os.path.join(runs, 'wavlm-large-plus-tiny')}",
-           "train.freeze_feature_encoder_steps=4")
+           "train.freeze_feature_encoder_steps=4", "train.freeze_pretrained_steps=4")
     _eval("wavlm_large_plus_ctc_tiny", runs, tmp_path)
 
 
@@ -88,7 +88,7 @@ def test_wav2vec2_pretrain_then_ctc_finetune(ray_local, corpus, tmp_path):
     metrics = _train("wav2vec2_xl_tiny", corpus, runs, 12)
     assert {"accuracy", "diversity", "code_perplexity"} <= set(metrics[-1])
     _train("wav2vec2_xl_ctc_tiny", corpus, runs, 16, f"train.init_from={os.path.join(runs, 'wav2vec2-xl-tiny')}",
-           "train.freeze_feature_encoder_steps=4")
+           "train.freeze_feature_encoder_steps=4", "train.freeze_pretrained_steps=4")
     _eval("wav2vec2_xl_ctc_tiny", runs, tmp_path)
 
 
