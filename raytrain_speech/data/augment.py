@@ -1,19 +1,23 @@
-"""Feature-side augmentation on the training device: SpecAugment masks and wav2vec 2.0-style span masks.
+"""Augmentation: speed perturbation and additive noise on the waveform (inside Ray Data, before the
+front end), SpecAugment masks and wav2vec 2.0-style span masks on the training device.
 
-Shapes: B = utterances, F = frames, M = mel bins.
+Shapes: B = utterances, F = frames, M = mel bins, T = samples.
 
-Masks are drawn per utterance from a generator seeded by (seed, epoch, utterance index), never from
-worker state, so an utterance gets the same masks on any worker, after any restart or resize, and a
-sweep over masking parameters compares like with like. Masked cells are set to 0, the mean of the
-per-utterance-normalised features.
+Every draw is per utterance from a generator seeded by (seed, epoch, utterance index), never from
+worker state, so an utterance gets the same augmentation on any worker and in any process, after any
+restart or resize, and a sweep over augmentation parameters compares like with like. Masked cells are
+set to 0, the mean of the per-utterance-normalised features.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torchaudio
 
 from raytrain_speech.configlib import require
 
@@ -34,6 +38,20 @@ class AugmentConfig:
     """Probability that a masked span starts at each frame (wav2vec 2.0's p; its recipe: 0.065)."""
     span_mask_frames: int = 10
     """Length of each masked span in frames (10 frames = 100 ms of log-mel)."""
+    speed_factors: tuple[float, ...] = ()
+    """Speed perturbation: each training utterance is played at one of these rates, drawn uniformly
+    (tempo and pitch change together, Kaldi/ESPnet style; recipes: [0.9, 1.0, 1.1]); empty = off."""
+    noise_root: str | None = None
+    """Shard corpus of noise clips (MUSAN prepared with `raytrain-speech prepare`, or `synth-noise`)
+    mixed into training utterances; None = no additive noise."""
+    noise_split: str = "noise"
+    """Split of noise_root holding the clips (`prepare` writes 'train', `synth-noise` writes 'noise')."""
+    noise_prob: float = 1.0
+    """Fraction of training utterances that get noise when noise_root is set."""
+    noise_snr_db: tuple[float, float] = (5.0, 20.0)
+    """Signal-to-noise ratio range in dB; each noisy utterance draws one uniformly."""
+    noise_max_clips: int = 256
+    """Noise clips each data process holds in memory (the first this many of the split)."""
 
     def validate(self) -> None:
         for key in ("freq_masks", "time_masks"):
@@ -42,10 +60,22 @@ class AugmentConfig:
         require(self.time_mask_max_frames >= 1, "augment.time_mask_max_frames", "must be >= 1")
         require(0.0 <= self.span_mask_prob < 1.0, "augment.span_mask_prob", "must be in [0, 1)")
         require(self.span_mask_frames >= 1, "augment.span_mask_frames", "must be >= 1")
+        require(all(0.5 <= f <= 2.0 for f in self.speed_factors), "augment.speed_factors",
+                "must be rates between 0.5 and 2.0, e.g. [0.9, 1.0, 1.1]")
+        require(0.0 <= self.noise_prob <= 1.0, "augment.noise_prob", "must be in [0, 1]")
+        lo, hi = self.noise_snr_db
+        require(lo <= hi, "augment.noise_snr_db", "must be [low, high] with low <= high")
+        require(self.noise_max_clips >= 1, "augment.noise_max_clips", "must be >= 1")
 
     @property
     def enabled(self) -> bool:
+        """Masks on the training device (SpecAugment or span masks)."""
         return self.freq_masks > 0 or self.time_masks > 0 or self.span_mask_prob > 0
+
+    @property
+    def waveform_enabled(self) -> bool:
+        """Waveform augmentation inside Ray Data (speed perturbation or additive noise)."""
+        return any(f != 1.0 for f in self.speed_factors) or (self.noise_root is not None and self.noise_prob > 0)
 
 
 def utterance_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -53,6 +83,74 @@ def utterance_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     # Masked to unsigned: SeedSequence rejects negatives, and filler rows (index -1) draw masks too.
     u64 = 0xFFFFFFFFFFFFFFFF
     return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch & u64, index & u64]))
+
+
+WAVEFORM_SALT = 0x57A7E  # waveform draws use their own stream, so turning them on leaves masks unchanged
+
+
+@functools.lru_cache(maxsize=16)
+def _speed_resampler(factor: float) -> torchaudio.transforms.Resample:
+    """Playing at ``factor`` x speed = reading the samples as if recorded at factor x the rate and
+    resampling back; rates are kept in hundredths so the sinc kernel is small (0.9 -> 9:10) and
+    built once per process."""
+    orig, new = round(factor * 100), 100
+    g = math.gcd(orig, new)
+    return torchaudio.transforms.Resample(orig // g, new // g)
+
+
+def speed_perturb(samples_T: np.ndarray, factor: float) -> np.ndarray:
+    """The utterance played ``factor`` times faster (shorter by 1/factor, pitch up by factor)."""
+    if factor == 1.0:
+        return samples_T
+    with torch.no_grad():
+        return _speed_resampler(factor)(torch.from_numpy(np.ascontiguousarray(samples_T))).numpy()
+
+
+def mix_noise(samples_T: np.ndarray, noise_T: np.ndarray, snr_db: float, offset: int = 0) -> np.ndarray:
+    """``samples_T`` plus the noise clip (looped from ``offset`` to the utterance's length) scaled so
+    that speech power / noise power = ``snr_db``; silent speech or silent noise is returned unchanged."""
+    n = samples_T.shape[0]
+    noise = np.resize(np.roll(noise_T, -offset), n).astype(np.float32)
+    p_speech = float(np.mean(np.square(samples_T, dtype=np.float64)))
+    p_noise = float(np.mean(np.square(noise, dtype=np.float64)))
+    if p_speech <= 0.0 or p_noise <= 0.0:
+        return samples_T
+    scale = math.sqrt(p_speech / (p_noise * 10.0 ** (snr_db / 10.0)))
+    return (samples_T + scale * noise).astype(np.float32)
+
+
+class WaveformAugmenter:
+    """Speed perturbation then additive noise for one utterance, drawn from (seed, epoch, index).
+
+    Runs in Ray Data's preprocessing tasks; ``noise_clips`` are loaded once per process by the caller.
+    The draws happen in a fixed order whether or not each is used, so changing one setting (say
+    noise_prob) does not reshuffle the others.
+    """
+
+    def __init__(self, cfg: AugmentConfig, noise_clips: list[np.ndarray] | None = None):
+        self.cfg = cfg
+        self.noise_clips = noise_clips or []
+        if cfg.noise_root is not None and cfg.noise_prob > 0 and not self.noise_clips:
+            raise ValueError(f"augment.noise_root={cfg.noise_root}: no noise clips loaded")
+
+    def draw(self, seed: int, epoch: int, index: int) -> dict:
+        """The augmentation one utterance gets: {speed, noise clip (or None), offset, snr_db}."""
+        rng = utterance_rng(seed ^ WAVEFORM_SALT, epoch, index)
+        factors = self.cfg.speed_factors or (1.0,)
+        speed = float(factors[int(rng.integers(len(factors)))])
+        noisy = bool(rng.random() < self.cfg.noise_prob) and bool(self.noise_clips)
+        clip = int(rng.integers(max(1, len(self.noise_clips))))
+        offset_u = float(rng.random())
+        snr_db = float(rng.uniform(*self.cfg.noise_snr_db))
+        return {"speed": speed, "clip": clip if noisy else None, "offset_u": offset_u, "snr_db": snr_db}
+
+    def __call__(self, samples_T: np.ndarray, seed: int, epoch: int, index: int) -> np.ndarray:
+        d = self.draw(seed, epoch, index)
+        out = speed_perturb(samples_T, d["speed"])
+        if d["clip"] is not None:
+            noise = self.noise_clips[d["clip"]]
+            out = mix_noise(out, noise, d["snr_db"], offset=int(d["offset_u"] * len(noise)))
+        return out
 
 
 def utterance_mask(cfg: AugmentConfig, num_frames: int, num_bins: int,

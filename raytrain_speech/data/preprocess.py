@@ -1,9 +1,15 @@
-"""Shard rows -> model-ready utterances: decode, resample, featurize, tokenize (no Ray).
+"""Shard rows -> model-ready utterances: duration filter, decode, resample, augment, featurize,
+tokenize (no Ray).
 
 The same ``Preprocessor`` runs inside Ray Data's ``map_batches`` for training and in-process for
 evaluation, so train and eval can never disagree on the front end. A row that fails keeps its place
 with an ``error`` reason instead of features: the consumer counts and logs it by utterance id, and
-nothing is dropped silently.
+nothing is dropped silently. Rows outside the duration filter are rejected the same way, from the
+``duration_s`` column alone (never decoded), with a reason that starts with ``FILTERED``.
+
+Training may move the log-mel to the training device (``features.placement: worker``): rows then carry
+the waveform, reflect-padded by n_fft/2 at both ends exactly as ``torch.stft(center=True)`` would pad
+it alone, so ``features.DeviceLogMel`` computes the same frames batched as the CPU path does per row.
 """
 
 from __future__ import annotations
@@ -14,12 +20,19 @@ import numpy as np
 import pyarrow as pa
 
 from raytrain_speech.data import audio
+from raytrain_speech.data.augment import WaveformAugmenter
 from raytrain_speech.data.batching import Utterance
-from raytrain_speech.data.features import FeatureConfig, FeatureExtractor
+from raytrain_speech.data.features import FeatureConfig, FeatureExtractor, center_pad
 from raytrain_speech.data.text import CharTokenizer, TextConfig, TextError, normalize_text
 
 INPUT_COLUMNS = ["index", "id", "audio", "duration_s", "text"]
 OPTIONAL_INPUT_COLUMNS = ["language"]
+FILTERED = "filtered: "
+"""Reason prefix of rows left out by the duration filter (counted apart from bad input)."""
+
+
+def is_filtered(reason: str) -> bool:
+    return reason.startswith(FILTERED)
 
 
 def input_columns(available) -> list[str]:
@@ -27,42 +40,86 @@ def input_columns(available) -> list[str]:
     return INPUT_COLUMNS + [c for c in OPTIONAL_INPUT_COLUMNS if c in set(available)]
 
 
-class Preprocessor:
-    """Callable on a column batch (dict of arrays/lists) -> column batch of ready utterances."""
+def _transcript(value) -> str:
+    """A shard's text cell as str; bytes that are not UTF-8 (a binary text column) are bad input."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray | np.bytes_):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise audio.AudioError("bad transcript: not valid UTF-8 (re-encode the transcript as UTF-8)") from None
+    return ""  # null: the tokenizer reports an empty transcript
 
-    def __init__(self, features: FeatureConfig, text: TextConfig):
+
+def _printable(value) -> str:
+    try:
+        return _transcript(value)
+    except audio.AudioError:
+        return ""
+
+
+class Preprocessor:
+    """Callable on a column batch (dict of arrays/lists) -> column batch of ready utterances.
+
+    ``augmenter`` (training only) perturbs each waveform from (seed, epoch, index) before the front
+    end; ``frontend_on_worker`` leaves the log-mel to the training device; ``duration_range_s`` is the
+    (min, max) duration filter, either end None.
+    """
+
+    def __init__(self, features: FeatureConfig, text: TextConfig, augmenter: WaveformAugmenter | None = None,
+                 frontend_on_worker: bool = False, duration_range_s: tuple[float | None, float | None] = (None, None)):
         self.features_cfg = features
         self.features = FeatureExtractor(features)
         self.tokenizer = CharTokenizer(text)
+        self.augmenter = augmenter
+        self.frontend_on_worker = frontend_on_worker and features.kind == "log_mel"
+        self.min_s, self.max_s = duration_range_s
 
-    def one(self, audio_bytes: bytes, text: str) -> tuple[np.ndarray, np.ndarray]:
+    def _filter_reason(self, duration_s: float) -> str:
+        if (self.min_s is not None and duration_s < self.min_s) or (self.max_s is not None and duration_s > self.max_s):
+            return (f"{FILTERED}duration {duration_s:.2f} s outside [{self.min_s}, {self.max_s}] "
+                    f"(data.min_duration_s / data.max_duration_s)")
+        return ""
+
+    def one(self, audio_bytes: bytes, text, index: int = 0, seed: int = 0,
+            epoch: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+        """(features or padded waveform, token ids, duration in seconds after augmentation)."""
         try:
-            targets = np.asarray(self.tokenizer.encode(text), dtype=np.int16)
+            targets = np.asarray(self.tokenizer.encode(_transcript(text)), dtype=np.int16)
         except TextError as err:
             raise audio.AudioError(f"bad transcript: {err}") from None
-        samples = audio.load(audio_bytes, self.features_cfg.sample_rate_hz)
-        return self.features(samples), targets
+        rate_hz = self.features_cfg.sample_rate_hz
+        samples = audio.load(audio_bytes, rate_hz)
+        if self.augmenter is not None:
+            samples = self.augmenter(samples, seed, epoch, index)
+        duration_s = samples.shape[0] / rate_hz
+        if self.frontend_on_worker:
+            return center_pad(samples, self.features_cfg), targets, duration_s
+        return self.features(samples), targets, duration_s
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict, seed: int = 0, epoch: int = 0) -> dict:
         n = len(batch["index"])
         feats, targets, errors = [], [], []
-        empty_f = np.zeros((0, self.features_cfg.n_mels), np.float32)
-        for audio_bytes, text in zip(batch["audio"], batch["text"]):
-            try:
-                f, t = self.one(audio_bytes, text if isinstance(text, str) else "")
-                feats.append(f)
-                targets.append(t)
-                errors.append("")
-            except audio.AudioError as err:
-                feats.append(empty_f)
-                targets.append(np.zeros(0, np.int16))
-                errors.append(str(err))
+        durations = np.asarray(batch["duration_s"], dtype=np.float32).copy()
+        empty_f = np.zeros((0,) if self.frontend_on_worker else (0, self.features_cfg.n_mels), np.float32)
+        for i, (index, audio_bytes, text) in enumerate(zip(batch["index"], batch["audio"], batch["text"])):
+            reason = self._filter_reason(float(durations[i]))
+            if not reason:
+                try:
+                    f, t, durations[i] = self.one(audio_bytes, text, int(index), seed, epoch)
+                except audio.AudioError as err:
+                    reason = str(err)
+            if reason:
+                f, t = empty_f, np.zeros(0, np.int16)
+            feats.append(f)
+            targets.append(t)
+            errors.append(reason)
         return {
             "index": np.asarray(batch["index"], dtype=np.int64),
             "id": np.asarray(batch["id"], dtype=object),
-            "duration_s": np.asarray(batch["duration_s"], dtype=np.float32),
-            "text": np.asarray([normalize_text(t) if isinstance(t, str) else "" for t in batch["text"]],
-                               dtype=object),
+            "duration_s": durations,
+            "text": np.asarray([normalize_text(_printable(t)) for t in batch["text"]], dtype=object),
             # Carried through for per-language scoring and the Whisper prompt; '' where a corpus has none.
             "language": np.asarray([v if isinstance(v, str) else "" for v in batch.get("language", [None] * n)],
                                    dtype=object),

@@ -41,3 +41,23 @@ def test_bad_front_end_config():
 
     with pytest.raises(ConfigError, match="n_fft"):
         FeatureConfig(n_fft=256).validate()
+
+
+def test_device_front_end_matches_the_cpu_path_row_by_row():
+    """features.placement=worker: a zero-padded batch of center-padded waveforms gives every row the
+    frames the Ray Data path computes for it alone (the short rows' last frames included)."""
+    from raytrain_speech.data.batching import Utterance, collate
+    from raytrain_speech.data.features import DeviceLogMel, center_pad
+
+    cfg = FeatureConfig()
+    rng = np.random.default_rng(0)
+    waves = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (16000, 9999, 4321, 16160)]
+    batch = collate([Utterance(i, str(i), len(w) / 16000, center_pad(w, cfg), np.ones(3, np.int64))
+                     for i, w in enumerate(waves)])
+    feats_BFM, frames_B = DeviceLogMel(cfg)(batch.features_BFM, batch.feature_lengths_B)
+    cpu = FeatureExtractor(cfg)
+    for b, w in enumerate(waves):
+        expected = cpu(w)
+        assert int(frames_B[b]) == expected.shape[0] == cfg.num_frames(len(w))
+        np.testing.assert_allclose(feats_BFM[b, : expected.shape[0]].numpy(), expected, atol=1e-5)
+        assert not feats_BFM[b, expected.shape[0]:].any()  # padding frames are zero

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from raytrain_speech.data import audio
 from raytrain_speech.data.features import FeatureConfig
@@ -21,3 +22,41 @@ def test_bad_rows_are_reported_with_id_and_reason_not_dropped():
     assert sorted(index for index, _, _ in bad) == [1, 2, 3]
     assert set(reasons) == {"corrupt", "badtext", "empty"}
     assert "decode" in reasons["corrupt"] and "transcript" in reasons["badtext"] and "empty" in reasons["empty"]
+
+
+def _row_batch(n: int = 3):
+    good = audio.encode_flac(np.sin(np.arange(16000) / 7).astype(np.float32) * 0.2, 16000)
+    return {"index": list(range(n)), "id": [f"u{i}" for i in range(n)], "audio": [good] * n,
+            "duration_s": [1.0] * n, "text": ["hello there"] * n}
+
+
+def test_duration_filter_rejects_from_metadata_without_decoding():
+    from raytrain_speech.data.preprocess import is_filtered
+
+    batch = _row_batch()
+    batch["duration_s"] = [0.2, 1.0, 40.0]
+    batch["audio"][0] = batch["audio"][2] = b"not audio: a filtered row is never decoded"
+    utts, bad = to_utterances(Preprocessor(FeatureConfig(), TextConfig(), duration_range_s=(0.5, 30.0))(batch))
+    assert [u.id for u in utts] == ["u1"]
+    assert [b[1] for b in bad] == ["u0", "u2"] and all(is_filtered(b[2]) for b in bad)
+    assert "data.max_duration_s" in bad[1][2]
+
+
+def test_binary_transcripts_decode_as_utf8_or_are_bad_input():
+    batch = _row_batch()
+    batch["text"] = [b"hello there", b"caf\xe9 latte", None]
+    utts, bad = to_utterances(Preprocessor(FeatureConfig(), TextConfig())(batch))
+    assert [u.text for u in utts] == ["hello there"]
+    reasons = {utt_id: reason for _, utt_id, reason in bad}
+    assert "not valid UTF-8" in reasons["u1"] and "empty transcript" in reasons["u2"]
+
+
+def test_worker_placement_ships_center_padded_waveforms_and_augmented_durations():
+    from raytrain_speech.data.augment import AugmentConfig, WaveformAugmenter
+
+    aug = WaveformAugmenter(AugmentConfig(speed_factors=(1.1,)))
+    out = Preprocessor(FeatureConfig(), TextConfig(), augmenter=aug, frontend_on_worker=True)(_row_batch(1), 0, 0)
+    (utt,), _ = to_utterances(out)
+    samples = -(-16000 * 10 // 11)  # ceil: torchaudio keeps the partial last sample
+    assert utt.features_FM.shape == (samples + 400,)  # n_fft // 2 reflected at each end
+    assert utt.duration_s == pytest.approx(samples / 16000, abs=1e-4)
