@@ -36,6 +36,30 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_synth_noise(args) -> int:
+    """Flags fill a NoiseSetConfig; ``noise.*`` and ``storage.*`` key=value overrides go on top."""
+    from raytrain_speech import storage
+    from raytrain_speech.config import apply_overrides
+    from raytrain_speech.configlib import from_dict
+    from raytrain_speech.data.noise import NoiseSetConfig, kind_counts, write_noise_set
+    from raytrain_speech.storage import StorageConfig
+
+    flags = {"clips": args.clips, "clip_duration_s": args.clip_seconds, "seed": args.seed}
+    data = apply_overrides({"noise": {k: v for k, v in flags.items() if v is not None}}, args.overrides)
+    unknown = sorted(set(data) - {"noise", "storage"})
+    if unknown:
+        raise ConfigError(f"override {unknown[0]}.*: synth-noise takes only noise.* and storage.* keys")
+    cfg = from_dict(NoiseSetConfig, data["noise"], prefix="noise.")
+    storage_cfg = from_dict(StorageConfig, data.get("storage", {}), prefix="storage.")
+    storage.check_reachable(args.out, storage_cfg)
+    start = time.time()
+    info = write_noise_set(cfg, args.out, storage_cfg, log=lambda s: None).splits["noise"]
+    kinds = ", ".join(f"{n} {kind}" for kind, n in kind_counts(cfg).items())
+    print(f"wrote {args.out}: split noise, {info.num_utterances} clips ({kinds}) of "
+          f"{cfg.clip_duration_s:g} s each, {len(info.shards)} shards, in {time.time() - start:.0f} s")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     """Flags fill a PrepareConfig; ``prepare.*`` and ``storage.*`` key=value overrides go on top."""
     from raytrain_speech.config import apply_overrides
@@ -299,6 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="corpus root (local path or s3://bucket/prefix); default data.root")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("synth-noise", help="synthesize a noise-shard set (white, pink, brown, babble, hum) "
+                                           "that stands in for MUSAN")
+    p.add_argument("--out", required=True, help="noise set root to write (local path or s3://bucket/prefix)")
+    p.add_argument("--clips", type=int, help="number of clips (default 48)")
+    p.add_argument("--clip-seconds", type=float, help="length of each clip in seconds (default 8)")
+    p.add_argument("--seed", type=int, help="random seed; the same seed writes the same audio (default 4321)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="noise.* and storage.* settings, e.g. noise.kinds=[white,babble]")
+    p.set_defaults(fn=cmd_synth_noise)
 
     p = sub.add_parser("prepare", help="convert a corpus (TSV/JSONL manifest, LibriSpeech, WebDataset tars) into "
                                        "shards (re-run to resume)")
