@@ -12,6 +12,7 @@ import io
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -116,3 +117,23 @@ def read_shard(uri: str, cfg: StorageConfig | None = None) -> pa.Table:
     if missing:
         raise StorageError(f"{uri}: shard is missing columns {', '.join(missing)}")
     return table
+
+
+def read_durations(root: str, split: str, storage_cfg: StorageConfig | None = None) -> np.ndarray:
+    """Every utterance's ``duration_s`` in the split, in shard order (for duration-bucket edges).
+
+    Only that column is read: through a random-access file, Parquet fetches the footer and the one
+    column chunk per row group, so on object storage these are small range reads rather than whole
+    shards of audio.
+    """
+    parts = []
+    for uri in shard_uris(root, split, storage_cfg):
+        fs, path = storage.resolve(uri, storage_cfg)
+        try:
+            with fs.open_input_file(path) as f:
+                column = pq.read_table(f, columns=["duration_s"]).column("duration_s")
+        except (pa.ArrowInvalid, OSError, KeyError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise StorageError(f"{uri}: cannot read the duration_s column of this shard ({reason})") from None
+        parts.append(column.to_numpy().astype(np.float64))
+    return np.concatenate(parts) if parts else np.zeros(0, np.float64)
