@@ -144,6 +144,7 @@ def cmd_train(args) -> int:
     outcome = fit(cfg, progress=not args.no_progress)
     print(f"run {cfg.run.name}: step {outcome.metrics.get('step')} in {outcome.wall_s:.0f} s; "
           f"checkpoint {outcome.checkpoint_uri}")
+    print(outcome.bad_input_summary)
     return 0
 
 
@@ -284,6 +285,7 @@ def cmd_demo(args) -> int:
         ("wall time (demo)", format_duration(time.time() - start)),
         (f"{cfg.eval.split} WER", f"{100 * res['wer']:.2f}%"),
         (f"{cfg.eval.split} CER", f"{100 * res['cer']:.2f}%"),
+        ("bad input", outcome.bad_input_summary.removeprefix("bad input: ").split(";")[0]),
         ("run directory", outcome.run_dir),
     ]
     print(summary_table(rows))

@@ -9,6 +9,7 @@ role, so they cannot leak into saved configs or logs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
-def _describe(uri: str, err: Exception) -> str:
+def describe_error(uri: str, err: Exception) -> str:
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     fix = ("check the bucket name, endpoint_url and AWS credentials in the environment"
            if is_remote(uri) else "check that the path exists")
@@ -98,7 +99,7 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
     except (OSError, FileNotFoundError) as err:
-        raise StorageError(_describe(uri, err)) from None
+        raise StorageError(describe_error(uri, err)) from None
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
@@ -111,7 +112,7 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
         with fs.open_output_stream(path) as f:
             f.write(data)
     except OSError as err:
-        raise StorageError(_describe(uri, err)) from None
+        raise StorageError(describe_error(uri, err)) from None
 
 
 def exists(uri: str, storage: StorageConfig | None = None) -> bool:
@@ -119,18 +120,31 @@ def exists(uri: str, storage: StorageConfig | None = None) -> bool:
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as err:
-        raise StorageError(_describe(uri, err)) from None
+        raise StorageError(describe_error(uri, err)) from None
+
+
+PREFLIGHT_DEADLINE_S = 25.0
+"""Longest the start-up check of a bucket may take before the run fails with the fix."""
 
 
 def check_reachable(uri: str, storage: StorageConfig | None = None) -> None:
-    """Fail fast with one line if the bucket/endpoint behind ``uri`` cannot be listed."""
+    """Fail fast with one line if the bucket/endpoint behind ``uri`` cannot be listed.
+
+    Runs with its own short timeouts (at most 2 attempts of 4 s to connect + 8 s to answer): an
+    endpoint that accepts connections but never answers would otherwise hold a run's start for
+    attempts x request_timeout_s (5 minutes with the defaults) before saying anything.
+    """
     if not is_remote(uri):
         return
-    fs, path = resolve(uri, storage)
+    storage = storage or StorageConfig()
+    quick = dataclasses.replace(storage, connect_timeout_s=min(storage.connect_timeout_s, 4.0),
+                                request_timeout_s=min(storage.request_timeout_s, 8.0),
+                                max_attempts=min(storage.max_attempts, 2))
+    fs, path = resolve(uri, quick)
     bucket = path.split("/", 1)[0]
     try:
         info = fs.get_file_info(bucket)
     except OSError as err:
-        raise StorageError(_describe(uri, err)) from None
+        raise StorageError(describe_error(uri, err)) from None
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"{uri}: bucket '{bucket}' does not exist (create it, or fix the URI)")

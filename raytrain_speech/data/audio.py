@@ -47,10 +47,22 @@ def validate(samples: np.ndarray, sample_rate_hz: int, min_duration_s: float = 0
         raise AudioError(f"audio shorter than {min_duration_s} s")
 
 
-def load(audio_bytes: bytes, sample_rate_hz: int) -> np.ndarray:
-    """Decode + mono + resample to ``sample_rate_hz`` + validate: the one entry point for readers."""
+def check_duration(samples: np.ndarray, sample_rate_hz: int, expected_duration_s: float) -> None:
+    """A file cut short (an interrupted upload or copy) still decodes, to fewer samples than its
+    header or the shard's ``duration_s`` promised; that is bad input, not a short utterance."""
+    got_s = samples.size / sample_rate_hz
+    if abs(got_s - expected_duration_s) > max(0.05, 0.02 * expected_duration_s):
+        raise AudioError(f"truncated or mislabelled audio: decodes to {got_s:.2f} s but duration_s says "
+                         f"{expected_duration_s:.2f} s (re-encode the file or re-run prepare)")
+
+
+def load(audio_bytes: bytes, sample_rate_hz: int, expected_duration_s: float | None = None) -> np.ndarray:
+    """Decode + mono + validate (+ duration check) + resample to ``sample_rate_hz``: the one entry
+    point for readers."""
     samples, source_hz = decode(audio_bytes)
     validate(samples, source_hz)
+    if expected_duration_s is not None:
+        check_duration(samples, source_hz, expected_duration_s)
     return resample(samples, source_hz, sample_rate_hz)
 
 

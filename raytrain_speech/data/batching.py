@@ -188,7 +188,8 @@ def batch_by_buckets(
     ``boundaries_s``, so an edge belongs to the bucket above it). A bucket's batch is emitted as soon as
     the next utterance would push (rows x longest) past the budget or past ``cfg.max_batch_utterances``,
     so memory is at most one open batch per bucket and batches come out in stream order (no length
-    curriculum). At the end the partial batches are flushed in an order shuffled by ``seed``. A single
+    curriculum). At the end the partial batches are pooled, re-cut by duration and flushed in an order
+    shuffled by ``seed``. A single
     utterance longer than the budget becomes a batch of its own (never dropped).
     """
     edges = sorted(boundaries_s)
@@ -205,6 +206,8 @@ def batch_by_buckets(
             longest_s[k] = 0.0
         batch.append(u)
         longest_s[k] = max(longest_s[k], u.duration_s)
-    rest = [b for b in open_batches if b]
+    # The leftovers of all buckets are cut together (sorted): one partial batch per bucket would add
+    # up to a bucket-count of small steps at every epoch end.
+    rest = _cut(sorted((u for b in open_batches for u in b), key=lambda u: u.duration_s), max_padded_s, cap)
     random.Random(seed).shuffle(rest)
     yield from rest

@@ -1,13 +1,21 @@
-"""The one Ray Data chain: shards in storage -> decoded, featurized, tokenized rows.
+"""The one Ray Data chain: shards in storage -> decoded, augmented, featurized, tokenized rows.
 
-    read_parquet(shard URIs, pyarrow filesystem) -> map_batches(Preprocessor) -> (streaming_split by Train)
+    check shard footers -> read_parquet(readable shard URIs, pyarrow filesystem) -> [drop consumed]
+      -> map_batches(Preprocessor: duration filter, decode, resample, speed + noise, [log-mel])
+      -> (streaming_split by Train)
 
 Training workers turn the rows into duration-bucketed batches themselves (``worker_batches``), so
 the chain stays a plain row transform that Ray Data can stream, backpressure and parallelise.
+
+Waveform augmentation is drawn from (seed, epoch, index), but a Ray Data task cannot know which epoch
+of a dataset it is serving: Train re-executes the same dataset every epoch. ``EpochClock`` (a tiny
+named actor per run) carries the epoch from rank 0 to the tasks; rank 0 sets it, behind a barrier,
+before any rank starts the next epoch's iteration.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,9 +28,11 @@ from ray.train import DataConfig as RayTrainDataConfig
 from raytrain_speech import storage
 from raytrain_speech.configlib import require
 from raytrain_speech.data import shards
-from raytrain_speech.data.batching import Batch, BatchingConfig, batch_by_duration, collate
+from raytrain_speech.data.augment import WaveformAugmenter
+from raytrain_speech.data.batching import Batch, BatchingConfig, batch_by_buckets, batch_by_duration, collate
 from raytrain_speech.data.preprocess import Preprocessor, input_columns, to_utterances
 from raytrain_speech.data.progress import drop_consumed
+from raytrain_speech.storage import StorageError
 
 if TYPE_CHECKING:
     from raytrain_speech.config import Config
@@ -48,20 +58,76 @@ class DataConfig:
     """Ray Data blocks each shard is read into: more blocks even out the ranks' shares at epoch end."""
     prefetch_batches: int = 4
     """Row batches each training worker prefetches."""
+    min_duration_s: float | None = None
+    """Training leaves out utterances shorter than this (from the duration_s column, before decoding;
+    counted as filtered, not bad). None = no lower limit."""
+    max_duration_s: float | None = None
+    """Training leaves out utterances longer than this (e.g. 30 s for Whisper). None = no upper limit."""
+    max_bad_fraction: float = 0.05
+    """Stop the run with an error when more than this fraction of the training utterances seen so far
+    were bad input (corrupt audio, bad transcripts, unreadable shards); judged once
+    bad_fraction_min_utterances were seen, and at every epoch end."""
+    bad_fraction_min_utterances: int = 200
+    """Utterances seen before max_bad_fraction is judged (a few bad files early on are no verdict)."""
 
     def validate(self) -> None:
         require(bool(self.root), "data.root", "must name a corpus (local path or s3://bucket/prefix)")
         require(self.preprocess_batch_rows >= 1, "data.preprocess_batch_rows", "must be >= 1")
         require(self.blocks_per_shard >= 1, "data.blocks_per_shard", "must be >= 1")
+        for key in ("min_duration_s", "max_duration_s"):
+            value = getattr(self, key)
+            require(value is None or value >= 0, f"data.{key}", "must be >= 0 or null")
+        require(self.min_duration_s is None or self.max_duration_s is None
+                or self.min_duration_s <= self.max_duration_s, "data.min_duration_s", "must be <= data.max_duration_s")
+        require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
+        require(self.bad_fraction_min_utterances >= 1, "data.bad_fraction_min_utterances", "must be >= 1")
+
+
+CLOCK_NAMESPACE = "raytrain_speech"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class EpochClock:
+    """The epoch a run's training workers are on, for the waveform augmentation inside Ray Data."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def set(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def get(self) -> int:
+        return self.epoch
+
+
+def epoch_clock_name(cfg: Config) -> str:
+    """One clock per run (run name + storage), so concurrent runs and sweep trials never share one."""
+    key = hashlib.sha256(f"{cfg.run.storage_path}/{cfg.run.name}".encode()).hexdigest()[:16]
+    return f"epoch-clock-{key}"
+
+
+def epoch_clock(name: str):
+    """The run's clock actor, created by whoever asks first."""
+    return EpochClock.options(name=name, namespace=CLOCK_NAMESPACE, get_if_exists=True).remote()
+
+
+def readable_shards(cfg: Config, split: str) -> tuple[list[str], list[shards.BadShard]]:
+    """The split's shards that can be read, and those that cannot (skipped, counted as bad input)."""
+    good, bad = shards.check_shards(cfg.data.root, split, cfg.storage)
+    if not good:
+        raise StorageError(f"{cfg.data.root}: no readable shard in split '{split}' "
+                           f"({bad[0].uri}: {bad[0].reason}); re-run `raytrain-speech prepare` or fix data.root")
+    return good, bad
 
 
 def build_dataset(cfg: Config, split: str, consumed: np.ndarray | None = None) -> ray.data.Dataset:
-    """The Ray Data chain for one split (lazy: nothing runs until a consumer iterates).
+    """The training chain for one split (lazy: nothing runs until a consumer iterates).
 
     ``consumed`` (a bitmap over the split's utterance indices) drops rows before they are decoded:
-    that is how a resumed epoch skips what the checkpoint says was already trained on.
+    that is how a resumed epoch skips what the checkpoint says was already trained on. Unreadable
+    shards are left out here; the training workers count their utterances as bad input.
     """
-    uris = shards.shard_uris(cfg.data.root, split, cfg.storage)
+    uris, _ = readable_shards(cfg, split)
     fs, _ = storage.resolve(cfg.data.root, cfg.storage)
     paths = [storage.resolve(u, cfg.storage)[1] for u in uris]
     # Several blocks per shard: Train's unequal streaming split hands out whole blocks, so at the end
@@ -74,8 +140,16 @@ def build_dataset(cfg: Config, split: str, consumed: np.ndarray | None = None) -
     if consumed is not None and consumed.any():
         ds = ds.map_batches(drop_consumed, fn_kwargs={"consumed": consumed}, batch_format="numpy",
                             batch_size=None, num_cpus=0.25)
+    waveform_aug = cfg.augment.waveform_enabled
+    recipe = {"features": cfg.features, "text": cfg.text, "augment": cfg.augment if waveform_aug else None,
+              "frontend_on_worker": cfg.features.placement == "worker",
+              "duration_range_s": (cfg.data.min_duration_s, cfg.data.max_duration_s), "storage": cfg.storage}
+    clock = None
+    if waveform_aug:
+        clock = epoch_clock_name(cfg)
+        epoch_clock(clock)  # exists before any task or worker asks for it
     return ds.map_batches(
-        _preprocess, fn_kwargs={"features": cfg.features, "text": cfg.text},
+        _preprocess, fn_kwargs={"recipe": recipe, "seed": cfg.train.seed, "clock": clock},
         batch_size=cfg.data.preprocess_batch_rows, batch_format="numpy", num_cpus=cfg.data.preprocess_cpus,
     )
 
@@ -114,26 +188,51 @@ def decode_rows(cfg: Config, split: str, decoder_cls: type, decoder_kwargs: dict
 
 
 _PREPROCESSORS: dict[str, Preprocessor] = {}
+_CLOCKS: dict[str, object] = {}
 
 
-def _preprocess(batch: dict, features, text) -> dict:
-    """Ray Data task body; keeps one Preprocessor (mel filterbank) per worker process and config."""
-    key = repr((features, text))
+def make_preprocessor(recipe: dict) -> Preprocessor:
+    """A training Preprocessor; loads the noise set (once per process) when noise is on."""
+    augment = recipe["augment"]
+    augmenter = None
+    if augment is not None:
+        clips = None
+        if augment.noise_root is not None and augment.noise_prob > 0:
+            from raytrain_speech.data.noise import load_noise_clips
+
+            clips = load_noise_clips(augment.noise_root, recipe["storage"], split=augment.noise_split,
+                                     max_clips=augment.noise_max_clips,
+                                     sample_rate_hz=recipe["features"].sample_rate_hz)
+        augmenter = WaveformAugmenter(augment, clips)
+    return Preprocessor(recipe["features"], recipe["text"], augmenter, recipe["frontend_on_worker"],
+                        recipe["duration_range_s"])
+
+
+def _preprocess(batch: dict, recipe: dict, seed: int, clock: str | None) -> dict:
+    """Ray Data task body; keeps one Preprocessor (mel filterbank, noise clips) per process and recipe."""
+    key = repr(recipe)
     if key not in _PREPROCESSORS:
         import torch
 
         torch.set_num_threads(1)  # data tasks share the cores with training workers
-        _PREPROCESSORS[key] = Preprocessor(features, text)
-    return _PREPROCESSORS[key](batch)
+        _PREPROCESSORS[key] = make_preprocessor(recipe)
+    epoch = 0
+    if clock is not None:
+        if clock not in _CLOCKS:
+            _CLOCKS[clock] = ray.get_actor(clock, namespace=CLOCK_NAMESPACE)
+        epoch = ray.get(_CLOCKS[clock].get.remote())
+    return _PREPROCESSORS[key](batch, seed, epoch)
 
 
 def worker_batches(
     rows: Iterator[dict], max_padded_s: float, batching: BatchingConfig, seed: int,
-    on_bad=None,
+    on_bad=None, boundaries_s: list[float] | None = None,
 ) -> Iterator[Batch]:
     """Row batches from a dataset shard -> padded training batches bounded by audio seconds.
 
-    ``on_bad(index, id, reason)`` is called for every row the preprocessor rejected.
+    ``on_bad(index, id, reason)`` is called for every row the preprocessor rejected; with
+    ``boundaries_s`` (duration quantiles of the split) batches are cut per duration bucket, else
+    from a sorted window.
     """
 
     def utterances():
@@ -144,7 +243,11 @@ def worker_batches(
                     on_bad(index, utt_id, reason)
             yield from good
 
-    for group in batch_by_duration(utterances(), max_padded_s, batching, seed=seed):
+    if boundaries_s:
+        groups = batch_by_buckets(utterances(), boundaries_s, max_padded_s, batching, seed=seed)
+    else:
+        groups = batch_by_duration(utterances(), max_padded_s, batching, seed=seed)
+    for group in groups:
         yield collate(group)
 
 

@@ -82,15 +82,16 @@ class Preprocessor:
                     f"(data.min_duration_s / data.max_duration_s)")
         return ""
 
-    def one(self, audio_bytes: bytes, text, index: int = 0, seed: int = 0,
-            epoch: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
-        """(features or padded waveform, token ids, duration in seconds after augmentation)."""
+    def one(self, audio_bytes: bytes, text, index: int = 0, seed: int = 0, epoch: int = 0,
+            duration_s: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        """(features or padded waveform, token ids, duration in seconds after augmentation);
+        ``duration_s`` (the shard's column) catches files cut short."""
         try:
             targets = np.asarray(self.tokenizer.encode(_transcript(text)), dtype=np.int16)
         except TextError as err:
             raise audio.AudioError(f"bad transcript: {err}") from None
         rate_hz = self.features_cfg.sample_rate_hz
-        samples = audio.load(audio_bytes, rate_hz)
+        samples = audio.load(audio_bytes, rate_hz, duration_s)
         if self.augmenter is not None:
             samples = self.augmenter(samples, seed, epoch, index)
         duration_s = samples.shape[0] / rate_hz
@@ -107,7 +108,7 @@ class Preprocessor:
             reason = self._filter_reason(float(durations[i]))
             if not reason:
                 try:
-                    f, t, durations[i] = self.one(audio_bytes, text, int(index), seed, epoch)
+                    f, t, durations[i] = self.one(audio_bytes, text, int(index), seed, epoch, float(durations[i]))
                 except audio.AudioError as err:
                     reason = str(err)
             if reason:

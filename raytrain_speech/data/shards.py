@@ -119,15 +119,16 @@ def read_shard(uri: str, cfg: StorageConfig | None = None) -> pa.Table:
     return table
 
 
-def read_durations(root: str, split: str, storage_cfg: StorageConfig | None = None) -> np.ndarray:
+def read_durations(root: str, split: str, storage_cfg: StorageConfig | None = None,
+                   uris: list[str] | None = None) -> np.ndarray:
     """Every utterance's ``duration_s`` in the split, in shard order (for duration-bucket edges).
 
     Only that column is read: through a random-access file, Parquet fetches the footer and the one
     column chunk per row group, so on object storage these are small range reads rather than whole
-    shards of audio.
+    shards of audio. ``uris``: only these shards (the readable ones).
     """
     parts = []
-    for uri in shard_uris(root, split, storage_cfg):
+    for uri in shard_uris(root, split, storage_cfg) if uris is None else uris:
         fs, path = storage.resolve(uri, storage_cfg)
         try:
             with fs.open_input_file(path) as f:
@@ -137,3 +138,57 @@ def read_durations(root: str, split: str, storage_cfg: StorageConfig | None = No
             raise StorageError(f"{uri}: cannot read the duration_s column of this shard ({reason})") from None
         parts.append(column.to_numpy().astype(np.float64))
     return np.concatenate(parts) if parts else np.zeros(0, np.float64)
+
+
+@dataclass
+class BadShard:
+    """A listed shard that cannot be read; its utterances are skipped and counted as bad input."""
+
+    uri: str
+    reason: str
+    first_index: int
+    utterances: int
+
+
+def first_indices(info: SplitInfo) -> list[int]:
+    """Index of each shard's first utterance: shards hold consecutive indices in manifest order
+    (``synth`` and ``prepare`` both write them so), which is how an unreadable shard's utterances are
+    still accounted for."""
+    out, total = [], 0
+    for n in info.utterances:
+        out.append(total)
+        total += n
+    return out
+
+
+def check_shards(root: str, split: str, cfg: StorageConfig | None = None) -> tuple[list[str], list[BadShard]]:
+    """(readable shard URIs, unreadable ones) of a split, from each shard's Parquet footer only.
+
+    A file that is not Parquet, or lacks a required column, would otherwise fail inside Ray Data's
+    read and take the run down with it (or, retried, forever); here it becomes one counted skip.
+    """
+    manifest = read_manifest(root, cfg)
+    if split not in manifest.splits:
+        raise StorageError(f"{root}: no split '{split}' (have: {', '.join(sorted(manifest.splits))})")
+    info = manifest.splits[split]
+    good, bad = [], []
+    for rel, n, first in zip(info.shards, info.utterances, first_indices(info)):
+        uri = storage.join(root, rel)
+        fs, path = storage.resolve(uri, cfg)
+        try:
+            with fs.open_input_file(path) as f:
+                names = pq.ParquetFile(f).schema_arrow.names
+        except FileNotFoundError:
+            bad.append(BadShard(uri, "shard listed in the manifest is missing", first, n))
+            continue
+        except pa.ArrowInvalid as err:
+            bad.append(BadShard(uri, f"not a Parquet shard ({str(err).splitlines()[0]})", first, n))
+            continue
+        except OSError as err:  # unreachable storage is not bad input: fail with the fix
+            raise StorageError(storage.describe_error(uri, err)) from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            bad.append(BadShard(uri, f"shard is missing columns {', '.join(missing)}", first, n))
+        else:
+            good.append(uri)
+    return good, bad

@@ -38,12 +38,15 @@ class TrainState:
     utterances_seen: int = 0
     train_wall_s: float = 0.0
     bad_utterances: int = 0
+    filtered_utterances: int = 0
     skipped_steps: int = 0
     attempts: int = 0
     world_sizes: list[int] = field(default_factory=list)
     best_valid: float | None = None
     bad_validations: int = 0
     stopped_early: bool = False
+    stop_reason: str = ""
+    """Why the run stopped before max_steps ('' = it did not): early stopping, or too much bad input."""
 
 
 def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,

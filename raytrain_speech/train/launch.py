@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from raytrain_speech import storage
 from raytrain_speech.configlib import require
+from raytrain_speech.data.badinput import BAD_INPUTS_FILE, read_bad_inputs, summary_line
 from raytrain_speech.data.pipeline import UnequalSplitDataConfig, build_dataset
 from raytrain_speech.train.checkpoint import latest_committed_cursor
 from raytrain_speech.train.metrics import (
@@ -234,6 +235,8 @@ class FitOutcome:
     metrics: dict
     wall_s: float
     run_card: dict
+    bad_input_summary: str = "bad input: none"
+    """One line: skipped utterances per reason and where they are listed."""
 
 
 class TrainingFailed(RuntimeError):
@@ -256,7 +259,12 @@ def fit(cfg: Config, progress: bool = True, out=print, callbacks: list | None = 
     ckpt = checkpoint_uri(cfg, result.checkpoint.path) if result.checkpoint else None
     records = read_metrics(metrics_uri, cfg.storage)
     card = write_run_card(run_dir(cfg), records, run_info(cfg), cfg.storage) if records else {}
-    return FitOutcome(run_dir(cfg), ckpt, dict(result.metrics or {}), time.time() - start, card)
+    bad_uri = storage.join(run_dir(cfg), BAD_INPUTS_FILE)
+    bad_line = summary_line(read_bad_inputs(bad_uri, cfg.storage), bad_uri)
+    metrics = dict(result.metrics or {})
+    if str(metrics.get("stop_reason", "")).startswith("too much bad input"):
+        raise TrainingFailed(f"{metrics['stop_reason']} [{bad_line}]")
+    return FitOutcome(run_dir(cfg), ckpt, metrics, time.time() - start, card, bad_line)
 
 
 def _fit(trainer: TorchTrainer):

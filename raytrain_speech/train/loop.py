@@ -24,10 +24,14 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from raytrain_speech import storage
 from raytrain_speech.configlib import require
 from raytrain_speech.data.augment import mask_batch, model_span_mask
-from raytrain_speech.data.batching import Batch
-from raytrain_speech.data.pipeline import worker_batches
+from raytrain_speech.data.badinput import BadInputLog
+from raytrain_speech.data.batching import Batch, duration_quantile_boundaries
+from raytrain_speech.data.features import DeviceLogMel
+from raytrain_speech.data.pipeline import epoch_clock, epoch_clock_name, readable_shards, worker_batches
+from raytrain_speech.data.preprocess import is_filtered
 from raytrain_speech.data.text import CharTokenizer
 from raytrain_speech.models.registry import build_model, count_parameters, objective_for
 from raytrain_speech.objectives import ctc
@@ -168,6 +172,24 @@ def lockstep(batches: Iterator[Batch], accum: int, device: torch.device, units=c
         yield group, totals
 
 
+def all_gather(value, world: int) -> list:
+    """Every rank's ``value`` (picklable), in rank order."""
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def broadcast(value, rank: int):
+    """Rank 0's ``value`` on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def merge_consumed(consumed, device: torch.device):
     """OR of every rank's consumed bitmap (an all-reduce MAX over uint8)."""
     t = torch.from_numpy(consumed.astype("uint8")).to(device)
@@ -276,7 +298,14 @@ class WorkerRun:
         self.state.world_sizes.append(self.world)
         self.accum, self.micro_budget_s = self.tc.accumulation(self.world)
         self.config_yaml = dump_yaml(cfg)
-        self.bad_local = 0
+        self.bad_local = self.filtered_local = 0
+        self.bad_new: list[dict] = []
+        self.bad_log = BadInputLog(storage.join(cfg.run.storage_path, cfg.run.name), cfg.storage)
+        self.bad_log.load()  # every rank reads the records of earlier attempts now, before rank 0 writes
+        self.bad_shards, self.boundaries_s = broadcast(self._data_plan() if self.rank == 0 else None, self.rank)
+        self.frontend = (DeviceLogMel(cfg.features).to(self.device)
+                         if cfg.features.placement == "worker" and cfg.features.kind == "log_mel" else None)
+        self.clock = epoch_clock(epoch_clock_name(cfg)) if cfg.augment.waveform_enabled else None
         self.stale_rows = 0
         self.filler: Batch = filler_batch(cfg)
         self.window = Window()
@@ -301,6 +330,18 @@ class WorkerRun:
                        "world_size": self.world,
                        "pid": os.getpid(), "restored_step": self.state.step, "grad_accum": self.accum})
 
+    def _data_plan(self) -> tuple[list, list[float] | None]:
+        """(unreadable shards of the train split, duration-bucket boundaries): read once, on rank 0."""
+        from raytrain_speech.data.shards import read_durations
+
+        good, bad = readable_shards(self.cfg, self.cfg.data.train_split)
+        boundaries = None
+        n_buckets = self.cfg.batching.duration_buckets
+        if n_buckets > 1:
+            durations = read_durations(self.cfg.data.root, self.cfg.data.train_split, self.cfg.storage, good)
+            boundaries = duration_quantile_boundaries(durations, n_buckets)
+        return bad, boundaries
+
     def _agree_attempt_id(self) -> str:
         """One id for all ranks of this attempt (rank 0's), so audit logs group by attempt."""
         import uuid
@@ -317,11 +358,40 @@ class WorkerRun:
     # -- data ------------------------------------------------------------------------------------------
 
     def _on_bad(self, index: int, utt_id: str, reason: str) -> None:
-        """A rejected row counts as consumed (it was seen and skipped, not lost)."""
-        self.bad_local += 1
+        """A rejected row counts as consumed (it was seen and skipped, not lost); bad input is logged
+        by id and reason, rows outside the duration filter only counted."""
         self.cursor.mark([index])
+        if is_filtered(reason):
+            self.filtered_local += 1
+            return
+        self.bad_local += 1
+        self.bad_new.append({"epoch": self.cursor.epoch, "index": index, "id": utt_id, "reason": reason})
         if self.bad_local <= 5:
             print(f"[raytrain-speech] skipped utterance {utt_id}: {reason}", file=sys.stderr, flush=True)
+
+    def _skip_bad_shards(self) -> None:
+        """Unreadable shards' utterances count as consumed bad input, once per epoch (on rank 0)."""
+        if self.rank != 0:
+            return
+        for b in self.bad_shards:
+            span = slice(b.first_index, b.first_index + b.utterances)
+            if self.cursor.consumed[span].all():
+                continue  # a resumed epoch: already counted before the checkpoint
+            self.cursor.consumed[span] = True
+            self.bad_local += b.utterances
+            self.bad_new.append({"epoch": self.cursor.epoch, "shard": b.uri, "first_index": b.first_index,
+                                 "utterances": b.utterances, "reason": b.reason})
+            print(f"[raytrain-speech] skipped shard {b.uri} ({b.utterances} utterances): {b.reason}",
+                  file=sys.stderr, flush=True)
+
+    def _start_epoch(self) -> None:
+        """Before any rank iterates an epoch: count unreadable shards, and set the epoch clock that the
+        Ray Data augmentation reads (the barrier keeps every rank from starting before it is set)."""
+        self._skip_bad_shards()
+        if self.clock is not None:
+            if self.rank == 0:
+                ray.get(self.clock.set.remote(self.cursor.epoch))
+            all_reduce_sum([0.0], self.device)
 
     def _epoch_batches(self, shard, already_consumed) -> Iterator[Batch]:
         rows = shard.iter_batches(batch_size=self.cfg.data.preprocess_batch_rows, batch_format="numpy",
@@ -333,7 +403,9 @@ class WorkerRun:
         cap = self.tc.utterance_cap(self.world)
         if cap is not None:
             batching = replace(batching, max_batch_utterances=min(cap, batching.max_batch_utterances or cap))
-        batches = worker_batches(rows, self.micro_budget_s, batching, seed, self._on_bad)
+        batches = worker_batches(rows, self.micro_budget_s, batching, seed, self._on_bad, self.boundaries_s)
+        if self.frontend is not None:  # before the SSL masks, which are drawn over feature frames
+            batches = map(self._featurize, batches)
         return map(self._with_ssl_mask, batches) if self.ssl_masks else batches
 
     def _with_ssl_mask(self, batch: Batch) -> Batch:
@@ -369,14 +441,21 @@ class WorkerRun:
             shard = ray.train.get_dataset_shard("train_resume") if resuming else train_shard
             already = self.cursor.consumed.copy() if resuming else None
             first = False
+            self._start_epoch()
             epoch_start_step = self.state.step
             for group, totals in lockstep(self._epoch_batches(shard, already), self.accum, self.device,
                                           self.objective.units):
                 self._step(group, totals)
                 if self.state.step >= tc.max_steps or self.state.stopped_early:
                     return self._finish()
-            self._end_epoch(epoch_start_step)
+            self._end_epoch(epoch_start_step, resuming)
         self._finish()
+
+    def _featurize(self, batch: Batch) -> Batch:
+        """``features.placement: worker``: the batch's center-padded waveforms -> log-mel on the device."""
+        batch = batch.to(self.device)
+        feats, frames = self.frontend(batch.features_BFM, batch.feature_lengths_B)
+        return replace(batch, features_BFM=feats, feature_lengths_B=frames)
 
     def _step(self, group: list[Batch], totals: list[float]) -> None:
         group = [b.to(self.device) for b in group]
@@ -471,17 +550,21 @@ class WorkerRun:
     def _metrics(self, lr: float | None, now: float) -> tuple[dict, TrainState]:
         w = self.window
         extra_keys = [f"{k}_sum" for k in self.objective.extra_stats]
-        loss_sum, tokens, bad, *extra = all_reduce_sum(
-            [w.loss_sum, w.tokens, self.bad_local, *(w.extra_sums.get(k, 0.0) for k in extra_keys)], self.device)
+        loss_sum, tokens, filtered, *extra = all_reduce_sum(
+            [w.loss_sum, w.tokens, self.filtered_local, *(w.extra_sums.get(k, 0.0) for k in extra_keys)], self.device)
         st = self.state
-        snapshot = TrainState(**{**st.__dict__, "bad_utterances": st.bad_utterances + int(bad)})
+        bad = self._sync_bad_inputs()
+        self._judge_bad_fraction(bad, final=False)
+        snapshot = TrainState(**{**st.__dict__, "bad_utterances": bad,
+                                 "filtered_utterances": st.filtered_utterances + int(filtered)})
         metrics = {
             "step": st.step, "epoch": self.cursor.epoch, "lr": lr,
             "audio_hours_seen": st.audio_s_seen / 3600, "utterances_seen": st.utterances_seen,
             "throughput_audio_s_per_s": self.attempt_audio_s / max(now - self.attempt_start, 1e-9),
             "train_wall_s": st.train_wall_s, "world_size": self.world, "grad_accum": self.accum,
             "micro_batch_audio_s": self.micro_budget_s, "attempt": st.attempts,
-            "bad_utterances": snapshot.bad_utterances, "skipped_steps": st.skipped_steps,
+            "bad_utterances": snapshot.bad_utterances, "filtered_utterances": snapshot.filtered_utterances,
+            "skipped_steps": st.skipped_steps, "stop_reason": st.stop_reason,
             "parameters": self.n_params, "device": device_name(self.device), "stopped_early": st.stopped_early,
             "attempt_elapsed_s": now - self.attempt_start, "checkpoint_blocked_s": self.checkpoint_blocked_s,
             "report_blocked_s": self.report_blocked_s, "worker_rss_mb": rss_mb(),
@@ -494,6 +577,30 @@ class WorkerRun:
             metrics["masked_fraction"] = w.masked_fraction / w.masked_batches
         self.window = Window()
         return metrics, snapshot
+
+    def _sync_bad_inputs(self) -> int:
+        """Gather every rank's new bad-input records into the run's log (rank 0 writes it); returns the
+        run's bad-utterance count, the same on every rank (a collective: all ranks call it together)."""
+        (n_new,) = all_reduce_sum([len(self.bad_new)], self.device)
+        if n_new:
+            gathered = all_gather(self.bad_new, self.world)
+            self.bad_log.add([r for part in gathered for r in part], write=self.rank == 0)
+            self.bad_new = []
+        return self.bad_log.count
+
+    def _judge_bad_fraction(self, bad: int, final: bool) -> None:
+        """Stop the run (every rank, same step) when bad input exceeds data.max_bad_fraction."""
+        dc, st = self.cfg.data, self.state
+        seen = st.utterances_seen + bad
+        if st.stopped_early or not bad or (not final and seen < dc.bad_fraction_min_utterances):
+            return
+        if bad / seen > dc.max_bad_fraction:
+            st.stopped_early = True
+            st.stop_reason = (f"too much bad input: {bad} of {seen} training utterances ({100 * bad / seen:.1f}%) "
+                              f"were skipped, above data.max_bad_fraction={dc.max_bad_fraction}; see "
+                              f"{self.bad_log.uri} (fix or remove those inputs, or raise data.max_bad_fraction)")
+            if self.rank == 0:
+                print(f"[raytrain-speech] stopping: {st.stop_reason}", file=sys.stderr, flush=True)
 
     def _report(self, lr: float | None, now: float, checkpoint_now: bool, extra: dict | None = None,
                 sync_upload: bool = False) -> None:
@@ -525,11 +632,13 @@ class WorkerRun:
         else:
             self.report_blocked_s += blocked
 
-    def _end_epoch(self, epoch_start_step: int) -> None:
-        if self.state.step == epoch_start_step and self.cursor.empty:
+    def _end_epoch(self, epoch_start_step: int, resumed_tail: bool) -> None:
+        self._judge_bad_fraction(self._sync_bad_inputs(), final=True)
+        if self.state.step == epoch_start_step and not resumed_tail and not self.state.stopped_early:
             raise RuntimeError(
-                f"epoch {self.state.epoch} gave no step: the train split is empty after filtering "
-                f"(check data.root and the bad-input messages above)")
+                f"epoch {self.state.epoch} gave no step: no usable utterance in {self.cfg.data.root} split "
+                f"{self.cfg.data.train_split} after filtering (check data.min/max_duration_s and the "
+                f"bad-input messages above)")
         merged = merge_consumed(self.cursor.consumed, self.device)
         missing = int((~merged).sum())
         (stale,) = all_reduce_sum([self.stale_rows], self.device)

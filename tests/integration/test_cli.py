@@ -53,6 +53,25 @@ def test_unreachable_storage_is_a_clear_error(tmp_path):
     assert len(lines) == 1 and "s3://no-bucket/x" in lines[0] and "endpoint_url" in lines[0]
 
 
+def test_endpoint_that_never_answers_fails_within_30_s(tmp_path):
+    """A listening socket that accepts connections and never replies (a wedged proxy, a firewall that
+    swallows packets) with the default timeouts: the start-up check gives up with one line in < 30 s."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        start = time.monotonic()
+        proc = _run(["train", "data.root=s3://quiet-bucket/x",
+                     f"storage.endpoint_url=http://127.0.0.1:{silent.getsockname()[1]}"], timeout=120,
+                    env={**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"})
+        elapsed_s = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "s3://quiet-bucket/x" in lines[0] and "endpoint_url" in lines[0]
+    assert elapsed_s < 30, f"took {elapsed_s:.0f} s to fail"
+
+
 def test_demo_end_to_end_small(tmp_path):
     """`raytrain-speech demo` on a tiny bilingual corpus: synth -> train 2 workers -> eval -> summary table;
     then every inference command on the run it made: eval (several test sets, per language, in-process and

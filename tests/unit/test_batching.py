@@ -128,11 +128,12 @@ def test_buckets_respect_budget_and_cap_and_emit_every_utterance_once():
     for cap in (None, 5):
         batches = list(batch_by_buckets(utts, edges, 20.0, BatchingConfig(max_batch_utterances=cap), seed=1))
         assert sorted(u.index for b in batches for u in b) == list(range(500))
-        for b in batches:
+        for k, b in enumerate(batches):
             assert len(b) == 1 or len(b) * max(u.duration_s for u in b) <= 20.0
             assert cap is None or len(b) <= cap
             bucket = {int(np.searchsorted(edges, u.duration_s, side="right")) for u in b}
-            assert len(bucket) == 1  # a batch never mixes buckets
+            # a batch never mixes buckets, except the pooled leftovers cut at the end of the stream
+            assert len(bucket) == 1 or k >= len(batches) - (len(edges) + 1)
 
 
 def test_bucket_oversized_utterance_alone_and_flush_is_seeded():
@@ -143,8 +144,8 @@ def test_bucket_oversized_utterance_alone_and_flush_is_seeded():
     assert sorted(u.index for b in batches for u in b) == list(range(60))
     assert [[u.index for u in b] for b in batches if any(u.duration_s == 50.0 for u in b)] == [[4], [30]]
     order = [[[u.index for u in b] for b in batch_by_buckets(utts, edges, 10.0, BatchingConfig(), seed=s)]
-             for s in (2, 2, 3)]
-    assert order[0] == order[1] != order[2]
+             for s in (2, 2, *range(3, 12))]
+    assert order[0] == order[1] and any(o != order[0] for o in order[2:])
     assert sorted(map(tuple, order[0])) == sorted(map(tuple, order[2]))
 
 

@@ -35,3 +35,20 @@ def test_missing_corpus_split_columns_and_non_parquet(tmp_path):
     (tmp_path / "junk.parquet").write_bytes(b"definitely not parquet")
     with pytest.raises(StorageError, match="not a readable Parquet"):
         shards.read_shard(str(tmp_path / "junk.parquet"))
+
+
+def test_check_shards_sets_unreadable_shards_aside_with_their_index_ranges(tmp_path):
+    rows = [{"index": i, "id": f"u{i}", "audio": b"x", "sample_rate_hz": 16000, "duration_s": 1.0, "text": "a"}
+            for i in range(10)]
+    shards.write_shard(str(tmp_path), "train/shard-00000.parquet", shards.rows_to_table(rows[:4]))
+    (tmp_path / "train" / "shard-00001.parquet").write_bytes(b"PK\x03\x04 a zip file, not Parquet")
+    pq.write_table(pa.table({"index": [7, 8], "id": ["u7", "u8"]}), tmp_path / "train" / "shard-00002.parquet")
+    shards.write_shard(str(tmp_path), "train/shard-00003.parquet", shards.rows_to_table(rows[9:]))
+    names = [f"train/shard-0000{i}.parquet" for i in range(5)]  # shard 4 is listed but was never written
+    shards.write_manifest(str(tmp_path), shards.Manifest(splits={"train": shards.SplitInfo(names, [4, 3, 2, 1, 5])}))
+    good, bad = shards.check_shards(str(tmp_path), "train")
+    assert good == [str(tmp_path / names[0]), str(tmp_path / names[3])]
+    assert [(b.uri.rsplit("/", 1)[1], b.first_index, b.utterances) for b in bad] == [
+        ("shard-00001.parquet", 4, 3), ("shard-00002.parquet", 7, 2), ("shard-00004.parquet", 10, 5)]
+    assert "not a Parquet shard" in bad[0].reason and "missing columns audio" in bad[1].reason
+    assert "missing" in bad[2].reason

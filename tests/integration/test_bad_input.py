@@ -1,0 +1,128 @@
+"""Bad input end to end on a real local Ray: a corpus seeded with every kind of bad row and bad shard
+trains to completion, the run's bad-input log lists exactly the bad ids with their reasons, every good
+utterance is trained on exactly once, and a corpus over data.max_bad_fraction stops with one clear line."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from raytrain_speech.data import audio, shards
+from raytrain_speech.data.badinput import BAD_INPUTS_FILE, read_bad_inputs
+from raytrain_speech.data.synth import synthesize
+from raytrain_speech.train.launch import TrainingFailed, fit
+from tests.conftest import tiny_config
+from tests.integration.audit import read_attempts, surviving_steps
+
+
+def _wav(samples: np.ndarray, rate_hz: int, subtype: str = "PCM_16") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate_hz, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+def _bad_rows(rows: list[dict]) -> dict[str, str]:
+    """Overwrite some rows in place with each kind of bad input; make two others odd but good.
+    Returns {id: expected reason fragment}."""
+    good_flac = rows[0]["audio"]
+    samples, rate_hz = audio.decode(good_flac)
+    nan = samples.copy()
+    nan[len(nan) // 2] = np.nan
+    edits = {
+        1: ("audio", b"\x00\x01 not an audio file at all", "cannot decode audio"),
+        2: ("audio", _wav(samples, rate_hz)[: len(samples)], "truncated"),  # a WAV cut short still decodes
+        10: ("audio", good_flac[: len(good_flac) // 3], "cannot decode audio"),  # a FLAC cut short does not
+        3: ("audio", _wav(np.zeros(0, np.float32), rate_hz), "zero-length audio"),  # a header, no samples
+        11: ("audio", b"", "empty audio bytes"),
+        4: ("audio", _wav(nan, rate_hz, "FLOAT"), "NaN or Inf"),
+        5: ("audio", b"\x00\x00\x00\x20ftypM4A \x00\x00\x00\x00M4A mp42isom" + bytes(200), "cannot decode audio"),
+        6: ("text", "", "empty transcript"),
+        7: ("text", "caf\u00e9 \u4e2d\u6587", "outside the alphabet"),
+    }
+    expected = {}
+    for i, (column, value, reason) in edits.items():
+        rows[i][column] = value
+        expected[rows[i]["id"]] = reason
+    # Good, though unusual: 8 kHz stereo WAV (resampled, downmixed) and 44.1 kHz float WAV.
+    for i, (rate, stereo) in {8: (8000, True), 9: (44100, False)}.items():
+        x, r = audio.decode(rows[i]["audio"])
+        y = audio.resample(x, r, rate)
+        rows[i]["audio"] = _wav(np.stack([y, y], axis=1) if stereo else y, rate, "PCM_16" if stereo else "FLOAT")
+        rows[i]["sample_rate_hz"] = rate
+    return expected
+
+
+@pytest.fixture(scope="module")
+def seeded_corpus(tmp_path_factory):
+    """The tiny corpus re-sharded as: [rows with bad input][a shard that is not Parquet][a shard
+    missing its text column][the rest, good]; indices stay consecutive in manifest order."""
+    root = tmp_path_factory.mktemp("bad-corpus") / "corpus"
+    cfg = tiny_config(**{"data.root": str(root)})
+    manifest = synthesize(cfg.synth, str(root), log=lambda s: None)
+    info = manifest.splits["train"]
+    rows = sorted((r for rel in info.shards for r in shards.read_shard(str(root / rel)).to_pylist()),
+                  key=lambda r: r["index"])
+    for rel in info.shards:
+        os.remove(root / rel)
+    expected = _bad_rows(rows)
+    cuts = [0, 30, 36, 40, len(rows)]
+    names = [shards.shard_name("train", k) for k in range(4)]
+    shards.write_shard(str(root), names[0], shards.rows_to_table(rows[0:30]))
+    (root / names[1]).write_bytes(b"id,audio,text\nu1,xx,hello\n")  # a CSV where a shard should be
+    table = shards.rows_to_table(rows[36:40]).drop_columns(["text"])
+    pq.write_table(table, root / names[2])
+    shards.write_shard(str(root), names[3], shards.rows_to_table(rows[40:]))
+    manifest.splits["train"] = shards.SplitInfo(names, [b - a for a, b in zip(cuts, cuts[1:])], info.hours)
+    shards.write_manifest(str(root), manifest)
+    bad_indices = {r["index"] for r in rows if r["id"] in expected} | set(range(30, 40))
+    good_indices = {r["index"] for r in rows} - bad_indices
+    return root, rows, expected, bad_indices, good_indices
+
+
+def _cfg(tmp_path, root, **extra):
+    return tiny_config(**{
+        "data.root": str(root), "run.storage_path": str(tmp_path / "runs"), "run.name": "bad",
+        "train.max_steps": 10000, "train.max_epochs": 1, "train.log_every_steps": 2,
+        "train.checkpoint_every_steps": 1000, "train.global_batch_audio_s": 60,
+        "train.trained_log_dir": str(tmp_path / "trained"), **extra})
+
+
+def test_bad_inputs_are_skipped_listed_and_every_good_utterance_trains(ray_local, tmp_path, seeded_corpus):
+    root, rows, expected, bad_indices, good_indices = seeded_corpus
+    cfg = _cfg(tmp_path, root, **{"data.max_bad_fraction": 0.5})
+    outcome = fit(cfg, progress=False)
+
+    records = read_bad_inputs(str(tmp_path / "runs" / "bad" / BAD_INPUTS_FILE))
+    by_id = {r["id"]: r["reason"] for r in records if "id" in r}
+    assert set(by_id) == set(expected), by_id
+    for utt_id, fragment in expected.items():
+        assert fragment in by_id[utt_id], (utt_id, by_id[utt_id])
+    shard_records = sorted((r["first_index"], r["utterances"], r["reason"]) for r in records if "shard" in r)
+    assert [(a, n) for a, n, _ in shard_records] == [(30, 6), (36, 4)]
+    assert "not a Parquet shard" in shard_records[0][2] and "missing columns text" in shard_records[1][2]
+
+    trained = [i for rec in surviving_steps(read_attempts(str(tmp_path / "trained"))).values()
+               for i in rec["indices"] if i >= 0]
+    assert sorted(trained) == sorted(good_indices)  # every good utterance once, no bad one
+    assert outcome.metrics["bad_utterances"] == len(bad_indices) == 19
+    assert outcome.bad_input_summary.startswith("bad input: 19 utterance(s) skipped (")
+    assert "not a Parquet shard 6" in outcome.bad_input_summary
+
+
+def test_too_much_bad_input_stops_the_run_with_one_line(ray_local, tmp_path, seeded_corpus):
+    root, *_ = seeded_corpus
+    cfg = _cfg(tmp_path, root, **{"data.max_bad_fraction": 0.05, "data.bad_fraction_min_utterances": 20})
+    with pytest.raises(TrainingFailed) as err:
+        fit(cfg, progress=False)
+    message = str(err.value)
+    assert "\n" not in message and "too much bad input" in message and "data.max_bad_fraction=0.05" in message
+    assert BAD_INPUTS_FILE in message
+    written = json.loads((tmp_path / "runs" / "bad" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert written["stop_reason"].startswith("too much bad input")
+
