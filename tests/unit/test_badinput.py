@@ -1,6 +1,12 @@
 """The run's bad-input log: one record per (epoch, utterance), counts per reason, shards count whole."""
 
-from raytrain_speech.data.badinput import BAD_INPUTS_FILE, BadInputLog, category, read_bad_inputs, summary_line
+from raytrain_speech.data.badinput import (
+    BAD_INPUTS_FILE,
+    BadInputLog,
+    category,
+    read_bad_inputs,
+    summary_line,
+)
 
 
 def test_records_are_kept_once_and_persisted(tmp_path):
