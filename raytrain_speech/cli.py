@@ -69,7 +69,8 @@ def cmd_prepare(args) -> int:
 
     flags = {"layout": args.layout, "input": args.input, "split": args.split, "shard_target_mb": args.shard_mb,
              "shard_utterances": args.shard_utterances, "language": args.language,
-             "min_duration_s": args.min_duration_s, "max_duration_s": args.max_duration_s, "workers": args.workers}
+             "min_duration_s": args.min_duration_s, "max_duration_s": args.max_duration_s, "workers": args.workers,
+             "index_only": True if args.index_only else None}
     data = apply_overrides({"prepare": {k: v for k, v in flags.items() if v is not None}}, args.overrides)
     unknown = sorted(set(data) - {"prepare", "storage"})
     if unknown:
@@ -78,8 +79,12 @@ def cmd_prepare(args) -> int:
     storage_cfg = from_dict(StorageConfig, data.get("storage", {}), prefix="storage.")
     outcome = prepare(cfg, args.out, storage_cfg, log=print if args.verbose else (lambda s: None))
     info = outcome.manifest.splits[outcome.split]
-    print(f"{outcome.split}: {info.num_utterances} utterances, {info.hours:.2f} h, {len(info.shards)} shards "
-          f"({outcome.shards_written} written, {outcome.shards_reused} already there from an earlier run)")
+    if cfg.index_only:
+        print(f"{outcome.split}: {info.num_utterances} utterances, {info.hours:.2f} h, {len(info.shards)} tars "
+              "read in place (an index written for each)")
+    else:
+        print(f"{outcome.split}: {info.num_utterances} utterances, {info.hours:.2f} h, {len(info.shards)} shards "
+              f"({outcome.shards_written} written, {outcome.shards_reused} already there from an earlier run)")
     print(f"skipped {outcome.skipped} bad inputs and {outcome.filtered} outside the duration limits "
           f"(listed in {outcome.skipped_uri})")
     print(f"wrote {args.out} in {outcome.wall_s:.0f} s")
@@ -349,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-duration-s", type=float, help="leave out shorter utterances")
     p.add_argument("--max-duration-s", type=float, help="leave out longer utterances")
     p.add_argument("--workers", type=int, help="Ray tasks in flight (default: one per CPU; 0 = no Ray)")
+    p.add_argument("--index-only", action="store_true",
+                   help="webdataset: index the tars and train from them in place instead of copying the audio")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="prepare.* and storage.* settings, e.g. storage.endpoint_url=http://127.0.0.1:9000")

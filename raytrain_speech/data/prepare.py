@@ -99,6 +99,9 @@ class PrepareConfig:
     workers: int | None = None
     """Ray tasks in flight (and CPUs of a local Ray started for them); None = one per CPU; 0 = no Ray,
     everything in this process."""
+    index_only: bool = False
+    """webdataset only: write an index over the tars (data/wds.py) instead of copying their audio into
+    Parquet shards; training then streams the tars where they are."""
 
     def validate(self) -> None:
         require(bool(self.input), "prepare.input", f"is required: {LAYOUT_HINTS.get(self.layout, 'the corpus')}")
@@ -112,6 +115,8 @@ class PrepareConfig:
         require(self.min_duration_s is None or self.max_duration_s is None
                 or self.min_duration_s <= self.max_duration_s, "prepare.min_duration_s", "must be <= max_duration_s")
         require(self.workers is None or self.workers >= 0, "prepare.workers", "must be >= 0 (0 = no Ray)")
+        require(not self.index_only or self.layout == "webdataset", "prepare.index_only",
+                "works only with layout webdataset (other layouts have no shards to read in place)")
 
 
 @dataclass
@@ -781,7 +786,7 @@ def _merge_manifest(out_uri: str, split: str, info: shards.SplitInfo, record: di
     else:
         manifest = shards.Manifest()
     old = manifest.source or {}
-    if old.get("kind") == "prepare":
+    if old.get("kind") in ("prepare", "webdataset-index"):
         provenance = dict(old.get("splits", {}))
     else:  # e.g. a synthesized corpus getting a prepared split: its splits keep their source
         provenance = {name: old for name in manifest.splits} if old else {}
@@ -852,6 +857,10 @@ def prepare(cfg: PrepareConfig, out_uri: str, storage_cfg: StorageConfig | None 
     """Convert ``cfg.input`` into split ``cfg.split`` of the shard corpus at ``out_uri``; the manifest
     is written last, so the split is usable exactly when this returns."""
     cfg.validate()
+    if cfg.index_only:
+        from raytrain_speech.data.wds import index_webdataset
+
+        return index_webdataset(cfg, out_uri, storage_cfg, log)
     start = time.time()
     input_uri, out_uri = _absolute(cfg.input), _absolute(out_uri)
     storage.check_reachable(input_uri, storage_cfg)

@@ -99,11 +99,22 @@ def read_manifest(root: str, cfg: StorageConfig | None = None) -> Manifest:
     return Manifest.from_json(storage.read_bytes(uri, cfg).decode(), uri)
 
 
+def entry_uri(root: str, entry: str) -> str:
+    """A manifest's shard entry as a URI: relative to the root, or absolute (tars read in place)."""
+    return entry if "://" in entry or entry.startswith("/") else storage.join(root, entry)
+
+
 def shard_uris(root: str, split: str, cfg: StorageConfig | None = None) -> list[str]:
+    """What readers open for each shard: the Parquet shard, or for an indexed WebDataset split the
+    tar's index (data/wds.py), which ``read_shard`` turns into the same table."""
+    from raytrain_speech.data import wds
+
     manifest = read_manifest(root, cfg)
     if split not in manifest.splits:
         raise StorageError(f"{root}: no split '{split}' (have: {', '.join(sorted(manifest.splits))})")
-    return [storage.join(root, s) for s in manifest.splits[split].shards]
+    if wds.index_record(manifest, split) is not None:
+        return wds.index_uris(root, manifest, split)
+    return [entry_uri(root, s) for s in manifest.splits[split].shards]
 
 
 def read_shard(uri: str, cfg: StorageConfig | None = None) -> pa.Table:
@@ -113,6 +124,10 @@ def read_shard(uri: str, cfg: StorageConfig | None = None) -> pa.Table:
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowInvalid, OSError) as err:
         raise StorageError(f"{uri}: not a readable Parquet shard ({str(err).splitlines()[0]})") from None
+    from raytrain_speech.data import wds
+
+    if wds.is_index_table(table):  # an indexed WebDataset split: stream the tar it names
+        return wds.read_table(uri, cfg, table)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise StorageError(f"{uri}: shard is missing columns {', '.join(missing)}")
@@ -166,14 +181,19 @@ def check_shards(root: str, split: str, cfg: StorageConfig | None = None) -> tup
 
     A file that is not Parquet, or lacks a required column, would otherwise fail inside Ray Data's
     read and take the run down with it (or, retried, forever); here it becomes one counted skip.
+    An indexed WebDataset split gives its index URIs, checked by data/wds.py ``check_split``.
     """
+    from raytrain_speech.data import wds
+
     manifest = read_manifest(root, cfg)
     if split not in manifest.splits:
         raise StorageError(f"{root}: no split '{split}' (have: {', '.join(sorted(manifest.splits))})")
+    if wds.index_record(manifest, split) is not None:
+        return wds.check_split(root, manifest, split, cfg)
     info = manifest.splits[split]
     good, bad = [], []
     for rel, n, first in zip(info.shards, info.utterances, first_indices(info)):
-        uri = storage.join(root, rel)
+        uri = entry_uri(root, rel)
         fs, path = storage.resolve(uri, cfg)
         try:
             with fs.open_input_file(path) as f:
