@@ -106,9 +106,17 @@ def epoch_clock_name(cfg: Config) -> str:
     return f"epoch-clock-{key}"
 
 
+_CLOCK_HANDLES: dict[tuple[str, str], object] = {}
+
+
 def epoch_clock(name: str):
-    """The run's clock actor, created by whoever asks first."""
-    return EpochClock.options(name=name, namespace=CLOCK_NAMESPACE, get_if_exists=True).remote()
+    """The run's clock actor, created by whoever asks first. The handle is kept for the life of this
+    process (the Train controller, a worker): Ray garbage-collects an actor, named or not, once no
+    handle to it is left."""
+    key = (name, ray.get_runtime_context().get_node_id())  # a process may see several clusters (tests)
+    if key not in _CLOCK_HANDLES:
+        _CLOCK_HANDLES[key] = EpochClock.options(name=name, namespace=CLOCK_NAMESPACE, get_if_exists=True).remote()
+    return _CLOCK_HANDLES[key]
 
 
 def readable_shards(cfg: Config, split: str) -> tuple[list[str], list[shards.BadShard]]:
@@ -188,7 +196,6 @@ def decode_rows(cfg: Config, split: str, decoder_cls: type, decoder_kwargs: dict
 
 
 _PREPROCESSORS: dict[str, Preprocessor] = {}
-_CLOCKS: dict[str, object] = {}
 
 
 def make_preprocessor(recipe: dict) -> Preprocessor:
@@ -218,9 +225,7 @@ def _preprocess(batch: dict, recipe: dict, seed: int, clock: str | None) -> dict
         _PREPROCESSORS[key] = make_preprocessor(recipe)
     epoch = 0
     if clock is not None:
-        if clock not in _CLOCKS:
-            _CLOCKS[clock] = ray.get_actor(clock, namespace=CLOCK_NAMESPACE)
-        epoch = ray.get(_CLOCKS[clock].get.remote())
+        epoch = ray.get(epoch_clock(clock).get.remote())
     return _PREPROCESSORS[key](batch, seed, epoch)
 
 

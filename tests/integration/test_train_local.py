@@ -1,7 +1,9 @@
-"""Local storage, stopping by epochs: the run ends after max_epochs with a final checkpoint."""
+"""Local storage, stopping by epochs: the run ends after max_epochs with a final checkpoint; on the way,
+the training-only data paths: speed perturbation and noise in Ray Data, log-mel on the worker."""
 
 from __future__ import annotations
 
+from raytrain_speech.data.noise import NoiseSetConfig, write_noise_set
 from raytrain_speech.data.synth import synthesize
 from raytrain_speech.train.checkpoint import read_checkpoint
 from raytrain_speech.train.launch import fit
@@ -14,8 +16,12 @@ def test_max_epochs_ends_with_a_final_checkpoint(ray_local, tmp_path):
         "data.root": str(tmp_path / "corpus"), "run.storage_path": str(tmp_path / "runs"), "run.name": "epochs",
         "train.max_steps": 10000, "train.max_epochs": 1, "train.log_every_steps": 2,
         "train.checkpoint_every_steps": 1000, "train.global_batch_audio_s": 60,
+        "augment.speed_factors": "[0.9, 1.0, 1.1]", "augment.noise_root": str(tmp_path / "noise"),
+        "features.placement": "worker",
     })
     manifest = synthesize(cfg.synth, cfg.data.root, log=lambda s: None)
+    write_noise_set(NoiseSetConfig(clips=4, clip_duration_s=2.0, kinds=("pink", "hum")), str(tmp_path / "noise"),
+                    log=lambda s: None)
     outcome = fit(cfg, progress=False)
     payload, config_yaml = read_checkpoint(outcome.checkpoint_uri)
     state = payload["train_state"]
@@ -26,3 +32,5 @@ def test_max_epochs_ends_with_a_final_checkpoint(ray_local, tmp_path):
     assert "max_epochs: 1" in config_yaml
     metrics = read_metrics(str(tmp_path / "runs" / "epochs" / "metrics.jsonl"))
     assert metrics[-1]["checkpoint"] and metrics[-1]["step"] == state["step"]
+    assert all(m["loss"] == m["loss"] for m in metrics if "loss" in m)  # finite with noise, speed, device mel
+    assert metrics[-1]["bad_utterances"] == 0 and metrics[-1]["stop_reason"] == ""
