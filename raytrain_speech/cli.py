@@ -108,13 +108,22 @@ def _ensure_corpus(cfg) -> None:
 
 
 def _preflight(cfg) -> None:
-    """Storage reachable and the corpus present, checked before Ray starts."""
+    """Storage reachable and the corpus (and noise set) present, checked before Ray starts."""
     from raytrain_speech import storage
     from raytrain_speech.data import shards
+    from raytrain_speech.storage import StorageError
 
     storage.check_reachable(cfg.data.root, cfg.storage)
     storage.check_reachable(cfg.run.storage_path, cfg.storage)
     shards.shard_uris(cfg.data.root, cfg.data.train_split, cfg.storage)
+    noise_root = cfg.augment.noise_root
+    if noise_root is not None and cfg.augment.noise_prob > 0:
+        storage.check_reachable(noise_root, cfg.storage)
+        try:
+            shards.shard_uris(noise_root, cfg.augment.noise_split, cfg.storage)
+        except StorageError as err:
+            raise StorageError(f"augment.noise_root: {err} (make one with `raytrain-speech synth-noise --out "
+                               f"{noise_root}`, or set augment.noise_split)") from None
     if cfg.train.init_from:
         _check_init_from(cfg)
 

@@ -126,14 +126,16 @@ def test_prepared_corpus_streams_through_the_ray_data_pipeline(prepared, inputs,
     assert errors == [] and sorted(ids) == sorted(inputs["manifest"][1])
 
 
-@pytest.mark.slow  # ~1 min of Ray Train start-up on 2 cores would take the module past 2 minutes
-def test_train_from_a_prepared_s3_corpus(prepared, s3_endpoint, s3fs_client):
-    """A few optimizer steps on the prepared manifest corpus, checkpointed to s3://."""
-    cfg = _train_cfg(s3_endpoint, f"s3://{BUCKET}/manifest")
+@pytest.mark.slow  # ~1 min of Ray Train start-up per layout on 2 cores
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_train_from_a_prepared_s3_corpus(prepared, s3_endpoint, s3fs_client, layout):
+    """A few optimizer steps on each prepared corpus, read from and checkpointed to s3://."""
+    cfg = _train_cfg(s3_endpoint, f"s3://{BUCKET}/{layout}")
+    cfg.run.name = f"from-prepared-{layout}"
     outcome = fit(cfg, progress=False)
     assert outcome.metrics["step"] == 4
-    assert s3fs_client.exists(f"{BUCKET}/runs/from-prepared/checkpoint_step00000004/state.pt")
-    metrics = read_metrics(f"s3://{BUCKET}/runs/from-prepared/metrics.jsonl", cfg.storage)
+    assert s3fs_client.exists(f"{BUCKET}/runs/{cfg.run.name}/checkpoint_step00000004/state.pt")
+    metrics = read_metrics(f"s3://{BUCKET}/runs/{cfg.run.name}/metrics.jsonl", cfg.storage)
     assert [m["step"] for m in metrics] == [2, 4]
     assert all(m["loss"] == m["loss"] and m["loss"] > 0 for m in metrics)  # finite, not NaN
     assert metrics[-1]["bad_utterances"] == 0

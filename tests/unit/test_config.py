@@ -33,6 +33,12 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
     ("features.n_mels=40", "features.n_mels"),
     ("optim.betas=[0.9]", "optim.betas"),
     ("run.use_gpu=yes please", "run.use_gpu"),
+    ("data.max_bad_fraction=1.5", "data.max_bad_fraction"),
+    ("data.max_duration_s=-1", "data.max_duration_s"),
+    ("batching.duration_buckets=-2", "batching.duration_buckets"),
+    ("features.placement=gpu", "features.placement"),
+    ("augment.speed_factors=[5.0]", "augment.speed_factors"),
+    ("augment.noise_snr_db=[20, 5]", "augment.noise_snr_db"),
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError) as err:
