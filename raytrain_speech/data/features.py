@@ -67,18 +67,22 @@ class FeatureConfig:
         return 1 + num_samples // self.hop_length
 
 
+def mel_spectrogram(cfg: FeatureConfig, center: bool) -> torchaudio.transforms.MelSpectrogram:
+    """The power mel spectrogram both front ends share (htk mel scale, the configured window)."""
+    window_fn = torch.hamming_window if cfg.window == "hamming" else torch.hann_window
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=cfg.sample_rate_hz, n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop_length,
+        n_mels=cfg.n_mels, window_fn=window_fn, power=2.0, center=center, mel_scale="htk",
+    )
+
+
 class LogMel(torch.nn.Module):
     """waveform_T (or batch waveform_BT) -> log-mel (…, F, M)."""
 
     def __init__(self, cfg: FeatureConfig):
         super().__init__()
         self.cfg = cfg
-        window_fn = torch.hamming_window if cfg.window == "hamming" else torch.hann_window
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=cfg.sample_rate_hz, n_fft=cfg.n_fft, win_length=cfg.win_length,
-            hop_length=cfg.hop_length, n_mels=cfg.n_mels, window_fn=window_fn, power=2.0,
-            center=True, mel_scale="htk",
-        )
+        self.mel = mel_spectrogram(cfg, center=True)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         mel_MF = self.mel(waveform)
@@ -110,12 +114,7 @@ class DeviceLogMel(torch.nn.Module):
     def __init__(self, cfg: FeatureConfig):
         super().__init__()
         self.cfg = cfg
-        window_fn = torch.hamming_window if cfg.window == "hamming" else torch.hann_window
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=cfg.sample_rate_hz, n_fft=cfg.n_fft, win_length=cfg.win_length,
-            hop_length=cfg.hop_length, n_mels=cfg.n_mels, window_fn=window_fn, power=2.0,
-            center=False, mel_scale="htk",
-        )
+        self.mel = mel_spectrogram(cfg, center=False)  # the rows come center-padded already
 
     @torch.no_grad()
     def forward(self, padded_BT: torch.Tensor, lengths_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
