@@ -1,6 +1,7 @@
 """The one Ray Data chain: shards in storage -> decoded, augmented, featurized, tokenized rows.
 
     check shard footers -> read_parquet(readable shard URIs, pyarrow filesystem) -> [drop consumed]
+      (an indexed WebDataset split instead: one task per tar streaming it, consumed rows left out, wds.py)
       -> map_batches(Preprocessor: duration filter, decode, resample, speed + noise, [log-mel])
       -> (streaming_split by Train)
 
@@ -27,7 +28,7 @@ from ray.train import DataConfig as RayTrainDataConfig
 
 from raytrain_speech import storage
 from raytrain_speech.configlib import require
-from raytrain_speech.data import shards
+from raytrain_speech.data import shards, wds
 from raytrain_speech.data.augment import WaveformAugmenter
 from raytrain_speech.data.batching import Batch, BatchingConfig, batch_by_buckets, batch_by_duration, collate
 from raytrain_speech.data.preprocess import Preprocessor, input_columns, to_utterances
@@ -136,18 +137,10 @@ def build_dataset(cfg: Config, split: str, consumed: np.ndarray | None = None) -
     shards are left out here; the training workers count their utterances as bad input.
     """
     uris, _ = readable_shards(cfg, split)
-    fs, _ = storage.resolve(cfg.data.root, cfg.storage)
-    paths = [storage.resolve(u, cfg.storage)[1] for u in uris]
-    # Several blocks per shard: Train's unequal streaming split hands out whole blocks, so at the end
-    # of an epoch one rank can hold up to a block more than the others and train alone with filler
-    # steps on the rest; smaller blocks make that tail shorter.
-    ds = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths) * cfg.data.blocks_per_shard)
-    ds = ds.select_columns(input_columns(ds.schema().names))
-    if cfg.data.shuffle_blocks:
-        ds = ds.randomize_block_order()
-    if consumed is not None and consumed.any():
-        ds = ds.map_batches(drop_consumed, fn_kwargs={"consumed": consumed}, batch_format="numpy",
-                            batch_size=None, num_cpus=0.25)
+    if wds.is_indexed(cfg.data.root, split, cfg.storage):  # WebDataset tars read in place
+        ds = tar_dataset(cfg, uris, consumed, cfg.data.shuffle_blocks)
+    else:
+        ds = _parquet_dataset(cfg, uris, consumed)
     waveform_aug = cfg.augment.waveform_enabled
     recipe = {"features": cfg.features, "text": cfg.text, "augment": cfg.augment if waveform_aug else None,
               "frontend_on_worker": cfg.features.placement == "worker",
@@ -160,6 +153,42 @@ def build_dataset(cfg: Config, split: str, consumed: np.ndarray | None = None) -
         _preprocess, fn_kwargs={"recipe": recipe, "seed": cfg.train.seed, "clock": clock},
         batch_size=cfg.data.preprocess_batch_rows, batch_format="numpy", num_cpus=cfg.data.preprocess_cpus,
     )
+
+
+def _parquet_dataset(cfg: Config, uris: list[str], consumed: np.ndarray | None) -> ray.data.Dataset:
+    fs, _ = storage.resolve(cfg.data.root, cfg.storage)
+    paths = [storage.resolve(u, cfg.storage)[1] for u in uris]
+    # Several blocks per shard: Train's unequal streaming split hands out whole blocks, so at the end
+    # of an epoch one rank can hold up to a block more than the others and train alone with filler
+    # steps on the rest; smaller blocks make that tail shorter.
+    ds = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths) * cfg.data.blocks_per_shard)
+    ds = ds.select_columns(input_columns(ds.schema().names))
+    if cfg.data.shuffle_blocks:
+        ds = ds.randomize_block_order()
+    if consumed is not None and consumed.any():
+        ds = ds.map_batches(drop_consumed, fn_kwargs={"consumed": consumed}, batch_format="numpy",
+                            batch_size=None, num_cpus=0.25)
+    return ds
+
+
+def tar_dataset(cfg: Config, index_uris: list[str], consumed: np.ndarray | None = None,
+                shuffle: bool = False) -> ray.data.Dataset:
+    """An indexed WebDataset split (data/wds.py): one read task per tar, streaming it from storage and
+    leaving out ``consumed`` indices before their audio is read (so no drop_consumed step after it)."""
+    items = [{"index_uri": wds.absolute(u)} for u in index_uris]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    if shuffle:
+        ds = ds.randomize_block_order()
+    kwargs = {"storage_cfg": cfg.storage, "consumed": consumed if consumed is not None and consumed.any() else None,
+              "rows_per_batch": cfg.data.preprocess_batch_rows}
+    # Reading a tar is network-bound: half a CPU lets it overlap with the preprocessing tasks.
+    return ds.map_batches(_read_tars, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=0.5)
+
+
+def _read_tars(batch: dict, storage_cfg, consumed: np.ndarray | None, rows_per_batch: int):
+    """Ray Data task body: the rows of each tar named in the batch, a table of ``wds.ROW_SCHEMA`` at a time."""
+    for uri in batch["index_uri"]:
+        yield from wds.read_batches(str(uri), storage_cfg, consumed, rows_per_batch)
 
 
 def decode_rows(cfg: Config, split: str, decoder_cls: type, decoder_kwargs: dict) -> list[dict]:
@@ -183,9 +212,12 @@ def decode_rows(cfg: Config, split: str, decoder_cls: type, decoder_kwargs: dict
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = ctx.print_on_execution_start = False  # one result line per test set instead
     uris = shards.shard_uris(cfg.data.root, split, cfg.storage)
-    fs, _ = storage.resolve(cfg.data.root, cfg.storage)
-    ds = ray.data.read_parquet([storage.resolve(u, cfg.storage)[1] for u in uris], filesystem=fs)
-    ds = ds.select_columns(input_columns(ds.schema().names))
+    if wds.is_indexed(cfg.data.root, split, cfg.storage):
+        ds = tar_dataset(cfg, uris)
+    else:
+        fs, _ = storage.resolve(cfg.data.root, cfg.storage)
+        ds = ray.data.read_parquet([storage.resolve(u, cfg.storage)[1] for u in uris], filesystem=fs)
+        ds = ds.select_columns(input_columns(ds.schema().names))
     gpus = {"num_gpus": cfg.eval.actor_gpus} if cfg.eval.actor_gpus else {}
     ds = ds.map_batches(
         decoder_cls, fn_constructor_kwargs=decoder_kwargs, batch_size=cfg.eval.actor_batch_rows,
@@ -226,7 +258,10 @@ def _preprocess(batch: dict, recipe: dict, seed: int, clock: str | None) -> dict
     epoch = 0
     if clock is not None:
         epoch = ray.get(epoch_clock(clock).get.remote())
-    return _PREPROCESSORS[key](batch, seed, epoch)
+    out = _PREPROCESSORS[key](batch, seed, epoch)
+    if "read_error" in batch:  # a tar's row that has no audio: say why, not just "empty audio bytes"
+        out["error"] = np.asarray([r or e for r, e in zip(batch["read_error"], out["error"])], dtype=object)
+    return out
 
 
 def worker_batches(

@@ -93,6 +93,11 @@ ROW_SCHEMA = pa.schema([
 reason a row has no audio ("" when it has)."""
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute on the driver (Ray tasks run in another directory); URIs as they are."""
+    return _absolute(uri)
+
+
 def index_name(split: str, number: int) -> str:
     return f"{split}/index-{number:05d}.parquet"
 
