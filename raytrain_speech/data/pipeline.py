@@ -56,7 +56,13 @@ class DataConfig:
     shuffle_blocks: bool = True
     """Randomize shard order every epoch."""
     blocks_per_shard: int = 4
-    """Ray Data blocks each shard is read into: more blocks even out the ranks' shares at epoch end."""
+    """Ray Data blocks each shard is read into (read_parquet's override_num_blocks; Ray 2.60 reads a
+    task's files into one block regardless, so block_mb is what splits them now)."""
+    block_mb: float = 4.0
+    """Ray Data's target block size for this chain: a shard's rows are cut into blocks of about this
+    size, so several preprocessing tasks share a shard and Train's unequal split ends an epoch with a
+    short tail. Ray's default (128 MB) puts a whole shard, or several, in one block: one core does
+    all the preprocessing."""
     prefetch_batches: int = 4
     """Row batches each training worker prefetches."""
     min_duration_s: float | None = None
@@ -75,6 +81,7 @@ class DataConfig:
         require(bool(self.root), "data.root", "must name a corpus (local path or s3://bucket/prefix)")
         require(self.preprocess_batch_rows >= 1, "data.preprocess_batch_rows", "must be >= 1")
         require(self.blocks_per_shard >= 1, "data.blocks_per_shard", "must be >= 1")
+        require(self.block_mb > 0, "data.block_mb", "must be positive")
         for key in ("min_duration_s", "max_duration_s"):
             value = getattr(self, key)
             require(value is None or value >= 0, f"data.{key}", "must be >= 0 or null")
@@ -149,6 +156,7 @@ def build_dataset(cfg: Config, split: str, consumed: np.ndarray | None = None) -
     if waveform_aug:
         clock = epoch_clock_name(cfg)
         epoch_clock(clock)  # exists before any task or worker asks for it
+    ds.context.target_max_block_size = int(cfg.data.block_mb * 2**20)
     return ds.map_batches(
         _preprocess, fn_kwargs={"recipe": recipe, "seed": cfg.train.seed, "clock": clock},
         batch_size=cfg.data.preprocess_batch_rows, batch_format="numpy", num_cpus=cfg.data.preprocess_cpus,
