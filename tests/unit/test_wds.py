@@ -13,23 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from raytrain_speech.configlib import ConfigError, from_dict
-from raytrain_speech.data import audio, shards, wds
+from raytrain_speech.data import shards, wds
 from raytrain_speech.data.features import FeatureConfig
 from raytrain_speech.data.prepare import PrepareConfig, prepare
 from raytrain_speech.data.preprocess import Preprocessor, iter_table, to_utterances
 from raytrain_speech.data.text import TextConfig
-from tests.unit.test_prepare import build_webdataset_layout, read_skipped, speech_records
+from tests.unit import test_prepare
+from tests.unit.test_prepare import build_webdataset_layout, read_skipped
 
-
-@pytest.fixture(scope="module")
-def records():
-    """Seven real synthesized utterances cycling through FLAC, WAV and OGG (as test_prepare's)."""
-    from raytrain_speech.data.synth import SynthConfig, make_specs, render
-
-    cfg = SynthConfig(train_hours=0.01, dev_utterances=6, test_utterances=8, train_speakers=8, heldout_speakers=2)
-    rows = [{"id": s.id, "text": s.text, "speaker": s.speaker.name,
-             "audio": audio.encode_flac(render(s, 16000), 16000)} for s in make_specs(cfg)["test"][:7]]
-    return speech_records(rows)
+records = test_prepare.records  # the same seven synthesized utterances (a module fixture)
 
 
 def _cfg(**kw) -> PrepareConfig:
