@@ -36,21 +36,28 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def _flags_and_overrides(command: str, section: str, cls: type, flags: dict, overrides: list[str]):
+    """(``cls`` from the set flags with ``section.*`` overrides on top, StorageConfig from ``storage.*``):
+    the commands that take no recipe YAML, only their own section and storage."""
+    from raytrain_speech.config import apply_overrides
+    from raytrain_speech.configlib import from_dict
+    from raytrain_speech.storage import StorageConfig
+
+    data = apply_overrides({section: {k: v for k, v in flags.items() if v is not None}}, overrides)
+    unknown = sorted(set(data) - {section, "storage"})
+    if unknown:
+        raise ConfigError(f"override {unknown[0]}.*: {command} takes only {section}.* and storage.* keys")
+    return (from_dict(cls, data[section], prefix=f"{section}."),
+            from_dict(StorageConfig, data.get("storage", {}), prefix="storage."))
+
+
 def cmd_synth_noise(args) -> int:
     """Flags fill a NoiseSetConfig; ``noise.*`` and ``storage.*`` key=value overrides go on top."""
     from raytrain_speech import storage
-    from raytrain_speech.config import apply_overrides
-    from raytrain_speech.configlib import from_dict
     from raytrain_speech.data.noise import NoiseSetConfig, kind_counts, write_noise_set
-    from raytrain_speech.storage import StorageConfig
 
     flags = {"clips": args.clips, "clip_duration_s": args.clip_seconds, "seed": args.seed}
-    data = apply_overrides({"noise": {k: v for k, v in flags.items() if v is not None}}, args.overrides)
-    unknown = sorted(set(data) - {"noise", "storage"})
-    if unknown:
-        raise ConfigError(f"override {unknown[0]}.*: synth-noise takes only noise.* and storage.* keys")
-    cfg = from_dict(NoiseSetConfig, data["noise"], prefix="noise.")
-    storage_cfg = from_dict(StorageConfig, data.get("storage", {}), prefix="storage.")
+    cfg, storage_cfg = _flags_and_overrides("synth-noise", "noise", NoiseSetConfig, flags, args.overrides)
     storage.check_reachable(args.out, storage_cfg)
     start = time.time()
     info = write_noise_set(cfg, args.out, storage_cfg, log=lambda s: None).splits["noise"]
@@ -62,21 +69,13 @@ def cmd_synth_noise(args) -> int:
 
 def cmd_prepare(args) -> int:
     """Flags fill a PrepareConfig; ``prepare.*`` and ``storage.*`` key=value overrides go on top."""
-    from raytrain_speech.config import apply_overrides
-    from raytrain_speech.configlib import from_dict
     from raytrain_speech.data.prepare import PrepareConfig, prepare
-    from raytrain_speech.storage import StorageConfig
 
     flags = {"layout": args.layout, "input": args.input, "split": args.split, "shard_target_mb": args.shard_mb,
              "shard_utterances": args.shard_utterances, "language": args.language,
              "min_duration_s": args.min_duration_s, "max_duration_s": args.max_duration_s, "workers": args.workers,
              "index_only": True if args.index_only else None}
-    data = apply_overrides({"prepare": {k: v for k, v in flags.items() if v is not None}}, args.overrides)
-    unknown = sorted(set(data) - {"prepare", "storage"})
-    if unknown:
-        raise ConfigError(f"override {unknown[0]}.*: prepare takes only prepare.* and storage.* keys")
-    cfg = from_dict(PrepareConfig, data["prepare"], prefix="prepare.")
-    storage_cfg = from_dict(StorageConfig, data.get("storage", {}), prefix="storage.")
+    cfg, storage_cfg = _flags_and_overrides("prepare", "prepare", PrepareConfig, flags, args.overrides)
     outcome = prepare(cfg, args.out, storage_cfg, log=print if args.verbose else (lambda s: None))
     info = outcome.manifest.splits[outcome.split]
     if cfg.index_only:

@@ -15,7 +15,6 @@ import pytest
 from raytrain_speech.configlib import from_dict
 from raytrain_speech.data import shards
 from raytrain_speech.data.prepare import STATE_FILE, PrepareConfig, prepare
-from raytrain_speech.data.synth import SynthConfig, synthesize
 from raytrain_speech.storage import StorageConfig
 from raytrain_speech.train.launch import fit
 from raytrain_speech.train.metrics import read_metrics
@@ -26,6 +25,7 @@ from tests.unit.test_prepare import (
     build_webdataset_layout,
     check_prepared,
     speech_records,
+    synthesized_train_rows,
 )
 
 BUCKET = "rts-prepare-test"
@@ -38,11 +38,7 @@ def inputs(tmp_path_factory, s3_endpoint, s3fs_client):
     """The three layouts of one ~35-utterance synthesized corpus; LibriSpeech and the WebDataset tars
     are read from s3://, the manifest's mixed FLAC/WAV/OGG files from local disk."""
     tmp = tmp_path_factory.mktemp("prepare-inputs")
-    synth = SynthConfig(train_hours=0.025, dev_utterances=2, test_utterances=2, train_speakers=6,
-                        heldout_speakers=1, shard_utterances=100, workers=1)
-    synthesize(synth, str(tmp / "synth"), log=lambda s: None)
-    rows = [r for rel in shards.read_manifest(str(tmp / "synth")).splits["train"].shards
-            for r in shards.read_shard(str(tmp / "synth" / rel)).to_pylist()]
+    rows = synthesized_train_rows(tmp / "synth")
     records = speech_records(rows)
     s3fs_client.mkdir(BUCKET)
     wds_local, wds_good, wds_bad = build_webdataset_layout(tmp / "wds", records, n_tars=3)

@@ -14,10 +14,9 @@ import pytest
 from raytrain_speech.configlib import from_dict
 from raytrain_speech.data import shards, wds
 from raytrain_speech.data.prepare import PrepareConfig, prepare
-from raytrain_speech.data.synth import SynthConfig, synthesize
 from raytrain_speech.storage import StorageConfig
 from tests.conftest import tiny_config
-from tests.unit.test_prepare import build_webdataset_layout, speech_records
+from tests.unit.test_prepare import build_webdataset_layout, speech_records, synthesized_train_rows
 
 BUCKET = "rts-wds-test"
 ROOT = f"s3://{BUCKET}/indexed"
@@ -28,11 +27,7 @@ def indexed(ray_local, tmp_path_factory, s3_endpoint, s3fs_client):
     """~35 synthesized utterances as 3 tars in s3://BUCKET/inputs, indexed into s3://BUCKET/indexed.
     Returns (storage config, {good id: truth}, {id: index})."""
     tmp = tmp_path_factory.mktemp("wds-inputs")
-    synth = SynthConfig(train_hours=0.025, dev_utterances=2, test_utterances=2, train_speakers=6,
-                        heldout_speakers=1, shard_utterances=100, workers=1)
-    synthesize(synth, str(tmp / "synth"), log=lambda s: None)
-    rows = [r for rel in shards.read_manifest(str(tmp / "synth")).splits["train"].shards
-            for r in shards.read_shard(str(tmp / "synth" / rel)).to_pylist()]
+    rows = synthesized_train_rows(tmp / "synth")
     local, good, _ = build_webdataset_layout(tmp / "wds", speech_records(rows), n_tars=3)
     s3fs_client.mkdir(BUCKET)
     s3fs_client.put(local, f"{BUCKET}/inputs", recursive=True)

@@ -50,6 +50,18 @@ def encode(flac: bytes, ext: str) -> bytes:
     return buf.getvalue()
 
 
+def synthesized_train_rows(directory) -> list[dict]:
+    """The train rows of a ~35-utterance synthesized corpus written to ``directory`` (one shard)."""
+    from raytrain_speech.data import shards
+    from raytrain_speech.data.synth import SynthConfig, synthesize
+
+    synth = SynthConfig(train_hours=0.025, dev_utterances=2, test_utterances=2, train_speakers=6,
+                        heldout_speakers=1, shard_utterances=100, workers=1)
+    synthesize(synth, str(directory), log=lambda s: None)
+    return [r for rel in shards.read_manifest(str(directory)).splits["train"].shards
+            for r in shards.read_shard(str(directory / rel)).to_pylist()]
+
+
 def speech_records(rows: list[dict]) -> list[dict]:
     """Shard rows (id, text, speaker, FLAC audio) -> builder records with a per-utterance format."""
     exts = list(FORMATS)
