@@ -128,10 +128,15 @@ def test_train_from_a_prepared_s3_corpus(prepared, s3_endpoint, s3fs_client, lay
     """A few optimizer steps on each prepared corpus, read from and checkpointed to s3://."""
     cfg = _train_cfg(s3_endpoint, f"s3://{BUCKET}/{layout}")
     cfg.run.name = f"from-prepared-{layout}"
-    outcome = fit(cfg, progress=False)
+    metrics = check_short_s3_run(fit(cfg, progress=False), cfg, s3fs_client, BUCKET)
+    assert metrics[-1]["bad_utterances"] == 0
+
+
+def check_short_s3_run(outcome, cfg, s3fs_client, bucket: str) -> list[dict]:
+    """A 4-step run reporting every 2 steps: checkpoint in s3://bucket/runs, finite loss; its metrics."""
     assert outcome.metrics["step"] == 4
-    assert s3fs_client.exists(f"{BUCKET}/runs/{cfg.run.name}/checkpoint_step00000004/state.pt")
-    metrics = read_metrics(f"s3://{BUCKET}/runs/{cfg.run.name}/metrics.jsonl", cfg.storage)
+    assert s3fs_client.exists(f"{bucket}/runs/{cfg.run.name}/checkpoint_step00000004/state.pt")
+    metrics = read_metrics(f"s3://{bucket}/runs/{cfg.run.name}/metrics.jsonl", cfg.storage)
     assert [m["step"] for m in metrics] == [2, 4]
     assert all(m["loss"] == m["loss"] and m["loss"] > 0 for m in metrics)  # finite, not NaN
-    assert metrics[-1]["bad_utterances"] == 0
+    return metrics

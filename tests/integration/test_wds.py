@@ -97,14 +97,9 @@ def test_a_member_removed_after_indexing_is_a_bad_row(indexed, s3_endpoint, s3fs
 def test_train_from_an_indexed_s3_webdataset_root(indexed, s3_endpoint, s3fs_client):
     """A few optimizer steps streamed from the tars in s3://, with duration buckets from the index."""
     from raytrain_speech.train.launch import fit
-    from raytrain_speech.train.metrics import read_metrics
+    from tests.integration.test_prepare import check_short_s3_run
 
     cfg = _cfg(s3_endpoint, **{"run.name": "from-wds", "run.num_workers": 1, "train.max_steps": 4,
                                "train.log_every_steps": 2, "train.checkpoint_every_steps": 4,
                                "train.global_batch_audio_s": 20, "optim.warmup_steps": 2})
-    outcome = fit(cfg, progress=False)
-    assert outcome.metrics["step"] == 4
-    assert s3fs_client.exists(f"{BUCKET}/runs/from-wds/checkpoint_step00000004/state.pt")
-    metrics = read_metrics(f"s3://{BUCKET}/runs/from-wds/metrics.jsonl", cfg.storage)
-    assert [m["step"] for m in metrics] == [2, 4]
-    assert all(m["loss"] == m["loss"] and m["loss"] > 0 for m in metrics)  # finite, not NaN
+    check_short_s3_run(fit(cfg, progress=False), cfg, s3fs_client, BUCKET)
