@@ -14,17 +14,23 @@ import time
 
 import torch
 
+from raytrain_speech.config import (
+    BatchingConfig,
+    FeatureConfig,
+    ModelSpec,
+    OptimConfig,
+    StepConfig,
+    TextConfig,
+)
 from raytrain_speech.data import shards
-from raytrain_speech.data.batching import BatchingConfig, batch_by_duration, collate
-from raytrain_speech.data.features import FeatureConfig
+from raytrain_speech.data.batching import batch_by_duration, collate
 from raytrain_speech.data.preprocess import Preprocessor, iter_table, to_utterances
-from raytrain_speech.data.text import TextConfig
 from raytrain_speech.evaluate.decode import ctc_greedy
 from raytrain_speech.evaluate.wer import error_rates
-from raytrain_speech.models.registry import ModelSpec, build_model, count_parameters
+from raytrain_speech.models.registry import build_model, count_parameters
 from raytrain_speech.objectives import ctc
-from raytrain_speech.train.optim import OptimConfig, build_optimizer, lr_at, set_lr
-from raytrain_speech.train.step import StepConfig, Stepper
+from raytrain_speech.train.optim import build_optimizer, lr_at, set_lr
+from raytrain_speech.train.step import Stepper
 
 
 def load_split(root: str, split: str, pre: Preprocessor):

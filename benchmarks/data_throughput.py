@@ -58,15 +58,10 @@ import torch
 import torchaudio
 import torchaudio.functional as AF
 
+from raytrain_speech.config import AugmentConfig, FeatureConfig
 from raytrain_speech.data import audio, shards
-from raytrain_speech.data.augment import (
-    AugmentConfig,
-    WaveformAugmenter,
-    mask_batch,
-    mix_noise,
-    speed_perturb,
-)
-from raytrain_speech.data.features import DeviceLogMel, FeatureConfig, FeatureExtractor, center_pad
+from raytrain_speech.data.augment import WaveformAugmenter, mask_batch, mix_noise, speed_perturb
+from raytrain_speech.data.features import DeviceLogMel, FeatureExtractor, center_pad
 
 GOAL_RATIO = 1.5
 """Ours per core / baseline per core (augmented chain)."""
@@ -84,8 +79,9 @@ CHAINS = ("augmented", "front end only")
 
 def synthesize_inputs(work_dir: str, cores: int, data: str | None, noise: str | None) -> tuple[str, str]:
     """The inputs not given: a 0.25 h speech corpus and a 16-clip noise set under ``work_dir`` (seconds)."""
+    from raytrain_speech.config import SynthConfig
     from raytrain_speech.data.noise import NoiseSetConfig, write_noise_set
-    from raytrain_speech.data.synth import SynthConfig, synthesize
+    from raytrain_speech.data.synth import synthesize
 
     quiet = lambda _msg: None  # noqa: E731
     if data is None:

@@ -69,14 +69,15 @@ except ImportError:
     raise SystemExit("benchmarks/step.py compares against Hugging Face transformers, which the project does "
                      "not depend on: pip install transformers") from None
 
+from raytrain_speech.config import OptimConfig, StepConfig
 from raytrain_speech.data.augment import frame_span_mask
 from raytrain_speech.data.batching import Batch
 from raytrain_speech.data.text import CharTokenizer
 from raytrain_speech.models import registry
 from raytrain_speech.models.wavlm import SUBSAMPLING, LogMelConvEncoder
 from raytrain_speech.objectives.seq2seq import teacher_forcing
-from raytrain_speech.train.optim import OptimConfig, build_optimizer
-from raytrain_speech.train.step import StepConfig, Stepper, resolve_precision
+from raytrain_speech.train.optim import build_optimizer
+from raytrain_speech.train.step import Stepper, resolve_precision
 
 OPTIM = OptimConfig(lr_peak=1e-4)
 CLIP_NORM = 1.0

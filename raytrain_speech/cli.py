@@ -12,15 +12,19 @@ import json
 import sys
 import time
 
-from raytrain_speech.configlib import ConfigError
+from raytrain_speech.config import ConfigError
 
 USAGE_ERROR = 2
 
 
 def _load(args) -> object:
+    """The recipe + overrides, checked section by section and against the model family."""
     from raytrain_speech.config import load_config
+    from raytrain_speech.models.registry import check_config
 
-    return load_config(getattr(args, "config", None), args.overrides)
+    cfg = load_config(getattr(args, "config", None), args.overrides)
+    check_config(cfg)
+    return cfg
 
 
 def cmd_synth(args) -> int:
@@ -39,9 +43,7 @@ def cmd_synth(args) -> int:
 def _flags_and_overrides(command: str, section: str, cls: type, flags: dict, overrides: list[str]):
     """(``cls`` from the set flags with ``section.*`` overrides on top, StorageConfig from ``storage.*``):
     the commands that take no recipe YAML, only their own section and storage."""
-    from raytrain_speech.config import apply_overrides
-    from raytrain_speech.configlib import from_dict
-    from raytrain_speech.storage import StorageConfig
+    from raytrain_speech.config import StorageConfig, apply_overrides, from_dict
 
     data = apply_overrides({section: {k: v for k, v in flags.items() if v is not None}}, overrides)
     unknown = sorted(set(data) - {section, "storage"})
@@ -311,8 +313,9 @@ def cmd_demo(args) -> int:
 def cmd_models(args) -> int:
     """One line per (family, preset): parameters counted on the meta device, so billion-parameter
     presets list in a second without memory."""
+    from raytrain_speech.config import ModelSpec
     from raytrain_speech.data.text import CharTokenizer
-    from raytrain_speech.models.registry import FAMILIES, ModelSpec, build_meta, count_parameters, family
+    from raytrain_speech.models.registry import FAMILIES, build_meta, count_parameters, family
 
     names = [args.family] if args.family else list(FAMILIES)
     vocab = CharTokenizer().vocab_size

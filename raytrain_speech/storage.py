@@ -12,30 +12,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
-from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from raytrain_speech.config import StorageConfig
+
 
 class StorageError(RuntimeError):
     """Storage is unreachable or a path is missing; the message names the URI and the fix."""
-
-
-@dataclass
-class StorageConfig:
-    """How to reach object storage (credentials come from the environment, never from here)."""
-
-    endpoint_url: str | None = None
-    """S3-compatible endpoint, e.g. http://127.0.0.1:9000 (MinIO); None = AWS (or $AWS_ENDPOINT_URL)."""
-    region: str | None = None
-    """S3 region; None = $AWS_REGION / $AWS_DEFAULT_REGION / us-east-1."""
-    connect_timeout_s: float = 10.0
-    """Give up connecting after this long, so an unreachable endpoint fails instead of hanging."""
-    request_timeout_s: float = 60.0
-    """Give up on one request after this long."""
-    max_attempts: int = 5
-    """Attempts per request (retries with backoff on throttling and 5xx)."""
 
 
 def is_remote(uri: str) -> bool:

@@ -13,69 +13,12 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torchaudio
 
-from raytrain_speech.configlib import require
-
-
-@dataclass
-class AugmentConfig:
-    """Masking applied to each training batch (off by default; validation and eval never mask)."""
-
-    freq_masks: int = 0
-    """SpecAugment frequency masks per utterance (recipes: 2)."""
-    freq_mask_max_bins: int = 27
-    """Widest frequency mask, in mel bins (SpecAugment's F; Whisper: 27)."""
-    time_masks: int = 0
-    """SpecAugment time masks per utterance (recipes: 2)."""
-    time_mask_max_frames: int = 100
-    """Widest time mask, in frames (SpecAugment's T; Whisper: 100), capped at 20% of the utterance."""
-    span_mask_prob: float = 0.0
-    """Probability that a masked span starts at each frame (wav2vec 2.0's p; its recipe: 0.065)."""
-    span_mask_frames: int = 10
-    """Length of each masked span in frames (10 frames = 100 ms of log-mel)."""
-    speed_factors: tuple[float, ...] = ()
-    """Speed perturbation: each training utterance is played at one of these rates, drawn uniformly
-    (tempo and pitch change together, Kaldi/ESPnet style; recipes: [0.9, 1.0, 1.1]); empty = off."""
-    noise_root: str | None = None
-    """Shard corpus of noise clips (MUSAN prepared with `raytrain-speech prepare`, or `synth-noise`)
-    mixed into training utterances; None = no additive noise."""
-    noise_split: str = "noise"
-    """Split of noise_root holding the clips (`prepare` writes 'train', `synth-noise` writes 'noise')."""
-    noise_prob: float = 1.0
-    """Fraction of training utterances that get noise when noise_root is set."""
-    noise_snr_db: tuple[float, float] = (5.0, 20.0)
-    """Signal-to-noise ratio range in dB; each noisy utterance draws one uniformly."""
-    noise_max_clips: int = 256
-    """Noise clips each data process holds in memory (the first this many of the split)."""
-
-    def validate(self) -> None:
-        for key in ("freq_masks", "time_masks"):
-            require(getattr(self, key) >= 0, f"augment.{key}", "must be >= 0")
-        require(self.freq_mask_max_bins >= 1, "augment.freq_mask_max_bins", "must be >= 1")
-        require(self.time_mask_max_frames >= 1, "augment.time_mask_max_frames", "must be >= 1")
-        require(0.0 <= self.span_mask_prob < 1.0, "augment.span_mask_prob", "must be in [0, 1)")
-        require(self.span_mask_frames >= 1, "augment.span_mask_frames", "must be >= 1")
-        require(all(0.5 <= f <= 2.0 for f in self.speed_factors), "augment.speed_factors",
-                "must be rates between 0.5 and 2.0, e.g. [0.9, 1.0, 1.1]")
-        require(0.0 <= self.noise_prob <= 1.0, "augment.noise_prob", "must be in [0, 1]")
-        lo, hi = self.noise_snr_db
-        require(lo <= hi, "augment.noise_snr_db", "must be [low, high] with low <= high")
-        require(self.noise_max_clips >= 1, "augment.noise_max_clips", "must be >= 1")
-
-    @property
-    def enabled(self) -> bool:
-        """Masks on the training device (SpecAugment or span masks)."""
-        return self.freq_masks > 0 or self.time_masks > 0 or self.span_mask_prob > 0
-
-    @property
-    def waveform_enabled(self) -> bool:
-        """Waveform augmentation inside Ray Data (speed perturbation or additive noise)."""
-        return any(f != 1.0 for f in self.speed_factors) or (self.noise_root is not None and self.noise_prob > 0)
+from raytrain_speech.config import AugmentConfig
 
 
 def utterance_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

@@ -13,7 +13,7 @@ import json
 from collections import Counter
 
 from raytrain_speech import storage
-from raytrain_speech.storage import StorageConfig
+from raytrain_speech.config import StorageConfig
 
 BAD_INPUTS_FILE = "bad_inputs.jsonl"
 

@@ -19,31 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from raytrain_speech.configlib import require
-
-DEFAULT_DURATION_BUCKETS = 24
-"""Chosen on the demo corpus (default SynthConfig, 9476 utterances, each of 2 workers' halves) at its
-60 padded-s per-worker budget: padding 2.8-2.9% vs 3.3% for the 512-utterance sort window, holding at
-most ~520 utterances (the window holds 512); 16 buckets pad 4.0-4.4%, 32 pad 2.2% but hold ~620 and
-flush more partial batches at the end of an epoch."""
-
-
-@dataclass
-class BatchingConfig:
-    """How a worker groups its stream of utterances into batches."""
-
-    sort_window_utterances: int = 512
-    """Utterances gathered and sorted by duration before cutting batches (bigger = less padding)."""
-    max_batch_utterances: int | None = None
-    """Optional cap on utterances per micro-batch, on top of the audio-seconds budget."""
-    duration_buckets: int = DEFAULT_DURATION_BUCKETS
-    """Duration buckets cut at quantiles of the split's utterance durations; 0 = the sort window instead."""
-
-    def validate(self) -> None:
-        require(self.sort_window_utterances >= 1, "batching.sort_window_utterances", "must be >= 1")
-        require(self.duration_buckets >= 0, "batching.duration_buckets", "must be >= 0 (0 = sort window)")
-        require(self.max_batch_utterances is None or self.max_batch_utterances >= 1,
-                "batching.max_batch_utterances", "must be >= 1 or null")
+from raytrain_speech.config import BatchingConfig
 
 
 @dataclass

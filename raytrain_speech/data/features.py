@@ -10,61 +10,11 @@ give the same frames (see ``center_pad``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 import torch
 import torchaudio
 
-from raytrain_speech.configlib import require
-
-
-@dataclass
-class FeatureConfig:
-    """The acoustic front end (defaults: 80 log-mel, 25 ms Hamming window, 10 ms hop, 16 kHz)."""
-
-    sample_rate_hz: int = 16000
-    """Every utterance is resampled to this rate before features."""
-    n_mels: int = 80
-    """Mel bins."""
-    win_length_ms: float = 25.0
-    """Analysis window length."""
-    hop_length_ms: float = 10.0
-    """Frame shift."""
-    n_fft: int = 400
-    """FFT size in samples (>= window length in samples)."""
-    window: Literal["hamming", "hann"] = "hamming"
-    """Analysis window shape."""
-    log_floor: float = 1e-6
-    """Added to mel power before the log so silence does not give -inf."""
-    normalize: Literal["utterance", "none"] = "utterance"
-    """Per-utterance zero-mean unit-variance per mel bin, or raw log-mel."""
-    kind: Literal["log_mel", "waveform"] = "log_mel"
-    """log_mel for spectrogram models; waveform for raw-audio models (no front end)."""
-    placement: Literal["data", "worker"] = "data"
-    """Where training computes log-mel: data = on CPU inside Ray Data; worker = batched on the
-    training device (rows carry waveforms). Validation and eval always compute it in-process.
-    Ignored for waveform models."""
-
-    @property
-    def win_length(self) -> int:
-        return round(self.sample_rate_hz * self.win_length_ms / 1000)
-
-    @property
-    def hop_length(self) -> int:
-        return round(self.sample_rate_hz * self.hop_length_ms / 1000)
-
-    def validate(self) -> None:
-        require(self.sample_rate_hz > 0, "features.sample_rate_hz", "must be positive")
-        require(self.n_mels > 0, "features.n_mels", "must be positive")
-        require(0 < self.hop_length_ms <= self.win_length_ms, "features.hop_length_ms",
-                "must be positive and at most win_length_ms")
-        require(self.n_fft >= self.win_length, "features.n_fft",
-                f"must be >= the window length in samples ({self.win_length})")
-
-    def num_frames(self, num_samples: int) -> int:
-        return 1 + num_samples // self.hop_length
+from raytrain_speech.config import FeatureConfig
 
 
 def mel_spectrogram(cfg: FeatureConfig, center: bool) -> torchaudio.transforms.MelSpectrogram:

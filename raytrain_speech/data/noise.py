@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from raytrain_speech import storage
-from raytrain_speech.configlib import ConfigError, require, to_dict
+from raytrain_speech.config import ConfigError, StorageConfig, require, to_dict
 from raytrain_speech.data import audio, shards
-from raytrain_speech.storage import StorageConfig, StorageError
+from raytrain_speech.storage import StorageError
 
 KINDS = ("white", "pink", "brown", "babble", "hum")
 COLOR_ALPHA = {"white": 0.0, "pink": 1.0, "brown": 2.0}

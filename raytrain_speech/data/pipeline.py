@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,69 +26,16 @@ import ray.data
 from ray.train import DataConfig as RayTrainDataConfig
 
 from raytrain_speech import storage
-from raytrain_speech.configlib import require
+from raytrain_speech.config import BatchingConfig
 from raytrain_speech.data import shards, wds
 from raytrain_speech.data.augment import WaveformAugmenter
-from raytrain_speech.data.batching import Batch, BatchingConfig, batch_by_buckets, batch_by_duration, collate
+from raytrain_speech.data.batching import Batch, batch_by_buckets, batch_by_duration, collate
 from raytrain_speech.data.preprocess import Preprocessor, input_columns, to_utterances
 from raytrain_speech.data.progress import drop_consumed
 from raytrain_speech.storage import StorageError
 
 if TYPE_CHECKING:
     from raytrain_speech.config import Config
-
-
-@dataclass
-class DataConfig:
-    """Where the shards are and how Ray Data streams them."""
-
-    root: str = "data/demo"
-    """Corpus root (local path or s3://bucket/prefix) holding manifest.json and split folders."""
-    train_split: str = "train"
-    """Split trained on."""
-    valid_split: str = "dev"
-    """Split for validation during training (train.validate_every_steps)."""
-    preprocess_batch_rows: int = 32
-    """Rows per Ray Data preprocessing task batch."""
-    preprocess_cpus: float = 1.0
-    """CPUs reserved by each preprocessing task."""
-    shuffle_blocks: bool = True
-    """Randomize shard order every epoch."""
-    blocks_per_shard: int = 4
-    """Ray Data blocks each shard is read into (read_parquet's override_num_blocks; Ray 2.60 reads a
-    task's files into one block regardless, so block_mb is what splits them now)."""
-    block_mb: float = 16.0
-    """Ray Data's target block size for this chain: a shard's rows are cut into blocks of about this
-    size, so several preprocessing tasks share a shard and Train's unequal split ends an epoch with a
-    short tail. Ray's default (128 MB) puts a whole shard, or several, in one block: one core does
-    all the preprocessing. Much smaller blocks pay Ray's per-task overhead: 4 MB made a 36-step test
-    run on 2 cores 24% slower than 128 MB (docs/LOG.md)."""
-    prefetch_batches: int = 4
-    """Row batches each training worker prefetches."""
-    min_duration_s: float | None = None
-    """Training leaves out utterances shorter than this (from the duration_s column, before decoding;
-    counted as filtered, not bad). None = no lower limit."""
-    max_duration_s: float | None = None
-    """Training leaves out utterances longer than this (e.g. 30 s for Whisper). None = no upper limit."""
-    max_bad_fraction: float = 0.05
-    """Stop the run with an error when more than this fraction of the training utterances seen so far
-    were bad input (corrupt audio, bad transcripts, unreadable shards); judged once
-    bad_fraction_min_utterances were seen, and at every epoch end."""
-    bad_fraction_min_utterances: int = 200
-    """Utterances seen before max_bad_fraction is judged (a few bad files early on are no verdict)."""
-
-    def validate(self) -> None:
-        require(bool(self.root), "data.root", "must name a corpus (local path or s3://bucket/prefix)")
-        require(self.preprocess_batch_rows >= 1, "data.preprocess_batch_rows", "must be >= 1")
-        require(self.blocks_per_shard >= 1, "data.blocks_per_shard", "must be >= 1")
-        require(self.block_mb > 0, "data.block_mb", "must be positive")
-        for key in ("min_duration_s", "max_duration_s"):
-            value = getattr(self, key)
-            require(value is None or value >= 0, f"data.{key}", "must be >= 0 or null")
-        require(self.min_duration_s is None or self.max_duration_s is None
-                or self.min_duration_s <= self.max_duration_s, "data.min_duration_s", "must be <= data.max_duration_s")
-        require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
-        require(self.bad_fraction_min_utterances >= 1, "data.bad_fraction_min_utterances", "must be >= 1")
 
 
 CLOCK_NAMESPACE = "raytrain_speech"

@@ -50,9 +50,9 @@ import pyarrow.fs as pafs
 import soundfile as sf
 
 from raytrain_speech import storage
-from raytrain_speech.configlib import ConfigError, require, to_dict
+from raytrain_speech.config import ConfigError, StorageConfig, require, to_dict
 from raytrain_speech.data import shards
-from raytrain_speech.storage import StorageConfig, StorageError
+from raytrain_speech.storage import StorageError
 
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg")
 """Audio the pipeline decodes, in order of preference when one utterance has several."""

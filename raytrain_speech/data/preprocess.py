@@ -19,11 +19,12 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
+from raytrain_speech.config import FeatureConfig, TextConfig
 from raytrain_speech.data import audio
 from raytrain_speech.data.augment import WaveformAugmenter
 from raytrain_speech.data.batching import Utterance
-from raytrain_speech.data.features import FeatureConfig, FeatureExtractor, center_pad
-from raytrain_speech.data.text import CharTokenizer, TextConfig, TextError, normalize_text
+from raytrain_speech.data.features import FeatureExtractor, center_pad
+from raytrain_speech.data.text import CharTokenizer, TextError, normalize_text
 
 INPUT_COLUMNS = ["index", "id", "audio", "duration_s", "text"]
 OPTIONAL_INPUT_COLUMNS = ["language"]

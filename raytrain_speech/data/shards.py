@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raytrain_speech import storage
-from raytrain_speech.storage import StorageConfig, StorageError
+from raytrain_speech.config import StorageConfig
+from raytrain_speech.storage import StorageError
 
 FORMAT = "raytrain-speech-shards/1"
 MANIFEST = "manifest.json"

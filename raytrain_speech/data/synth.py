@@ -24,10 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raytrain_speech.configlib import require, to_dict
+from raytrain_speech.config import StorageConfig, SynthConfig, require, to_dict
 from raytrain_speech.data import audio, shards
 from raytrain_speech.data.words import WORDS, WORDS_ES
-from raytrain_speech.storage import StorageConfig
 
 ACCENTS = ("en", "en-us", "en-029", "en-gb-scotland", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan",
            "en-gb-x-gbcwmd")
@@ -55,63 +54,27 @@ SECOND_LANGUAGES = {
 names (``<accent>+<variant>``) are unique across languages."""
 
 
-@dataclass
-class SynthConfig:
-    """The synthesized corpus: its size, speakers and prosody ranges."""
+def check_config(cfg: SynthConfig) -> None:
+    """The checks of a SynthConfig against the voice inventory (its own field ranges are checked when
+    it is loaded): enough accent x variant combinations for the speakers asked for, a known second
+    language with enough voices of its own."""
+    n_combos = len(ACCENTS) * len(VARIANTS)
+    need = cfg.train_speakers + 2 * cfg.heldout_speakers
+    require(need <= n_combos, "synth.train_speakers",
+            f"train_speakers + 2*heldout_speakers must be <= {n_combos} voice combinations")
+    supported = ", ".join(repr(code) for code in sorted(SECOND_LANGUAGES))
+    require(cfg.second_language in ("", *SECOND_LANGUAGES), "synth.second_language",
+            f"unknown language {cfg.second_language!r}: must be '' (English only) or one of {supported}")
+    if cfg.second_language:
+        n_second = len(SECOND_LANGUAGES[cfg.second_language].accents) * len(VARIANTS)
+        require(2 * cfg.heldout_speakers < n_second, "synth.heldout_speakers",
+                f"2*heldout_speakers must be < {n_second} {cfg.second_language!r} voice combinations "
+                "(dev and test each need their own speakers and train at least one)")
 
-    seed: int = 1234
-    """Everything (speakers, sentences, prosody, silence) derives from this."""
-    train_hours: float = 6.0
-    """Approximate hours of training audio (the manifest records the exact figure)."""
-    dev_utterances: int = 200
-    """Utterances in the dev split (held-out speakers and sentences)."""
-    test_utterances: int = 400
-    """Utterances in the test split (held-out speakers and sentences)."""
-    train_speakers: int = 160
-    """Distinct speakers (accent x variant, with their own pitch and rate) in train."""
-    heldout_speakers: int = 16
-    """Speakers in dev and in test each; never used in train."""
-    min_words: int = 3
-    """Shortest sentence in words."""
-    max_words: int = 8
-    """Longest sentence in words."""
-    rate_wpm: tuple[int, int] = (130, 210)
-    """Range of speakers' base speaking rates (words per minute)."""
-    pitch: tuple[int, int] = (20, 80)
-    """Range of speakers' base pitch (espeak 0-100)."""
-    sample_rate_hz: int = 16000
-    """Output sample rate (espeak renders at 22.05 kHz and is resampled)."""
-    shard_utterances: int = 500
-    """Utterances per Parquet shard."""
-    workers: int = 0
-    """Synthesis processes; 0 = one per CPU core."""
-    second_language: str = ""
-    """Code of an optional second language (one of SECOND_LANGUAGES, e.g. "es"); "" = English only."""
-    second_language_share: float = 0.2
-    """Fraction of the utterances of every split (train, dev, test) spoken in the second language."""
 
-    def validate(self) -> None:
-        require(self.train_hours > 0, "synth.train_hours", "must be positive")
-        require(1 <= self.min_words <= self.max_words, "synth.min_words", "must be >= 1 and <= max_words")
-        n_combos = len(ACCENTS) * len(VARIANTS)
-        need = self.train_speakers + 2 * self.heldout_speakers
-        require(need <= n_combos, "synth.train_speakers",
-                f"train_speakers + 2*heldout_speakers must be <= {n_combos} voice combinations")
-        require(self.shard_utterances >= 1, "synth.shard_utterances", "must be >= 1")
-        supported = ", ".join(repr(code) for code in sorted(SECOND_LANGUAGES))
-        require(self.second_language in ("", *SECOND_LANGUAGES), "synth.second_language",
-                f"unknown language {self.second_language!r}: must be '' (English only) or one of {supported}")
-        require(0 < self.second_language_share < 1, "synth.second_language_share", "must be in (0, 1)")
-        if self.second_language:
-            n_second = len(SECOND_LANGUAGES[self.second_language].accents) * len(VARIANTS)
-            require(2 * self.heldout_speakers < n_second, "synth.heldout_speakers",
-                    f"2*heldout_speakers must be < {n_second} {self.second_language!r} voice combinations "
-                    "(dev and test each need their own speakers and train at least one)")
-
-    @property
-    def languages(self) -> tuple[Language, ...]:
-        """English, then the second language if any."""
-        return (ENGLISH,) + ((SECOND_LANGUAGES[self.second_language],) if self.second_language else ())
+def languages(cfg: SynthConfig) -> tuple[Language, ...]:
+    """English, then the second language if any."""
+    return (ENGLISH,) + ((SECOND_LANGUAGES[cfg.second_language],) if cfg.second_language else ())
 
 
 @dataclass(frozen=True)
@@ -160,7 +123,7 @@ def make_speakers(cfg: SynthConfig) -> dict[str, list[Speaker]]:
     in each split's list.
     """
     out: dict[str, list[Speaker]] = {split: [] for split in ("dev", "test", "train")}
-    for lang in cfg.languages:
+    for lang in languages(cfg):
         rng = _rng(cfg, "speakers", lang)
         combos = [(a, v) for a in lang.accents for v in VARIANTS]
         rng.shuffle(combos)
@@ -193,13 +156,14 @@ def make_specs(cfg: SynthConfig) -> dict[str, list[UtteranceSpec]]:
     Each language has its own random stream per split (English's is the one it always had), so English
     only draws for English utterances: with no second language the specs are exactly as before it existed.
     """
+    check_config(cfg)
     speakers = make_speakers(cfg)
-    languages = cfg.languages
+    langs = languages(cfg)
     used: set[str] = set()
     specs: dict[str, list[UtteranceSpec]] = {}
     for split in ("dev", "test", "train"):
-        rngs = {lang.code: _rng(cfg, split, lang) for lang in languages}
-        pools = {lang.code: [s for s in speakers[split] if s.language == lang.code] for lang in languages}
+        rngs = {lang.code: _rng(cfg, split, lang) for lang in langs}
+        pools = {lang.code: [s for s in speakers[split] if s.language == lang.code] for lang in langs}
         out: list[UtteranceSpec] = []
         total_s = 0.0
         while True:
@@ -207,7 +171,7 @@ def make_specs(cfg: SynthConfig) -> dict[str, list[UtteranceSpec]]:
                 break
             if split != "train" and len(out) >= getattr(cfg, f"{split}_utterances"):
                 break
-            lang = languages[-1] if len(languages) > 1 and is_second_language(
+            lang = langs[-1] if len(langs) > 1 and is_second_language(
                 len(out), cfg.second_language_share) else ENGLISH
             rng = rngs[lang.code]
             words = rng.choices(lang.words, k=rng.randint(cfg.min_words, cfg.max_words))

@@ -7,24 +7,11 @@ model is never asked to produce, or penalised for, characters outside its alphab
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
-from raytrain_speech.configlib import require
+from raytrain_speech.config import TextConfig
 
 BLANK_ID = 0
 _SPACES = re.compile(r"\s+")
-
-
-@dataclass
-class TextConfig:
-    """How transcripts become token ids."""
-
-    alphabet: str = "abcdefghijklmnopqrstuvwxyz'"
-    """Characters the model can emit besides space and the CTC blank (after lower-casing)."""
-
-    def validate(self) -> None:
-        require(len(set(self.alphabet)) == len(self.alphabet), "text.alphabet", "has repeated characters")
-        require(" " not in self.alphabet, "text.alphabet", "must not contain space (it is always included)")
 
 
 class TextError(ValueError):

@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raytrain_speech import storage
-from raytrain_speech.configlib import ConfigError, to_dict
+from raytrain_speech.config import ConfigError, StorageConfig, to_dict
 from raytrain_speech.data import shards
 from raytrain_speech.data.prepare import (
     IO_THREADS,
@@ -58,7 +58,7 @@ from raytrain_speech.data.prepare import (
     locate,
     survey,
 )
-from raytrain_speech.storage import StorageConfig, StorageError
+from raytrain_speech.storage import StorageError
 
 INDEX_KIND = "webdataset-index"
 """``source.kind`` of a split whose shards are WebDataset tars read through an index."""

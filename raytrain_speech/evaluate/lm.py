@@ -28,39 +28,16 @@ import math
 import operator
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
-from raytrain_speech.configlib import from_dict, require
+from raytrain_speech.config import NGramConfig, from_dict
 from raytrain_speech.data.text import normalize_text
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 _FORMAT = "raytrain_speech.ngram/1"
 _DISTRIBUTION_MAX_VOCAB = 512  # above this (word models), cache per (context, unit) instead of whole rows
 _CACHE_MAX_ENTRIES = 500_000  # the caches are dropped wholesale beyond this, bounding memory in long evals
-
-
-@dataclass
-class NGramConfig:
-    """What the n-gram language model counts and how it smooths."""
-
-    unit: Literal["char", "word"] = "char"
-    """Modelled unit: characters (space included) or whitespace-separated words."""
-    order: int | None = None
-    """Longest n-gram (context = order - 1 units); None: 6 for characters, 3 for words."""
-    smoothing: Literal["modified_kn", "kn"] = "modified_kn"
-    """Interpolated Kneser-Ney with three discounts per order (modified) or one (plain)."""
-    min_word_count: int = 2
-    """Word models: training words seen fewer times become <unk> (gives <unk> a learned mass)."""
-
-    def validate(self) -> None:
-        require(self.order is None or 1 <= self.order <= 12, "eval.lm.order", "must be between 1 and 12 (or null)")
-        require(self.min_word_count >= 1, "eval.lm.min_word_count", "must be >= 1")
-
-    @property
-    def resolved_order(self) -> int:
-        return self.order if self.order is not None else (6 if self.unit == "char" else 3)
 
 
 def _units(text: str, unit: str) -> list[str]:

@@ -23,13 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from raytrain_speech.configlib import ConfigError, from_dict
+from raytrain_speech.config import ConfigError, StorageConfig, from_dict
 from raytrain_speech.data import shards
 from raytrain_speech.data.batching import collate
 from raytrain_speech.data.preprocess import iter_table, to_utterances
 from raytrain_speech.evaluate.runner import load_model
 from raytrain_speech.models.registry import build_model
-from raytrain_speech.storage import StorageConfig
 
 
 @dataclass
@@ -138,7 +137,8 @@ def pitch_rmse(x_NK: np.ndarray, pitch_N: np.ndarray, train_N: np.ndarray, l2: f
 
 def synth_pitches(root: str, storage_cfg: StorageConfig | None) -> dict[str, int] | None:
     """id -> the synthesizer's pitch setting, when the corpus was made by ``synth`` (None otherwise)."""
-    from raytrain_speech.data.synth import SynthConfig, make_specs
+    from raytrain_speech.config import SynthConfig
+    from raytrain_speech.data.synth import make_specs
 
     source = shards.read_manifest(root, storage_cfg).source or {}
     if source.get("kind") != "synth":

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from raytrain_speech import storage
-from raytrain_speech.storage import StorageConfig
+from raytrain_speech.config import StorageConfig
 
 ARTIFACT_FILE = "model.pt"
 FORMAT = "raytrain-speech-export/1"

@@ -15,65 +15,24 @@ are reported per test set and per language (the shards' ``language`` column) as 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import yaml
 
-from raytrain_speech.configlib import ConfigError, require, to_dict
+from raytrain_speech.config import BatchingConfig, ConfigError, StorageConfig, to_dict
 from raytrain_speech.data import shards
-from raytrain_speech.data.batching import BatchingConfig, batch_by_duration, collate
+from raytrain_speech.data.batching import batch_by_duration, collate
 from raytrain_speech.data.preprocess import Preprocessor, input_columns, to_utterances
 from raytrain_speech.data.text import normalize_text
 from raytrain_speech.evaluate.decode import Search, hypotheses
-from raytrain_speech.evaluate.lm import NGramConfig, NGramLM
+from raytrain_speech.evaluate.lm import NGramLM
 from raytrain_speech.evaluate.wer import error_rates
 from raytrain_speech.models.registry import build_model, family
-from raytrain_speech.storage import StorageConfig
 
 NO_LANGUAGE = "-"
 """Row label in the per-language table for utterances whose shard has no language."""
-
-
-@dataclass
-class EvalConfig:
-    """What to score, how to decode it, and where the decoding runs."""
-
-    split: str = "test"
-    """Split of data.root to score (the CLI's repeatable --split scores several test sets)."""
-    batch_audio_s: float = 300.0
-    """Padded audio seconds per decoding batch."""
-    threads: int = 0
-    """torch threads for in-process decoding; 0 = all cores."""
-    use_ema: bool = True
-    """Score the EMA weights when the checkpoint has them (step.ema_decay)."""
-    beam_width: int = 1
-    """1 = greedy; more = CTC prefix beam search / attention beam search (recipes: 5)."""
-    lm_weight: float = 0.0
-    """Shallow-fusion weight of the n-gram LM trained on the corpus's train-split transcripts (0 = no LM)."""
-    length_bonus: float = 0.0
-    """Score added per emitted character (offsets the LM's preference for short outputs)."""
-    lm: NGramConfig = field(default_factory=NGramConfig)
-    """The fusion LM: unit (char/word), order, smoothing."""
-    actors: int = 0
-    """Ray Data decoding actors (map_batches over the test shards); 0 = decode in this process."""
-    actor_gpus: float = 0.0
-    """GPUs per decoding actor (the model runs on cuda when > 0)."""
-    actor_cpus: float = 1.0
-    """CPUs per decoding actor (also its torch thread count, rounded up)."""
-    actor_batch_rows: int = 64
-    """Shard rows handed to an actor per map_batches call (decoded in duration-sorted batches)."""
-
-    def validate(self) -> None:
-        require(self.batch_audio_s > 0, "eval.batch_audio_s", "must be positive")
-        require(self.beam_width >= 1, "eval.beam_width", "must be >= 1")
-        require(self.lm_weight >= 0, "eval.lm_weight", "must be >= 0")
-        require(self.actors >= 0, "eval.actors", "must be >= 0 (0 = decode in-process)")
-        require(self.actor_gpus >= 0 and self.actor_cpus > 0, "eval.actor_cpus",
-                "actor_cpus must be > 0 and actor_gpus >= 0")
-        require(self.actor_batch_rows >= 1, "eval.actor_batch_rows", "must be >= 1")
-        self.lm.validate()
 
 
 @dataclass

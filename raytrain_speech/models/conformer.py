@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from raytrain_speech.configlib import require
+from raytrain_speech.config import require
 from raytrain_speech.data.augment import model_span_mask
 from raytrain_speech.data.batching import Batch
 from raytrain_speech.data.text import BLANK_ID

@@ -7,30 +7,15 @@ overrides on the family's defaults, so a recipe names a preset and may still ove
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from raytrain_speech.configlib import ConfigError, from_dict, to_dict
+from raytrain_speech.config import ConfigError, ModelSpec, from_dict, require, to_dict
 from raytrain_speech.models import conformer, wav2vec2, wavlm, whisper
 from raytrain_speech.objectives import Objective
-
-
-@dataclass
-class ModelSpec:
-    """Which model to build: a family, one of its presets, and field overrides."""
-
-    family: str = "conformer_ctc"
-    """Model family (see `raytrain-speech models`)."""
-    preset: str = "tiny"
-    """Named size/hyperparameter preset of the family."""
-    overrides: dict = field(default_factory=dict)
-    """Fields of the family's config that replace the preset's values."""
-
-    def validate(self) -> None:
-        resolve(self)
 
 
 @dataclass(frozen=True)
@@ -92,6 +77,29 @@ FAMILIES: dict[str, Family] = {
                         summary="WavLM encoder fine-tuned with CTC (train.init_from a wavlm run)",
                         init_from_families=("wavlm",)),
 }
+
+
+def check_config(cfg) -> None:
+    """The ``model`` section resolved against its family (known family and preset, valid overrides),
+    and the family's rules on the other sections; ConfigError naming the key. The config package is a
+    leaf and cannot know the families, so every entry point (CLI, ``train.preflight``, sweeps) calls
+    this once the config is loaded."""
+    fam = family(cfg.model)
+    model_cfg = resolve(cfg.model)
+    require(fam.input_kind == cfg.features.kind, "features.kind",
+            f"model family {cfg.model.family} needs {fam.input_kind!r} input")
+    if cfg.train.freeze_feature_encoder_steps:
+        require(hasattr(fam.builder, "feature_encoder_parameters"), "train.freeze_feature_encoder_steps",
+                f"model family {cfg.model.family} has no separate feature encoder to freeze")
+    if fam.text_output is None:
+        for key, value in (("train.early_stop_metric", cfg.train.early_stop_metric if
+                            cfg.train.early_stop_patience else None),
+                           ("run.checkpoint_score_attribute", cfg.run.checkpoint_score_attribute)):
+            require(value not in ("valid_wer", "valid_cer"), key,
+                    f"{cfg.model.family} is self-supervised (no transcripts out); use valid_loss")
+    if hasattr(model_cfg, "n_mels"):
+        require(model_cfg.n_mels == cfg.features.n_mels, "features.n_mels",
+                f"is {cfg.features.n_mels} but the model expects {model_cfg.n_mels}")
 
 
 def family(spec: ModelSpec) -> Family:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytrain_speech.configlib import require
+from raytrain_speech.config import require
 from raytrain_speech.data.augment import model_span_mask
 from raytrain_speech.data.batching import Batch
 from raytrain_speech.models.layers import padding_mask

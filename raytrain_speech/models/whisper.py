@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytrain_speech.configlib import require
+from raytrain_speech.config import require
 from raytrain_speech.data.batching import Batch
 from raytrain_speech.data.text import BLANK_ID
 from raytrain_speech.models.layers import TransformerDecoder, TransformerEncoder, padding_mask, sinusoids

@@ -20,8 +20,9 @@ from pyarrow.fs import FileSelector
 from torch import nn
 
 from raytrain_speech import storage
+from raytrain_speech.config import StorageConfig
 from raytrain_speech.data.progress import CURSOR_FILE, DataCursor
-from raytrain_speech.storage import StorageConfig, StorageError
+from raytrain_speech.storage import StorageError
 from raytrain_speech.train.step import EMA, unwrap
 
 STATE_FILE = "state.pt"

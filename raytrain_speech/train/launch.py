@@ -12,15 +12,14 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from raytrain_speech import storage
-from raytrain_speech.configlib import require
 from raytrain_speech.data.badinput import BAD_INPUTS_FILE, read_bad_inputs, summary_line
 from raytrain_speech.data.pipeline import UnequalSplitDataConfig, build_dataset
 from raytrain_speech.train.checkpoint import latest_committed_cursor
@@ -34,57 +33,6 @@ from raytrain_speech.train.metrics import (
 
 if TYPE_CHECKING:
     from raytrain_speech.config import Config
-
-
-@dataclass
-class LaunchConfig:
-    """The Ray side of a run: its name and storage, workers, fault budget, cluster connection."""
-
-    name: str = "demo"
-    """Run name; re-running with the same name and storage_path resumes from the last checkpoint."""
-    storage_path: str = "runs"
-    """Where run directories go: a local path or s3://bucket/prefix."""
-    num_workers: int | tuple[int, int] = 2
-    """Training workers (one per GPU when use_gpu); [min, max] makes the run elastic: it starts with
-    what the cluster can place, grows when nodes appear and shrinks when they go."""
-    use_gpu: bool = False
-    """One GPU per worker."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved per training worker."""
-    worker_resources: dict = field(default_factory=dict)
-    """Extra Ray resources per training worker, e.g. {A100: 1} to keep workers on one node group."""
-    elastic_resize_interval_s: float = 60.0
-    """With [min, max] workers: how often Train looks for room to grow the worker group."""
-    max_failures: int = 3
-    """Worker-group restarts allowed after failures (-1 = unlimited)."""
-    checkpoints_to_keep: int = 2
-    """Checkpoints kept in storage (the latest is always kept, whatever its score)."""
-    checkpoint_score_attribute: str | None = None
-    """Keep the best checkpoints by this reported metric (e.g. valid_loss) instead of the latest;
-    validation then runs at every checkpoint."""
-    checkpoint_score_order: Literal["min", "max"] = "min"
-    """Whether a lower or higher checkpoint_score_attribute is better."""
-    max_preemption_failures: int = -1
-    """Node preemptions (spot reclaims) to recover from, counted apart from max_failures (-1 = no limit)."""
-    ray_address: str | None = None
-    """Cluster to join (e.g. auto); None = $RAY_ADDRESS if set, else start a local Ray."""
-    local_num_cpus: int | None = None
-    """Logical CPUs of a local Ray; None = cores + training workers' CPUs, so data tasks still run."""
-    object_store_memory_mb: int = 1536
-    """Object store size of a local Ray (the default, 30% of RAM, is too much on a laptop)."""
-
-    def validate(self) -> None:
-        require(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'")
-        lo, hi = self.worker_range
-        require(1 <= lo <= hi, "run.num_workers", "must be >= 1 (or [min, max] with 1 <= min <= max)")
-        require(self.cpus_per_worker > 0, "run.cpus_per_worker", "must be positive")
-        require(self.checkpoints_to_keep >= 1, "run.checkpoints_to_keep", "must be >= 1")
-
-
-    @property
-    def worker_range(self) -> tuple[int, int]:
-        n = self.num_workers
-        return (n, n) if isinstance(n, int) else (n[0], n[1])
 
 
 def run_dir(cfg: Config) -> str:

@@ -12,20 +12,17 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 import ray.train
 import torch
 import torch.distributed as dist
 
 from raytrain_speech import storage
-from raytrain_speech.configlib import require
 from raytrain_speech.data.augment import mask_batch, model_span_mask
 from raytrain_speech.data.badinput import BadInputLog
 from raytrain_speech.data.batching import Batch, duration_quantile_boundaries
@@ -40,109 +37,6 @@ from raytrain_speech.train.checkpoint import TrainState
 from raytrain_speech.train.memory import malloc_trim, rss_mb
 from raytrain_speech.train.optim import build_optimizer, lr_at, set_lr
 from raytrain_speech.train.step import Stepper, unwrap
-
-
-@dataclass
-class TrainConfig:
-    """Length of training, the global batch promise, and reporting cadence."""
-
-    seed: int = 0
-    """Seeds model init and per-epoch batch shuffling."""
-    max_steps: int = 1500
-    """Optimizer steps in the whole run (the LR schedule spans these)."""
-    max_epochs: int | None = None
-    """Stop earlier after this many passes over the train split (None = no limit)."""
-    global_batch_audio_s: float = 120.0
-    """Padded audio seconds per optimizer step summed over all workers and micro-batches; kept
-    constant when the worker count changes (accumulation absorbs the difference)."""
-    micro_batch_audio_s: float | None = None
-    """Most padded audio seconds one worker processes at once (its memory bound); gradient
-    accumulation = ceil(global / (workers x this)). None = no accumulation."""
-    global_batch_utterances: int | None = None
-    """Utterances per optimizer step over all workers (recipes that state the batch as a count, e.g.
-    2048); replaces global_batch_audio_s when set. Micro-batches are then cut by count, still
-    duration-sorted so padding stays low."""
-    micro_batch_utterances: int | None = None
-    """Most utterances one worker processes at once when the global batch is a count; accumulation
-    = ceil(global / (workers x this)). None = no accumulation."""
-    init_from: str | None = None
-    """Fine-tuning: a checkpoint (or a run directory: its latest checkpoint) of a pretraining run
-    whose encoder initialises this model. Ignored when the run resumes from its own checkpoint."""
-    freeze_feature_encoder_steps: int = 0
-    """Fine-tuning: keep the pretrained convolutional feature encoder fixed for this many steps."""
-    freeze_pretrained_steps: int = 0
-    """Fine-tuning: train only the new parameters (the output head) for this many steps, with every
-    parameter loaded by init_from fixed, so a random head's first gradients cannot wreck the pretrained
-    encoder (fairseq's freeze_finetune_updates)."""
-    malloc_trim_every_steps: int = 10
-    """Give freed heap memory back to the OS every this many steps (glibc ``malloc_trim``; 0 = never):
-    variable-length batches otherwise fragment the heap and a CPU worker's RSS grows by GBs an hour."""
-    log_every_steps: int = 10
-    """Report metrics (a barrier across ranks) every this many steps."""
-    checkpoint_every_steps: int = 250
-    """Save a full-state checkpoint every this many steps (and always at the last step)."""
-    torch_threads: int = 1
-    """torch intra-op threads per worker (CPU training: cores / workers)."""
-    validate_every_steps: int | None = None
-    """Loss and greedy WER on data.valid_split every this many steps (None = only if a checkpoint
-    score needs it)."""
-    early_stop_patience: int | None = None
-    """Stop after this many validations in a row without improving early_stop_metric (None = never)."""
-    early_stop_metric: Literal["valid_loss", "valid_wer"] = "valid_loss"
-    """Validation metric that early stopping watches (lower is better)."""
-    early_stop_min_delta: float = 0.0
-    """Smallest decrease that counts as an improvement."""
-    checkpoint_upload: Literal["async", "sync"] = "async"
-    """async: training continues while Ray uploads the checkpoint; sync: the step waits for it."""
-    checkpoint_on_preemption: bool = True
-    """When Ray reports that a node of this run is being drained (spot reclaim), checkpoint at once."""
-    trained_log_dir: str | None = None
-    """Audit/test hook: each rank appends the utterance indices of every step to a JSONL file here."""
-    fault_checkpoint_delay_s: float = 0.0
-    """Fault-injection hook for tests: rank 0 sleeps this long inside each checkpoint write of the
-    run's first attempt, so a test can kill it mid-write."""
-
-    def validate(self) -> None:
-        require(self.max_steps >= 1, "train.max_steps", "must be >= 1")
-        require(self.global_batch_audio_s > 0, "train.global_batch_audio_s", "must be positive")
-        require(self.micro_batch_audio_s is None or self.micro_batch_audio_s > 0, "train.micro_batch_audio_s",
-                "must be positive or null")
-        require(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
-        require(self.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
-        require(self.torch_threads >= 1, "train.torch_threads", "must be >= 1")
-        require(self.validate_every_steps is None or self.validate_every_steps >= 1, "train.validate_every_steps",
-                "must be >= 1 or null")
-        require(self.early_stop_patience is None or self.validate_every_steps is not None,
-                "train.early_stop_patience", "needs train.validate_every_steps")
-        require(self.global_batch_utterances is None or self.global_batch_utterances >= 1,
-                "train.global_batch_utterances", "must be >= 1 or null")
-        require(self.micro_batch_utterances is None or self.micro_batch_utterances >= 1,
-                "train.micro_batch_utterances", "must be >= 1 or null")
-        require(self.micro_batch_utterances is None or self.global_batch_utterances is not None,
-                "train.micro_batch_utterances", "needs train.global_batch_utterances")
-        require(self.freeze_feature_encoder_steps >= 0, "train.freeze_feature_encoder_steps", "must be >= 0")
-        require(self.freeze_pretrained_steps >= 0, "train.freeze_pretrained_steps", "must be >= 0")
-        require(self.malloc_trim_every_steps >= 0, "train.malloc_trim_every_steps", "must be >= 0")
-
-    def utterance_cap(self, world_size: int) -> int | None:
-        """Utterances per micro-batch when the global batch is a count (None = cut by seconds).
-
-        Rounded up when the count does not divide evenly over workers x micro-batches; the run card
-        records the effective global batch (workers x accumulation x this)."""
-        if self.global_batch_utterances is None:
-            return None
-        accum, _ = self.accumulation(world_size)
-        return math.ceil(self.global_batch_utterances / (world_size * accum))
-
-    def accumulation(self, world_size: int) -> tuple[int, float]:
-        """(micro-batches per worker per step, padded-seconds budget per micro-batch) at this size."""
-        if self.global_batch_utterances is not None:
-            per_micro = self.micro_batch_utterances or self.global_batch_utterances
-            return math.ceil(self.global_batch_utterances / (world_size * per_micro) - 1e-9), math.inf
-        if self.micro_batch_audio_s is None:
-            return 1, self.global_batch_audio_s / world_size
-        accum = math.ceil(self.global_batch_audio_s / (world_size * self.micro_batch_audio_s) - 1e-9)
-        return accum, self.global_batch_audio_s / (world_size * accum)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:

@@ -12,7 +12,8 @@ import threading
 import time
 
 from raytrain_speech import storage
-from raytrain_speech.storage import StorageConfig, StorageError
+from raytrain_speech.config import StorageConfig
+from raytrain_speech.storage import StorageError
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -7,52 +7,11 @@ exactly the LR it would have had, and recipes state warmup/decay in their papers
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-from raytrain_speech.configlib import require
-
-
-@dataclass
-class OptimConfig:
-    """Optimizer and LR schedule."""
-
-    name: Literal["adamw", "adam"] = "adamw"
-    """adamw (decoupled weight decay) or adam (L2 added to the gradient, as fairseq's wav2vec 2.0)."""
-    lr_peak: float = 3e-3
-    """LR reached at the end of warmup."""
-    betas: tuple[float, float] = (0.9, 0.98)
-    """Adam moment decay rates."""
-    eps: float = 1e-8
-    """Adam epsilon."""
-    weight_decay: float = 0.01
-    """Weight decay on matrices and convolution kernels (never on norms and biases)."""
-    warmup_steps: int = 200
-    """Linear warmup from 0 to lr_peak, in optimizer steps."""
-    warmup_fraction: float | None = None
-    """Warmup as a fraction of total steps; replaces warmup_steps when set."""
-    schedule: Literal["cosine", "polynomial", "constant"] = "cosine"
-    """Decay after warmup."""
-    lr_final: float = 1e-6
-    """LR at the last step (cosine and polynomial)."""
-    poly_power: float = 1.0
-    """Exponent of polynomial decay (0.5 = square-root decay)."""
-    pretrained_lr_peak: float | None = None
-    """Fine-tuning: peak LR of the parameters loaded by train.init_from (e.g. 1e-5) while new layers
-    use lr_peak; both follow the same schedule shape. None = lr_peak for all."""
-
-    def validate(self) -> None:
-        require(self.lr_peak > 0, "optim.lr_peak", "must be positive")
-        require(0 <= self.lr_final <= self.lr_peak, "optim.lr_final", "must be in [0, lr_peak]")
-        require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        require(self.warmup_fraction is None or 0 <= self.warmup_fraction < 1, "optim.warmup_fraction",
-                "must be in [0, 1)")
-        require(all(0 <= b < 1 for b in self.betas), "optim.betas", "must be in [0, 1)")
-        require(self.pretrained_lr_peak is None or self.pretrained_lr_peak > 0, "optim.pretrained_lr_peak",
-                "must be positive or null")
+from raytrain_speech.config import OptimConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig, pretrained: set[str] = frozenset(),

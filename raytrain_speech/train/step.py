@@ -10,34 +10,14 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
-from raytrain_speech.configlib import require
+from raytrain_speech.config import StepConfig
 from raytrain_speech.data.batching import Batch
 
 Objective = Callable[[Batch, dict, float, int], tuple[torch.Tensor, dict]]
-
-
-@dataclass
-class StepConfig:
-    """Numerics of one optimizer step."""
-
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """fp32; bf16 autocast; fp16 autocast with dynamic loss scaling; auto = bf16 where the
-    hardware computes it natively (Ampere+ GPUs, CPUs with AVX512-BF16/AMX), else fp32."""
-    grad_clip_norm: float | None = None
-    """Clip the global gradient L2 norm to this (None = no clipping)."""
-    ema_decay: float | None = None
-    """Keep an exponential moving average of the weights with this per-step decay (e.g. 0.999);
-    it is saved in checkpoints and used for validation and evaluation. None = no EMA."""
-
-    def validate(self) -> None:
-        require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "step.grad_clip_norm",
-                "must be positive or null")
-        require(self.ema_decay is None or 0 < self.ema_decay < 1, "step.ema_decay", "must be in (0, 1) or null")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -12,9 +12,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from raytrain_speech.config import BatchingConfig
 from raytrain_speech.data import shards
 from raytrain_speech.data.augment import model_span_mask
-from raytrain_speech.data.batching import Batch, BatchingConfig, Utterance, batch_by_duration, collate
+from raytrain_speech.data.batching import Batch, Utterance, batch_by_duration, collate
 from raytrain_speech.data.preprocess import Preprocessor, iter_table, to_utterances
 from raytrain_speech.evaluate.decode import hypotheses
 from raytrain_speech.evaluate.wer import error_counts

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from raytrain_speech.configlib import ConfigError, from_dict, load_yaml_mapping, require
+from raytrain_speech.config import ConfigError, from_dict, load_yaml_mapping, require
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from raytrain_speech import storage
-from raytrain_speech.configlib import ConfigError, require
+from raytrain_speech.config import ConfigError, require
 from raytrain_speech.train.metrics import METRICS_FILE, read_metrics
 from raytrain_speech.tune.spaces import SweepConfig, corner_values, to_tune
 
@@ -68,12 +68,14 @@ def check_sweep(base: dict, sweep: SweepConfig):
     Returns the config of a representative trial (first corner), used to size the cluster.
     """
     from raytrain_speech.config import Config
+    from raytrain_speech.models.registry import check_config
 
     sample = None
     for key, spec in sweep.space.items():
         for value in corner_values(spec):
             try:
                 cfg = Config.from_dict(trial_dict(base, sweep, {key: value}, "check"))
+                check_config(cfg)
             except ConfigError as err:
                 raise ConfigError(f"sweep space.{key}={value!r}: {err}") from None
             sample = sample or cfg
@@ -105,8 +107,7 @@ def _run_trial(params: dict, base: dict, sweep_data: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raytrain_speech.config import Config
-    from raytrain_speech.configlib import from_dict
+    from raytrain_speech.config import Config, from_dict
     from raytrain_speech.train.launch import fit
 
     sweep = from_dict(SweepConfig, sweep_data)
@@ -117,7 +118,7 @@ def _run_trial(params: dict, base: dict, sweep_data: dict) -> None:
 def _trainable(base: dict, sweep: SweepConfig):
     from ray import tune
 
-    from raytrain_speech.configlib import to_dict
+    from raytrain_speech.config import to_dict
 
     # The trial function only waits on its Train controller (which lives on the trial's node), so it
     # takes no CPU and is pinned to the head: drivers there survive spot-node loss, and a head with

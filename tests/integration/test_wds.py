@@ -11,10 +11,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from raytrain_speech.configlib import from_dict
+from raytrain_speech.config import StorageConfig, from_dict
 from raytrain_speech.data import shards, wds
 from raytrain_speech.data.prepare import PrepareConfig, prepare
-from raytrain_speech.storage import StorageConfig
 from tests.conftest import tiny_config
 from tests.unit.test_prepare import build_webdataset_layout, speech_records, synthesized_train_rows
 

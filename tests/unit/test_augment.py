@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain_speech.configlib import ConfigError
-from raytrain_speech.data.augment import AugmentConfig, mask_batch, utterance_mask, utterance_rng
+from raytrain_speech.config import AugmentConfig, ConfigError
+from raytrain_speech.data.augment import mask_batch, utterance_mask, utterance_rng
 
 SPEC = AugmentConfig(freq_masks=2, freq_mask_max_bins=27, time_masks=2, time_mask_max_frames=100)
 

@@ -3,17 +3,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raytrain_speech.configlib import ConfigError
+from raytrain_speech.config import BatchingConfig, ConfigError, SynthConfig
 from raytrain_speech.data import shards
 from raytrain_speech.data.batching import (
-    BatchingConfig,
     Utterance,
     batch_by_buckets,
     batch_by_duration,
     collate,
     duration_quantile_boundaries,
 )
-from raytrain_speech.data.synth import SynthConfig, synthesize
+from raytrain_speech.data.synth import synthesize
 from raytrain_speech.storage import StorageError
 
 DEMO_WORKER_BUDGET_S = 120.0 / 2

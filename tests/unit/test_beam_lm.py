@@ -5,11 +5,11 @@ import random
 import pytest
 import torch
 
-from raytrain_speech.configlib import ConfigError
-from raytrain_speech.data.text import CharTokenizer, TextConfig
+from raytrain_speech.config import ConfigError, NGramConfig, TextConfig
+from raytrain_speech.data.text import CharTokenizer
 from raytrain_speech.evaluate.beam import attention_beam_search, ctc_beam_batch, ctc_prefix_beam_search
 from raytrain_speech.evaluate.decode import ctc_greedy
-from raytrain_speech.evaluate.lm import EOS, NGramConfig, NGramLM
+from raytrain_speech.evaluate.lm import EOS, NGramLM
 from raytrain_speech.models.layers import TransformerDecoder
 
 TOK = CharTokenizer(TextConfig(alphabet="ab"))  # 0 blank, 1 space, 2 a, 3 b

@@ -1,6 +1,14 @@
 import pytest
 
 from raytrain_speech.config import Config, ConfigError, apply_overrides, dump_yaml, load_config
+from raytrain_speech.models.registry import check_config
+
+
+def load_checked(overrides: list[str]) -> Config:
+    """What every entry point does: load the sections, then check the model section against its family."""
+    cfg = load_config(None, overrides)
+    check_config(cfg)
+    return cfg
 
 
 def test_defaults_validate_and_round_trip_through_yaml():
@@ -42,7 +50,7 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_checked([override])
     message = str(err.value)
     assert names in message
     assert "\n" not in message
@@ -92,4 +100,4 @@ def test_every_recipe_has_a_tiny_variant_and_starts_with_its_command():
 ])
 def test_cross_section_mistakes_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, overrides)
+        load_checked(overrides)

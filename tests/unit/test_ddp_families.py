@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from raytrain_speech.config import ModelSpec, OptimConfig, StepConfig
 from raytrain_speech.data.augment import frame_span_mask
 from raytrain_speech.data.batching import Utterance, collate
-from raytrain_speech.models.registry import FAMILIES, ModelSpec, build_model, family, objective_for
-from raytrain_speech.train.optim import OptimConfig, build_optimizer
-from raytrain_speech.train.step import StepConfig, Stepper
+from raytrain_speech.models.registry import FAMILIES, build_model, family, objective_for
+from raytrain_speech.train.optim import build_optimizer
+from raytrain_speech.train.step import Stepper
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain_speech.data.features import FeatureConfig, FeatureExtractor, LogMel, normalize_utterance
+from raytrain_speech.config import FeatureConfig
+from raytrain_speech.data.features import FeatureExtractor, LogMel, normalize_utterance
 
 
 def test_frame_count_and_bins_follow_25ms_10ms():
@@ -37,7 +38,7 @@ def test_normalize_constant_input_does_not_divide_by_zero():
 
 
 def test_bad_front_end_config():
-    from raytrain_speech.configlib import ConfigError
+    from raytrain_speech.config import ConfigError
 
     with pytest.raises(ConfigError, match="n_fft"):
         FeatureConfig(n_fft=256).validate()

@@ -3,11 +3,12 @@ import math
 import numpy as np
 import torch
 
+from raytrain_speech.config import ModelSpec, OptimConfig, StepConfig
 from raytrain_speech.data.batching import Utterance, collate
-from raytrain_speech.models.registry import ModelSpec, build_model, count_parameters
+from raytrain_speech.models.registry import build_model, count_parameters
 from raytrain_speech.objectives import ctc
-from raytrain_speech.train.optim import OptimConfig, build_optimizer
-from raytrain_speech.train.step import StepConfig, Stepper
+from raytrain_speech.train.optim import build_optimizer
+from raytrain_speech.train.step import Stepper
 
 
 def _batch(n=4, frames=200, seed=0):

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raytrain_speech.cli import main
-from raytrain_speech.configlib import ConfigError, from_dict
+from raytrain_speech.config import ConfigError, SynthConfig, from_dict
 from raytrain_speech.data import audio, shards
 from raytrain_speech.data.noise import (
     KINDS,
@@ -19,7 +19,7 @@ from raytrain_speech.data.noise import (
     synthesize_clip,
     write_noise_set,
 )
-from raytrain_speech.data.synth import SynthConfig, make_specs, render
+from raytrain_speech.data.synth import make_specs, render
 from raytrain_speech.storage import StorageError
 
 SR = 16000

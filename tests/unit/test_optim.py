@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from raytrain_speech.train.optim import OptimConfig, build_optimizer, lr_at, param_groups
+from raytrain_speech.config import OptimConfig
+from raytrain_speech.train.optim import build_optimizer, lr_at, param_groups
 
 
 def test_warmup_then_cosine_to_floor():

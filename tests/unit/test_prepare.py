@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from raytrain_speech.configlib import ConfigError, from_dict
+from raytrain_speech.config import ConfigError, from_dict
 from raytrain_speech.data import audio, shards
 from raytrain_speech.data.prepare import (
     SKIPPED_FILE,
@@ -52,8 +52,9 @@ def encode(flac: bytes, ext: str) -> bytes:
 
 def synthesized_train_rows(directory) -> list[dict]:
     """The train rows of a ~35-utterance synthesized corpus written to ``directory`` (one shard)."""
+    from raytrain_speech.config import SynthConfig
     from raytrain_speech.data import shards
-    from raytrain_speech.data.synth import SynthConfig, synthesize
+    from raytrain_speech.data.synth import synthesize
 
     synth = SynthConfig(train_hours=0.025, dev_utterances=2, test_utterances=2, train_speakers=6,
                         heldout_speakers=1, shard_utterances=100, workers=1)
@@ -203,7 +204,8 @@ def check_prepared(root: str, good: dict, bad: dict, split: str = "train", stora
 @pytest.fixture(scope="module")
 def records():
     """Seven real synthesized utterances (a few seconds each), cycling through FLAC, WAV and OGG."""
-    from raytrain_speech.data.synth import SynthConfig, make_specs, render
+    from raytrain_speech.config import SynthConfig
+    from raytrain_speech.data.synth import make_specs, render
 
     cfg = SynthConfig(train_hours=0.01, dev_utterances=6, test_utterances=8, train_speakers=8, heldout_speakers=2)
     rows = [{"id": s.id, "text": s.text, "speaker": s.speaker.name,

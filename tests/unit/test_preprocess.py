@@ -1,10 +1,9 @@
 import numpy as np
 import pytest
 
+from raytrain_speech.config import FeatureConfig, TextConfig
 from raytrain_speech.data import audio
-from raytrain_speech.data.features import FeatureConfig
 from raytrain_speech.data.preprocess import Preprocessor, to_utterances
-from raytrain_speech.data.text import TextConfig
 
 
 def test_bad_rows_are_reported_with_id_and_reason_not_dropped():
@@ -52,7 +51,8 @@ def test_binary_transcripts_decode_as_utf8_or_are_bad_input():
 
 
 def test_worker_placement_ships_center_padded_waveforms_and_augmented_durations():
-    from raytrain_speech.data.augment import AugmentConfig, WaveformAugmenter
+    from raytrain_speech.config import AugmentConfig
+    from raytrain_speech.data.augment import WaveformAugmenter
 
     aug = WaveformAugmenter(AugmentConfig(speed_factors=(1.1,)))
     out = Preprocessor(FeatureConfig(), TextConfig(), augmenter=aug, frontend_on_worker=True)(_row_batch(1), 0, 0)

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from raytrain_speech.config import ModelSpec
 from raytrain_speech.data.batching import Utterance
 from raytrain_speech.data.text import BLANK_ID, CharTokenizer
 from raytrain_speech.evaluate import probe
 from raytrain_speech.evaluate.transcribe import word_times
-from raytrain_speech.models.registry import ModelSpec, build_model
+from raytrain_speech.models.registry import build_model
 
 
 def _split(n_speakers=8, per=10):

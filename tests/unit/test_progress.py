@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from raytrain_speech.config import TrainConfig
 from raytrain_speech.data.progress import DataCursor, drop_consumed
-from raytrain_speech.train.loop import TrainConfig
 from raytrain_speech.train.metrics import run_card
 
 

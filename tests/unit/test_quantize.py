@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from raytrain_speech.config import ModelSpec
 from raytrain_speech.data.batching import Utterance, collate
 from raytrain_speech.evaluate import quantize
 from raytrain_speech.evaluate.decode import hypotheses
-from raytrain_speech.models.registry import FAMILIES, ModelSpec, build_model
+from raytrain_speech.models.registry import FAMILIES, build_model
 
 TEXT_FAMILIES = sorted(n for n, f in FAMILIES.items() if f.text_output is not None)
 

@@ -4,8 +4,9 @@ the recipe sizes, and every family has the tiny preset its recipe trains on a CP
 import pytest
 
 from raytrain_speech import cli
-from raytrain_speech.configlib import ConfigError
-from raytrain_speech.models.registry import FAMILIES, ModelSpec, build_meta, count_parameters, objective_for
+from raytrain_speech.config import ConfigError, ModelSpec, load_config
+from raytrain_speech.models import registry
+from raytrain_speech.models.registry import FAMILIES, build_meta, count_parameters, objective_for
 
 RECIPE_SIZES = {("whisper", "large_v3"): 1.55e9, ("wav2vec2", "xl"): 317e6, ("wavlm", "large_plus"): 600e6}
 
@@ -36,6 +37,6 @@ def test_models_list_prints_every_family_and_preset(capsys):
 
 def test_unknown_family_and_preset_are_one_line_errors():
     with pytest.raises(ConfigError, match="model.family"):
-        ModelSpec(family="wav2vec3").validate()
+        registry.resolve(ModelSpec(family="wav2vec3"))
     with pytest.raises(ConfigError, match="model.preset"):
-        ModelSpec(family="whisper", preset="huge").validate()
+        registry.check_config(load_config(None, ["model.family=whisper", "model.preset=huge"]))

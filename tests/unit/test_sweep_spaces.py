@@ -7,8 +7,7 @@ import os
 
 import pytest
 
-from raytrain_speech.config import load_config
-from raytrain_speech.configlib import ConfigError, from_dict
+from raytrain_speech.config import ConfigError, from_dict, load_config
 from raytrain_speech.tune.spaces import SweepConfig, load_sweep
 from raytrain_speech.tune.sweep import check_sweep, concurrent_trials, trial_dict
 

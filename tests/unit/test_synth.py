@@ -5,14 +5,14 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from raytrain_speech.configlib import ConfigError
+from raytrain_speech.config import ConfigError, SynthConfig
 from raytrain_speech.data import audio, shards
 from raytrain_speech.data.synth import (
     ACCENTS,
     SECOND_LANGUAGES,
     VARIANTS,
-    SynthConfig,
     _espeak,
+    check_config,
     make_speakers,
     make_specs,
     render,
@@ -131,7 +131,9 @@ def test_second_language_share_voices_and_words_per_split():
 ])
 def test_second_language_validation(override, key):
     with pytest.raises(ConfigError, match=key) as err:
-        SynthConfig(**override).validate()
+        cfg = SynthConfig(**override)
+        cfg.validate()  # field ranges (when the config is loaded)
+        check_config(cfg)  # against the voice inventory (when specs are drawn)
     if key == "synth.second_language":
         assert "'es'" in str(err.value)
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torchaudio
 
-from raytrain_speech.configlib import from_dict
+from raytrain_speech.config import SynthConfig, from_dict
 from raytrain_speech.data.augment import frame_span_mask
 from raytrain_speech.data.batching import Utterance, collate
-from raytrain_speech.data.synth import SynthConfig, make_specs, render
+from raytrain_speech.data.synth import make_specs, render
 from raytrain_speech.data.text import CharTokenizer
 from raytrain_speech.models.wav2vec2 import (
     PRESETS,

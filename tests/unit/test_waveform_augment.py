@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from raytrain_speech.configlib import ConfigError, from_dict
-from raytrain_speech.data.augment import AugmentConfig, WaveformAugmenter, mix_noise, speed_perturb
+from raytrain_speech.config import AugmentConfig, ConfigError, from_dict
+from raytrain_speech.data.augment import WaveformAugmenter, mix_noise, speed_perturb
 
 CFG = AugmentConfig(speed_factors=(0.9, 1.0, 1.1), noise_root="unused", noise_prob=0.8, noise_snr_db=(0.0, 15.0))
 

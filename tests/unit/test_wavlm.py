@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain_speech.configlib import from_dict
+from raytrain_speech.config import FeatureConfig, SynthConfig, from_dict
 from raytrain_speech.data.augment import frame_span_mask
 from raytrain_speech.data.batching import Utterance, collate
-from raytrain_speech.data.features import FeatureConfig, FeatureExtractor
-from raytrain_speech.data.synth import SynthConfig, make_specs, render
+from raytrain_speech.data.features import FeatureExtractor
+from raytrain_speech.data.synth import make_specs, render
 from raytrain_speech.data.text import CharTokenizer
 from raytrain_speech.models.wavlm import (
     PRESETS,

@@ -12,12 +12,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raytrain_speech.configlib import ConfigError, from_dict
+from raytrain_speech.config import ConfigError, FeatureConfig, TextConfig, from_dict
 from raytrain_speech.data import shards, wds
-from raytrain_speech.data.features import FeatureConfig
 from raytrain_speech.data.prepare import PrepareConfig, prepare
 from raytrain_speech.data.preprocess import Preprocessor, iter_table, to_utterances
-from raytrain_speech.data.text import TextConfig
 from tests.unit import test_prepare
 from tests.unit.test_prepare import build_webdataset_layout, read_skipped
 

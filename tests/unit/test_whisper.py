@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain_speech.configlib import ConfigError, from_dict
+from raytrain_speech.config import ConfigError, from_dict
 from raytrain_speech.data.batching import Utterance, collate
 from raytrain_speech.models.layers import MultiHeadAttention, sinusoids
 from raytrain_speech.models.whisper import PRESETS, Whisper, WhisperConfig

@@ -1,8 +1,12 @@
-"""The whole run's config: one section per component, each section owned by that component's module.
+"""The whole run's config, a leaf package: it imports no component of ours, every component imports it.
 
-Precedence: dataclass defaults <- recipe YAML <- ``key=value`` overrides from the command line. The
-resolved config is validated before Ray starts (an unknown key or a wrong type is a one-line error
-naming the key) and saved beside the checkpoints.
+One dataclass per section, grouped by area (``data.py``, ``model.py``, ``train.py``, ``eval.py``), on
+the strict schema of ``schema.py``. Precedence: dataclass defaults <- recipe YAML <- ``key=value``
+overrides from the command line. Loading validates every section's own fields and the cross-section
+rules that need nothing else (an unknown key or a wrong type is a one-line error naming the key);
+rules that need a component's knowledge (does the model family take log-mel? does its preset
+exist?) are that component's (``models.registry.check_config``), run by ``train.preflight`` and the
+CLI before anything starts. The resolved config is saved beside the checkpoints.
 """
 
 from __future__ import annotations
@@ -12,22 +16,25 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from raytrain_speech.configlib import ConfigError, from_dict, load_yaml_mapping, require, to_dict
-from raytrain_speech.data.augment import AugmentConfig
-from raytrain_speech.data.batching import BatchingConfig
-from raytrain_speech.data.features import FeatureConfig
-from raytrain_speech.data.pipeline import DataConfig
-from raytrain_speech.data.synth import SynthConfig
-from raytrain_speech.data.text import TextConfig
-from raytrain_speech.evaluate.runner import EvalConfig
-from raytrain_speech.models.registry import ModelSpec, family, resolve
-from raytrain_speech.storage import StorageConfig
-from raytrain_speech.train.launch import LaunchConfig
-from raytrain_speech.train.loop import TrainConfig
-from raytrain_speech.train.optim import OptimConfig
-from raytrain_speech.train.step import StepConfig
+from raytrain_speech.config.data import (
+    AugmentConfig,
+    BatchingConfig,
+    DataConfig,
+    FeatureConfig,
+    StorageConfig,
+    SynthConfig,
+    TextConfig,
+)
+from raytrain_speech.config.eval import EvalConfig, NGramConfig
+from raytrain_speech.config.model import ModelSpec
+from raytrain_speech.config.schema import ConfigError, from_dict, load_yaml_mapping, require, to_dict
+from raytrain_speech.config.train import LaunchConfig, OptimConfig, StepConfig, TrainConfig
 
-__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "dump_yaml"]
+__all__ = [
+    "AugmentConfig", "BatchingConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "FeatureConfig",
+    "LaunchConfig", "ModelSpec", "NGramConfig", "OptimConfig", "StepConfig", "StorageConfig", "SynthConfig",
+    "TextConfig", "TrainConfig", "apply_overrides", "dump_yaml", "from_dict", "load_config", "require", "to_dict",
+]
 
 
 @dataclass
@@ -49,25 +56,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        """Checks that span sections (each section validates its own fields)."""
-        fam = family(self.model)
-        require(fam.input_kind == self.features.kind, "features.kind",
-                f"model family {self.model.family} needs {fam.input_kind!r} input")
+        """Rules across sections that need no component (each section validates its own fields; the
+        model family's rules are ``models.registry.check_config``'s)."""
         require(not self.augment.enabled or self.features.kind == "log_mel", "augment",
                 "SpecAugment and span masks act on log-mel frames; waveform models mask inside the model")
-        if self.train.freeze_feature_encoder_steps:
-            require(hasattr(fam.builder, "feature_encoder_parameters"), "train.freeze_feature_encoder_steps",
-                    f"model family {self.model.family} has no separate feature encoder to freeze")
-        if fam.text_output is None:
-            for key, value in (("train.early_stop_metric", self.train.early_stop_metric if
-                                self.train.early_stop_patience else None),
-                               ("run.checkpoint_score_attribute", self.run.checkpoint_score_attribute)):
-                require(value not in ("valid_wer", "valid_cer"), key,
-                        f"{self.model.family} is self-supervised (no transcripts out); use valid_loss")
-        model_cfg = resolve(self.model)
-        if hasattr(model_cfg, "n_mels"):
-            require(model_cfg.n_mels == self.features.n_mels, "features.n_mels",
-                    f"is {self.features.n_mels} but the model expects {model_cfg.n_mels}")
 
     def absolutize_local_paths(self) -> Config:
         """Relative local paths -> absolute, against the directory the command runs in.

@@ -1,0 +1,269 @@
+"""Config sections of the data path: where the corpus is and how it is reached, synthesized, decoded,
+featurized, tokenized, augmented and batched.
+
+Plain dataclasses and the checks that need nothing but their own fields; each component module reads
+its section from here (``data/pipeline.py`` reads ``DataConfig``, ``data/features.py``
+``FeatureConfig``, ...), and this module imports none of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from raytrain_speech.config.schema import require
+
+
+@dataclass
+class StorageConfig:
+    """How to reach object storage (credentials come from the environment, never from here)."""
+
+    endpoint_url: str | None = None
+    """S3-compatible endpoint, e.g. http://127.0.0.1:9000 (MinIO); None = AWS (or $AWS_ENDPOINT_URL)."""
+    region: str | None = None
+    """S3 region; None = $AWS_REGION / $AWS_DEFAULT_REGION / us-east-1."""
+    connect_timeout_s: float = 10.0
+    """Give up connecting after this long, so an unreachable endpoint fails instead of hanging."""
+    request_timeout_s: float = 60.0
+    """Give up on one request after this long."""
+    max_attempts: int = 5
+    """Attempts per request (retries with backoff on throttling and 5xx)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how Ray Data streams them."""
+
+    root: str = "data/demo"
+    """Corpus root (local path or s3://bucket/prefix) holding manifest.json and split folders."""
+    train_split: str = "train"
+    """Split trained on."""
+    valid_split: str = "dev"
+    """Split for validation during training (train.validate_every_steps)."""
+    preprocess_batch_rows: int = 32
+    """Rows per Ray Data preprocessing task batch."""
+    preprocess_cpus: float = 1.0
+    """CPUs reserved by each preprocessing task."""
+    shuffle_blocks: bool = True
+    """Randomize shard order every epoch."""
+    blocks_per_shard: int = 4
+    """Ray Data blocks each shard is read into (read_parquet's override_num_blocks; Ray 2.60 reads a
+    task's files into one block regardless, so block_mb is what splits them now)."""
+    block_mb: float = 16.0
+    """Ray Data's target block size for this chain: a shard's rows are cut into blocks of about this
+    size, so several preprocessing tasks share a shard and Train's unequal split ends an epoch with a
+    short tail. Ray's default (128 MB) puts a whole shard, or several, in one block: one core does
+    all the preprocessing. Much smaller blocks pay Ray's per-task overhead: 4 MB made a 36-step test
+    run on 2 cores 24% slower than 128 MB (docs/LOG.md)."""
+    prefetch_batches: int = 4
+    """Row batches each training worker prefetches."""
+    min_duration_s: float | None = None
+    """Training leaves out utterances shorter than this (from the duration_s column, before decoding;
+    counted as filtered, not bad). None = no lower limit."""
+    max_duration_s: float | None = None
+    """Training leaves out utterances longer than this (e.g. 30 s for Whisper). None = no upper limit."""
+    max_bad_fraction: float = 0.05
+    """Stop the run with an error when more than this fraction of the training utterances seen so far
+    were bad input (corrupt audio, bad transcripts, unreadable shards); judged once
+    bad_fraction_min_utterances were seen, and at every epoch end."""
+    bad_fraction_min_utterances: int = 200
+    """Utterances seen before max_bad_fraction is judged (a few bad files early on are no verdict)."""
+
+    def validate(self) -> None:
+        require(bool(self.root), "data.root", "must name a corpus (local path or s3://bucket/prefix)")
+        require(self.preprocess_batch_rows >= 1, "data.preprocess_batch_rows", "must be >= 1")
+        require(self.blocks_per_shard >= 1, "data.blocks_per_shard", "must be >= 1")
+        require(self.block_mb > 0, "data.block_mb", "must be positive")
+        for key in ("min_duration_s", "max_duration_s"):
+            value = getattr(self, key)
+            require(value is None or value >= 0, f"data.{key}", "must be >= 0 or null")
+        require(self.min_duration_s is None or self.max_duration_s is None
+                or self.min_duration_s <= self.max_duration_s, "data.min_duration_s", "must be <= data.max_duration_s")
+        require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
+        require(self.bad_fraction_min_utterances >= 1, "data.bad_fraction_min_utterances", "must be >= 1")
+
+
+@dataclass
+class SynthConfig:
+    """The synthesized corpus: its size, speakers and prosody ranges."""
+
+    seed: int = 1234
+    """Everything (speakers, sentences, prosody, silence) derives from this."""
+    train_hours: float = 6.0
+    """Approximate hours of training audio (the manifest records the exact figure)."""
+    dev_utterances: int = 200
+    """Utterances in the dev split (held-out speakers and sentences)."""
+    test_utterances: int = 400
+    """Utterances in the test split (held-out speakers and sentences)."""
+    train_speakers: int = 160
+    """Distinct speakers (accent x variant, with their own pitch and rate) in train."""
+    heldout_speakers: int = 16
+    """Speakers in dev and in test each; never used in train."""
+    min_words: int = 3
+    """Shortest sentence in words."""
+    max_words: int = 8
+    """Longest sentence in words."""
+    rate_wpm: tuple[int, int] = (130, 210)
+    """Range of speakers' base speaking rates (words per minute)."""
+    pitch: tuple[int, int] = (20, 80)
+    """Range of speakers' base pitch (espeak 0-100)."""
+    sample_rate_hz: int = 16000
+    """Output sample rate (espeak renders at 22.05 kHz and is resampled)."""
+    shard_utterances: int = 500
+    """Utterances per Parquet shard."""
+    workers: int = 0
+    """Synthesis processes; 0 = one per CPU core."""
+    second_language: str = ""
+    """Code of an optional second language (one of SECOND_LANGUAGES, e.g. "es"); "" = English only."""
+    second_language_share: float = 0.2
+    """Fraction of the utterances of every split (train, dev, test) spoken in the second language."""
+
+    def validate(self) -> None:
+        """Field ranges; the checks against espeak-ng's voice inventory (enough accent x variant
+        combinations, a known second language) are ``data.synth.check_config``'s."""
+        require(self.train_hours > 0, "synth.train_hours", "must be positive")
+        require(1 <= self.min_words <= self.max_words, "synth.min_words", "must be >= 1 and <= max_words")
+        require(self.train_speakers >= 1 and self.heldout_speakers >= 1, "synth.train_speakers",
+                "train_speakers and heldout_speakers must be >= 1")
+        require(self.shard_utterances >= 1, "synth.shard_utterances", "must be >= 1")
+        require(0 < self.second_language_share < 1, "synth.second_language_share", "must be in (0, 1)")
+
+
+@dataclass
+class FeatureConfig:
+    """The acoustic front end (defaults: 80 log-mel, 25 ms Hamming window, 10 ms hop, 16 kHz)."""
+
+    sample_rate_hz: int = 16000
+    """Every utterance is resampled to this rate before features."""
+    n_mels: int = 80
+    """Mel bins."""
+    win_length_ms: float = 25.0
+    """Analysis window length."""
+    hop_length_ms: float = 10.0
+    """Frame shift."""
+    n_fft: int = 400
+    """FFT size in samples (>= window length in samples)."""
+    window: Literal["hamming", "hann"] = "hamming"
+    """Analysis window shape."""
+    log_floor: float = 1e-6
+    """Added to mel power before the log so silence does not give -inf."""
+    normalize: Literal["utterance", "none"] = "utterance"
+    """Per-utterance zero-mean unit-variance per mel bin, or raw log-mel."""
+    kind: Literal["log_mel", "waveform"] = "log_mel"
+    """log_mel for spectrogram models; waveform for raw-audio models (no front end)."""
+    placement: Literal["data", "worker"] = "data"
+    """Where training computes log-mel: data = on CPU inside Ray Data; worker = batched on the
+    training device (rows carry waveforms). Validation and eval always compute it in-process.
+    Ignored for waveform models."""
+
+    @property
+    def win_length(self) -> int:
+        return round(self.sample_rate_hz * self.win_length_ms / 1000)
+
+    @property
+    def hop_length(self) -> int:
+        return round(self.sample_rate_hz * self.hop_length_ms / 1000)
+
+    def validate(self) -> None:
+        require(self.sample_rate_hz > 0, "features.sample_rate_hz", "must be positive")
+        require(self.n_mels > 0, "features.n_mels", "must be positive")
+        require(0 < self.hop_length_ms <= self.win_length_ms, "features.hop_length_ms",
+                "must be positive and at most win_length_ms")
+        require(self.n_fft >= self.win_length, "features.n_fft",
+                f"must be >= the window length in samples ({self.win_length})")
+
+    def num_frames(self, num_samples: int) -> int:
+        return 1 + num_samples // self.hop_length
+
+
+@dataclass
+class TextConfig:
+    """How transcripts become token ids."""
+
+    alphabet: str = "abcdefghijklmnopqrstuvwxyz'"
+    """Characters the model can emit besides space and the CTC blank (after lower-casing)."""
+
+    def validate(self) -> None:
+        require(len(set(self.alphabet)) == len(self.alphabet), "text.alphabet", "has repeated characters")
+        require(" " not in self.alphabet, "text.alphabet", "must not contain space (it is always included)")
+
+
+DEFAULT_DURATION_BUCKETS = 24
+"""Chosen on the demo corpus (default SynthConfig, 9476 utterances, each of 2 workers' halves) at its
+60 padded-s per-worker budget: padding 2.8-2.9% vs 3.3% for the 512-utterance sort window, holding at
+most ~520 utterances (the window holds 512); 16 buckets pad 4.0-4.4%, 32 pad 2.2% but hold ~620 and
+flush more partial batches at the end of an epoch."""
+
+
+@dataclass
+class BatchingConfig:
+    """How a worker groups its stream of utterances into batches."""
+
+    sort_window_utterances: int = 512
+    """Utterances gathered and sorted by duration before cutting batches (bigger = less padding)."""
+    max_batch_utterances: int | None = None
+    """Optional cap on utterances per micro-batch, on top of the audio-seconds budget."""
+    duration_buckets: int = DEFAULT_DURATION_BUCKETS
+    """Duration buckets cut at quantiles of the split's utterance durations; 0 = the sort window instead."""
+
+    def validate(self) -> None:
+        require(self.sort_window_utterances >= 1, "batching.sort_window_utterances", "must be >= 1")
+        require(self.duration_buckets >= 0, "batching.duration_buckets", "must be >= 0 (0 = sort window)")
+        require(self.max_batch_utterances is None or self.max_batch_utterances >= 1,
+                "batching.max_batch_utterances", "must be >= 1 or null")
+
+
+@dataclass
+class AugmentConfig:
+    """Masking applied to each training batch (off by default; validation and eval never mask)."""
+
+    freq_masks: int = 0
+    """SpecAugment frequency masks per utterance (recipes: 2)."""
+    freq_mask_max_bins: int = 27
+    """Widest frequency mask, in mel bins (SpecAugment's F; Whisper: 27)."""
+    time_masks: int = 0
+    """SpecAugment time masks per utterance (recipes: 2)."""
+    time_mask_max_frames: int = 100
+    """Widest time mask, in frames (SpecAugment's T; Whisper: 100), capped at 20% of the utterance."""
+    span_mask_prob: float = 0.0
+    """Probability that a masked span starts at each frame (wav2vec 2.0's p; its recipe: 0.065)."""
+    span_mask_frames: int = 10
+    """Length of each masked span in frames (10 frames = 100 ms of log-mel)."""
+    speed_factors: tuple[float, ...] = ()
+    """Speed perturbation: each training utterance is played at one of these rates, drawn uniformly
+    (tempo and pitch change together, Kaldi/ESPnet style; recipes: [0.9, 1.0, 1.1]); empty = off."""
+    noise_root: str | None = None
+    """Shard corpus of noise clips (MUSAN prepared with `raytrain-speech prepare`, or `synth-noise`)
+    mixed into training utterances; None = no additive noise."""
+    noise_split: str = "noise"
+    """Split of noise_root holding the clips (`prepare` writes 'train', `synth-noise` writes 'noise')."""
+    noise_prob: float = 1.0
+    """Fraction of training utterances that get noise when noise_root is set."""
+    noise_snr_db: tuple[float, float] = (5.0, 20.0)
+    """Signal-to-noise ratio range in dB; each noisy utterance draws one uniformly."""
+    noise_max_clips: int = 256
+    """Noise clips each data process holds in memory (the first this many of the split)."""
+
+    def validate(self) -> None:
+        for key in ("freq_masks", "time_masks"):
+            require(getattr(self, key) >= 0, f"augment.{key}", "must be >= 0")
+        require(self.freq_mask_max_bins >= 1, "augment.freq_mask_max_bins", "must be >= 1")
+        require(self.time_mask_max_frames >= 1, "augment.time_mask_max_frames", "must be >= 1")
+        require(0.0 <= self.span_mask_prob < 1.0, "augment.span_mask_prob", "must be in [0, 1)")
+        require(self.span_mask_frames >= 1, "augment.span_mask_frames", "must be >= 1")
+        require(all(0.5 <= f <= 2.0 for f in self.speed_factors), "augment.speed_factors",
+                "must be rates between 0.5 and 2.0, e.g. [0.9, 1.0, 1.1]")
+        require(0.0 <= self.noise_prob <= 1.0, "augment.noise_prob", "must be in [0, 1]")
+        lo, hi = self.noise_snr_db
+        require(lo <= hi, "augment.noise_snr_db", "must be [low, high] with low <= high")
+        require(self.noise_max_clips >= 1, "augment.noise_max_clips", "must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        """Masks on the training device (SpecAugment or span masks)."""
+        return self.freq_masks > 0 or self.time_masks > 0 or self.span_mask_prob > 0
+
+    @property
+    def waveform_enabled(self) -> bool:
+        """Waveform augmentation inside Ray Data (speed perturbation or additive noise)."""
+        return any(f != 1.0 for f in self.speed_factors) or (self.noise_root is not None and self.noise_prob > 0)

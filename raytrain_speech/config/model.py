@@ -1,0 +1,28 @@
+"""The ``model`` section: which family and preset to build, with field overrides.
+
+The family's own config dataclass (its architecture fields) belongs to the family's module under
+``models/``; ``models.registry.check_config`` resolves a spec against it and checks it against the
+other sections (input kind, mel bins, what the family can be fine-tuned or scored on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from raytrain_speech.config.schema import require
+
+
+@dataclass
+class ModelSpec:
+    """Which model to build: a family, one of its presets, and field overrides."""
+
+    family: str = "conformer_ctc"
+    """Model family (see `raytrain-speech models`)."""
+    preset: str = "tiny"
+    """Named size/hyperparameter preset of the family."""
+    overrides: dict = field(default_factory=dict)
+    """Fields of the family's config that replace the preset's values."""
+
+    def validate(self) -> None:
+        require(bool(self.family), "model.family", "must name a family (see `raytrain-speech models`)")
+        require(bool(self.preset), "model.preset", "must name a preset of the family")
