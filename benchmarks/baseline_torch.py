@@ -22,7 +22,7 @@ from raytrain_speech.config import (
     StepConfig,
     TextConfig,
 )
-from raytrain_speech.data import shards
+from raytrain_speech.data import corpus
 from raytrain_speech.data.batching import batch_by_duration, collate
 from raytrain_speech.data.preprocess import Preprocessor, iter_table, to_utterances
 from raytrain_speech.evaluate.decode import ctc_greedy
@@ -35,8 +35,8 @@ from raytrain_speech.train.step import Stepper
 
 def load_split(root: str, split: str, pre: Preprocessor):
     utts = []
-    for uri in shards.shard_uris(root, split):
-        for batch in iter_table(shards.read_shard(uri), pre):
+    for uri in corpus.shard_uris(root, split):
+        for batch in iter_table(corpus.read_shard(uri), pre):
             utts.extend(to_utterances(batch)[0])
     return utts
 

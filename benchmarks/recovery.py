@@ -31,7 +31,7 @@ import ray  # noqa: E402
 
 from raytrain_speech.config import load_config  # noqa: E402
 from raytrain_speech.data.synth import synthesize  # noqa: E402
-from raytrain_speech.train.launch import fit  # noqa: E402
+from raytrain_speech.train.fit import fit  # noqa: E402
 from raytrain_speech.train.metrics import read_metrics  # noqa: E402
 from tests.integration.audit import read_attempts  # noqa: E402
 

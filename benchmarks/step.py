@@ -69,13 +69,13 @@ except ImportError:
     raise SystemExit("benchmarks/step.py compares against Hugging Face transformers, which the project does "
                      "not depend on: pip install transformers") from None
 
+from raytrain_speech.batch import Batch
 from raytrain_speech.config import OptimConfig, StepConfig
-from raytrain_speech.data.augment import frame_span_mask
-from raytrain_speech.data.batching import Batch
 from raytrain_speech.data.text import CharTokenizer
 from raytrain_speech.models import registry
+from raytrain_speech.models.layers import teacher_forcing
+from raytrain_speech.models.masking import model_span_mask
 from raytrain_speech.models.wavlm import SUBSAMPLING, LogMelConvEncoder
-from raytrain_speech.objectives.seq2seq import teacher_forcing
 from raytrain_speech.train.optim import build_optimizer
 from raytrain_speech.train.step import Stepper, resolve_precision
 
@@ -216,8 +216,7 @@ def wavlm_pair(preset, overrides, rows, clip_s, device, precision) -> Pair:
     lengths_B = torch.full((rows,), frames, device=device)
     batch = make_batch(torch.randn(rows, frames, cfg.n_mels, device=device), lengths_B,
                        torch.zeros(rows, 1, dtype=torch.int64, device=device), rows * clip_s)
-    batch.mask_BT = frame_span_mask(model.output_lengths(lengths_B), batch.indices, model.mask_prob,
-                                    model.mask_span_frames, 0, 0, model.min_masks)
+    batch.mask_BT = model_span_mask(model, batch)
     hf_cfg = transformers.WavLMConfig(
         hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
         intermediate_size=cfg.ffn_dim, hidden_dropout=cfg.dropout, attention_dropout=cfg.dropout,
@@ -237,8 +236,7 @@ def wav2vec2_pair(preset, overrides, rows, clip_s, device, precision) -> Pair:
     lengths_B = torch.full((rows,), samples, device=device)
     batch = make_batch(0.1 * torch.randn(rows, samples, device=device), lengths_B,
                        torch.zeros(rows, 1, dtype=torch.int64, device=device), rows * clip_s)
-    batch.mask_BT = frame_span_mask(model.output_lengths(lengths_B), batch.indices, model.mask_prob,
-                                    model.mask_span_frames, 0, 0, model.min_masks)
+    batch.mask_BT = model_span_mask(model, batch)
     hf_cfg = transformers.Wav2Vec2Config(
         conv_dim=[cfg.conv_channels] * len(cfg.conv_kernels), conv_kernel=list(cfg.conv_kernels),
         conv_stride=list(cfg.conv_strides), conv_bias=cfg.conv_bias,

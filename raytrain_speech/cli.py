@@ -108,54 +108,10 @@ def _ensure_corpus(cfg) -> None:
     print(f"[demo] synthesized {hours} in {time.time() - start:.0f} s")
 
 
-def _preflight(cfg) -> None:
-    """Storage reachable and the corpus (and noise set) present, checked before Ray starts."""
-    from raytrain_speech import storage
-    from raytrain_speech.data import shards
-    from raytrain_speech.storage import StorageError
-
-    storage.check_reachable(cfg.data.root, cfg.storage)
-    storage.check_reachable(cfg.run.storage_path, cfg.storage)
-    shards.shard_uris(cfg.data.root, cfg.data.train_split, cfg.storage)
-    noise_root = cfg.augment.noise_root
-    if noise_root is not None and cfg.augment.noise_prob > 0:
-        storage.check_reachable(noise_root, cfg.storage)
-        try:
-            shards.shard_uris(noise_root, cfg.augment.noise_split, cfg.storage)
-        except StorageError as err:
-            raise StorageError(f"augment.noise_root: {err} (make one with `raytrain-speech synth-noise --out "
-                               f"{noise_root}`, or set augment.noise_split)") from None
-    if cfg.train.init_from:
-        _check_init_from(cfg)
-
-
-def _check_init_from(cfg) -> None:
-    """A fine-tuning source that is missing or of a family this model cannot start from fails here, in
-    one line, instead of in every worker after Ray has started."""
-    import yaml
-
-    from raytrain_speech import storage
-    from raytrain_speech.models.registry import family
-    from raytrain_speech.storage import StorageError
-    from raytrain_speech.train.checkpoint import CONFIG_FILE, resolve_checkpoint
-
-    try:
-        ckpt = resolve_checkpoint(cfg.train.init_from, cfg.storage)
-    except StorageError as err:
-        raise StorageError(f"train.init_from: {err} (point it at a pretraining run or checkpoint)") from None
-    source = yaml.safe_load(storage.read_bytes(storage.join(ckpt, CONFIG_FILE), cfg.storage).decode())
-    source_family = source.get("model", {}).get("family")
-    accepted = (cfg.model.family, *family(cfg.model).init_from_families)
-    if source_family not in accepted:
-        raise ConfigError(f"train.init_from={cfg.train.init_from}: a {source_family} checkpoint cannot initialise "
-                          f"{cfg.model.family} (it starts from: {', '.join(accepted) or 'nothing'})")
-
-
 def cmd_train(args) -> int:
-    from raytrain_speech.train.launch import fit
+    from raytrain_speech.train.fit import fit
 
     cfg = _load(args)
-    _preflight(cfg)
     outcome = fit(cfg, progress=not args.no_progress)
     print(f"run {cfg.run.name}: step {outcome.metrics.get('step')} in {outcome.wall_s:.0f} s; "
           f"checkpoint {outcome.checkpoint_uri}")
@@ -164,12 +120,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from raytrain_speech.train import preflight
     from raytrain_speech.tune.spaces import load_sweep
     from raytrain_speech.tune.sweep import results_table, run_sweep
 
     cfg = _load(args)
     sweep = load_sweep(args.space)
-    _preflight(cfg)
+    preflight.check(cfg)
     outcome = run_sweep(cfg, sweep)
     print(results_table(outcome.trials, sweep), end="")
     if outcome.interrupted:
@@ -277,13 +234,12 @@ def cmd_probe(args) -> int:
 def cmd_demo(args) -> int:
     from raytrain_speech import storage
     from raytrain_speech.evaluate.runner import evaluate_checkpoint
-    from raytrain_speech.train.launch import fit
+    from raytrain_speech.train.fit import fit
     from raytrain_speech.train.metrics import format_duration, summary_table
 
     cfg = _load(args)
     start = time.time()
     _ensure_corpus(cfg)
-    _preflight(cfg)
     print(f"[demo] training {cfg.model.family}/{cfg.model.preset} with {cfg.run.num_workers} Ray Train workers "
           f"for {cfg.train.max_steps} steps; run directory {storage.join(cfg.run.storage_path, cfg.run.name)}")
     outcome = fit(cfg, progress=True)
@@ -445,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except Exception as err:
-        from raytrain_speech.train.launch import TrainingFailed
+        from raytrain_speech.train.fit import TrainingFailed
 
         if isinstance(err, TrainingFailed):
             print(f"error: training failed: {err}", file=sys.stderr)

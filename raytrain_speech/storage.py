@@ -100,6 +100,27 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
         raise StorageError(describe_error(uri, err)) from None
 
 
+def upload_dir(local_dir: str, uri: str, storage: StorageConfig | None = None) -> None:
+    """Copy a local directory's files to ``uri`` (streamed, not read into memory)."""
+    fs, path = resolve(uri, storage)
+    try:
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    except OSError as err:
+        raise StorageError(describe_error(uri, err)) from None
+
+
+def delete_dir(uri: str, storage: StorageConfig | None = None) -> None:
+    """Remove a directory and everything under it (no error if it is gone already)."""
+    fs, path = resolve(uri, storage)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise StorageError(describe_error(uri, err)) from None
+
+
 def exists(uri: str, storage: StorageConfig | None = None) -> bool:
     fs, path = resolve(uri, storage)
     try:

@@ -55,7 +55,7 @@ def ray_local(s3_endpoint):
     per module so that modules driving their own multi-node clusters can run in the same session."""
     import ray
 
-    from raytrain_speech.train.launch import dashboard_port
+    from raytrain_speech.ray_session import dashboard_port
 
     ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=True,
              dashboard_port=dashboard_port(),

@@ -15,6 +15,11 @@ from raytrain_speech.config.schema import require
 class LaunchConfig:
     """The Ray side of a run: its name and storage, workers, fault budget, cluster connection."""
 
+    backend: Literal["ray", "local"] = "ray"
+    """ray: Ray Train workers fed by Ray Data (one per GPU, elastic, fault tolerant); local: the same
+    Trainer and preprocessing in this one process on one device, with no Ray at all (debugging,
+    single-GPU boxes, GPU machines without Ray). Same checkpoints either way: a run resumes under
+    the other backend."""
     name: str = "demo"
     """Run name; re-running with the same name and storage_path resumes from the last checkpoint."""
     storage_path: str = "runs"

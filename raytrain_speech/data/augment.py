@@ -19,14 +19,7 @@ import torch
 import torchaudio
 
 from raytrain_speech.config import AugmentConfig
-
-
-def utterance_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The generator for one utterance in one epoch: a pure function of the three numbers."""
-    # Masked to unsigned: SeedSequence rejects negatives, and filler rows (index -1) draw masks too.
-    u64 = 0xFFFFFFFFFFFFFFFF
-    return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch & u64, index & u64]))
-
+from raytrain_speech.seeding import utterance_rng
 
 WAVEFORM_SALT = 0x57A7E  # waveform draws use their own stream, so turning them on leaves masks unchanged
 
@@ -135,36 +128,3 @@ def mask_batch(features_BFM: torch.Tensor, lengths_B: torch.Tensor, indices: lis
     return features_BFM * keep, masked_frames / max(1, sum(lengths))
 
 
-def frame_span_mask(frame_lengths_B: torch.Tensor, indices: list[int], prob: float, span_frames: int,
-                    seed: int, epoch: int, min_spans: int = 1) -> torch.Tensor:
-    """Self-supervised span masks over a model's encoder frames: bool (B, T), True = masked.
-
-    wav2vec 2.0's scheme: each frame starts a span with probability ``prob`` and spans of
-    ``span_frames`` may overlap; WavLM reaches ~80% coverage with the same scheme at a high ``prob``.
-    Every utterance gets at least ``min_spans`` spans (a row with nothing masked contributes no
-    loss). Drawn from (seed, epoch, index) like every other augmentation, so the loop knows the
-    masked-frame count (the loss normaliser) before the forward pass, on any worker.
-    """
-    lengths = [int(n) for n in frame_lengths_B.tolist()]
-    T = max(lengths, default=0)
-    mask_BT = np.zeros((len(lengths), T), dtype=bool)
-    for b, (index, n) in enumerate(zip(indices, lengths)):
-        if n <= 0:
-            continue
-        rng = utterance_rng(seed ^ 0x5EED, epoch, index)
-        span = min(span_frames, n)
-        starts = np.flatnonzero(rng.random(n - span + 1) < prob)
-        if len(starts) < min_spans:
-            starts = rng.choice(n - span + 1, size=min(min_spans, n - span + 1), replace=False)
-        for s in starts:
-            mask_BT[b, s:s + span] = True
-    return torch.from_numpy(mask_BT).to(frame_lengths_B.device)
-
-
-def model_span_mask(model, batch, seed: int = 0, epoch: int = 0) -> torch.Tensor:
-    """``frame_span_mask`` with a masked family's own settings (``output_lengths``, ``mask_prob``,
-    ``mask_span_frames``, ``min_masks``): the one draw the training loop, validation (seed 0, epoch 0)
-    and the models' own fallback for a batch without a mask all share."""
-    indices = batch.indices or list(range(batch.feature_lengths_B.shape[0]))
-    return frame_span_mask(model.output_lengths(batch.feature_lengths_B), indices, model.mask_prob,
-                           model.mask_span_frames, seed, epoch, model.min_masks)

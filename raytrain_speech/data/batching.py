@@ -14,12 +14,13 @@ from __future__ import annotations
 import bisect
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from raytrain_speech.config import BatchingConfig
+from raytrain_speech.batch import Batch
+from raytrain_speech.config import BatchingConfig, FeatureConfig
 
 
 @dataclass
@@ -33,41 +34,6 @@ class Utterance:
     targets_L: np.ndarray
     text: str = ""
     language: str = ""
-
-
-@dataclass
-class Batch:
-    """A padded batch; lengths say where each row's real content ends."""
-
-    features_BFM: torch.Tensor
-    feature_lengths_B: torch.Tensor
-    targets_BL: torch.Tensor
-    target_lengths_B: torch.Tensor
-    indices: list[int] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    audio_s: float = 0.0
-    languages: list[str] = field(default_factory=list)
-    """Language code per row ('' where the corpus has none)."""
-    mask_BT: torch.Tensor | None = None
-    """Masked-prediction families only: bool over the model's encoder frames, True = masked. Drawn
-    by the training loop per utterance from (seed, epoch, index) before the forward pass, so the
-    loss normaliser (masked frames over the global batch) is known before backward."""
-
-    @property
-    def size(self) -> int:
-        return len(self.indices)
-
-    def to(self, device: torch.device | str) -> Batch:
-        return replace(self, features_BFM=self.features_BFM.to(device, non_blocking=True),
-                       feature_lengths_B=self.feature_lengths_B.to(device), targets_BL=self.targets_BL.to(device),
-                       target_lengths_B=self.target_lengths_B.to(device),
-                       mask_BT=None if self.mask_BT is None else self.mask_BT.to(device))
-
-    @property
-    def padding_fraction(self) -> float:
-        total = self.features_BFM.shape[0] * self.features_BFM.shape[1]
-        return 1.0 - float(self.feature_lengths_B.sum()) / max(total, 1)
 
 
 def collate(utts: list[Utterance]) -> Batch:
@@ -187,3 +153,10 @@ def batch_by_buckets(
     rest = _cut(sorted((u for b in open_batches for u in b), key=lambda u: u.duration_s), max_padded_s, cap)
     random.Random(seed).shuffle(rest)
     yield from rest
+
+
+def filler_batch(features: FeatureConfig) -> Batch:
+    """A one-row batch for the zero-gradient filler micro-steps of a rank that has not seen data yet in
+    this attempt (1 s of silence features or samples, 4 target tokens)."""
+    shape = (100, features.n_mels) if features.kind == "log_mel" else (features.sample_rate_hz,)
+    return collate([Utterance(-1, "filler", 1.0, np.zeros(shape, np.float32), np.ones(4, np.int64))])

@@ -32,7 +32,7 @@ import numpy as np
 
 from raytrain_speech import storage
 from raytrain_speech.config import ConfigError, StorageConfig, require, to_dict
-from raytrain_speech.data import audio, shards
+from raytrain_speech.data import audio, corpus, shards
 from raytrain_speech.storage import StorageError
 
 KINDS = ("white", "pink", "brown", "babble", "hum")
@@ -259,8 +259,8 @@ def load_noise_clips(root: str, storage_cfg: StorageConfig | None = None, split:
         raise StorageError(f"{root}: no noise set there (no {shards.MANIFEST}; write one with "
                            f"`raytrain-speech synth-noise --out {root}` or prepare MUSAN into it)")
     clips: list[np.ndarray] = []
-    for uri in shards.shard_uris(root, split, storage_cfg):
-        table = shards.read_shard(uri, storage_cfg).select(["id", "audio"])
+    for uri in corpus.shard_uris(root, split, storage_cfg):
+        table = corpus.read_shard(uri, storage_cfg).select(["id", "audio"])
         for clip_id, data in zip(table["id"].to_pylist(), table["audio"].to_pylist()):
             if max_clips is not None and len(clips) >= max_clips:
                 return clips

@@ -14,15 +14,24 @@ it alone, so ``features.DeviceLogMel`` computes the same frames batched as the C
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from raytrain_speech.config import FeatureConfig, TextConfig
+from raytrain_speech.batch import Batch
+from raytrain_speech.config import (
+    AugmentConfig,
+    BatchingConfig,
+    Config,
+    FeatureConfig,
+    StorageConfig,
+    TextConfig,
+)
 from raytrain_speech.data import audio
 from raytrain_speech.data.augment import WaveformAugmenter
-from raytrain_speech.data.batching import Utterance
+from raytrain_speech.data.batching import Utterance, batch_by_buckets, batch_by_duration, collate
 from raytrain_speech.data.features import FeatureExtractor, center_pad
 from raytrain_speech.data.text import CharTokenizer, TextError, normalize_text
 
@@ -154,3 +163,78 @@ def iter_table(table: pa.Table, pre: Preprocessor, rows_per_batch: int = 32) -> 
     """Preprocess an in-memory shard table batch by batch (the no-Ray path)."""
     for rb in table.select(input_columns(table.column_names)).to_batches(max_chunksize=rows_per_batch):
         yield pre(rb.to_pydict())
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """What a training row's preprocessing depends on (plain, picklable: it travels to Ray Data tasks)."""
+
+    features: FeatureConfig
+    text: TextConfig
+    augment: AugmentConfig | None
+    """Waveform augmentation (speed, noise) or None when off."""
+    frontend_on_worker: bool
+    duration_range_s: tuple[float | None, float | None]
+    storage: StorageConfig
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> TrainingRecipe:
+        return cls(cfg.features, cfg.text, cfg.augment if cfg.augment.waveform_enabled else None,
+                   cfg.features.placement == "worker", (cfg.data.min_duration_s, cfg.data.max_duration_s), cfg.storage)
+
+
+def make_preprocessor(recipe: TrainingRecipe) -> Preprocessor:
+    """A training Preprocessor; loads the noise set (once per process) when noise is on."""
+    augmenter = None
+    if recipe.augment is not None:
+        clips = None
+        a = recipe.augment
+        if a.noise_root is not None and a.noise_prob > 0:
+            from raytrain_speech.data.noise import load_noise_clips
+
+            clips = load_noise_clips(a.noise_root, recipe.storage, split=a.noise_split, max_clips=a.noise_max_clips,
+                                     sample_rate_hz=recipe.features.sample_rate_hz)
+        augmenter = WaveformAugmenter(a, clips)
+    return Preprocessor(recipe.features, recipe.text, augmenter, recipe.frontend_on_worker, recipe.duration_range_s)
+
+
+_PREPROCESSORS: dict[str, Preprocessor] = {}
+
+
+def preprocess_training_rows(batch: dict, recipe: TrainingRecipe, seed: int, epoch: int) -> dict:
+    """Raw shard rows -> preprocessed rows for training (the function both backends map: inside Ray
+    Data tasks, and in the local backend's process). One Preprocessor (mel filterbank, noise clips)
+    is kept per process and recipe. A tar row without audio says why (``read_error``)."""
+    key = repr(recipe)  # the configs are plain (unhashable) dataclasses; their repr is their value
+    if key not in _PREPROCESSORS:
+        _PREPROCESSORS[key] = make_preprocessor(recipe)
+    out = _PREPROCESSORS[key](batch, seed, epoch)
+    if "read_error" in batch:  # a tar's row that has no audio: say why, not just "empty audio bytes"
+        out["error"] = np.asarray([r or e for r, e in zip(batch["read_error"], out["error"])], dtype=object)
+    return out
+
+
+def worker_batches(rows: Iterable[dict], max_padded_s: float, batching: BatchingConfig, seed: int,
+                   on_bad: Callable[[int, str, str], None] | None = None,
+                   boundaries_s: list[float] | None = None) -> Iterator[Batch]:
+    """Preprocessed row batches of one rank -> padded training batches bounded by audio seconds.
+
+    ``on_bad(index, id, reason)`` is called for every row the preprocessor rejected; with
+    ``boundaries_s`` (duration quantiles of the split) batches are cut per duration bucket, else
+    from a sorted window.
+    """
+
+    def utterances():
+        for rb in rows:
+            good, bad = to_utterances(rb)
+            for index, utt_id, reason in bad:
+                if on_bad is not None:
+                    on_bad(index, utt_id, reason)
+            yield from good
+
+    if boundaries_s:
+        groups = batch_by_buckets(utterances(), boundaries_s, max_padded_s, batching, seed=seed)
+    else:
+        groups = batch_by_duration(utterances(), max_padded_s, batching, seed=seed)
+    for group in groups:
+        yield collate(group)

@@ -4,12 +4,16 @@ A corpus root holds ``manifest.json`` and ``<split>/shard-NNNNN.parquet``. The m
 split's shards with their utterance counts and hours so readers never need to list a bucket, and
 gives every utterance a stable integer ``index`` (0..n-1 per split) that exactly-once accounting
 keys on.
+
+This module knows Parquet splits only; ``tars.py`` reads indexed WebDataset splits and ``corpus.py``
+dispatches between the two for readers that may see either.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,51 +104,71 @@ def read_manifest(root: str, cfg: StorageConfig | None = None) -> Manifest:
     return Manifest.from_json(storage.read_bytes(uri, cfg).decode(), uri)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute on the driver (Ray tasks run in another working directory); URIs as
+    they are."""
+    if uri.startswith("file://"):
+        return os.path.abspath(uri[len("file://"):])
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def entry_uri(root: str, entry: str) -> str:
     """A manifest's shard entry as a URI: relative to the root, or absolute (tars read in place)."""
     return entry if "://" in entry or entry.startswith("/") else storage.join(root, entry)
 
 
-def shard_uris(root: str, split: str, cfg: StorageConfig | None = None) -> list[str]:
-    """What readers open for each shard: the Parquet shard, or for an indexed WebDataset split the
-    tar's index (data/wds.py), which ``read_shard`` turns into the same table."""
-    from raytrain_speech.data import wds
-
-    manifest = read_manifest(root, cfg)
+def split_info(root: str, manifest: Manifest, split: str) -> SplitInfo:
+    """The manifest's entry for ``split``, or an error naming the splits there are."""
     if split not in manifest.splits:
         raise StorageError(f"{root}: no split '{split}' (have: {', '.join(sorted(manifest.splits))})")
-    if wds.index_record(manifest, split) is not None:
-        return wds.index_uris(root, manifest, split)
-    return [entry_uri(root, s) for s in manifest.splits[split].shards]
+    return manifest.splits[split]
 
 
-def read_shard(uri: str, cfg: StorageConfig | None = None) -> pa.Table:
-    """Read one shard, checking it is Parquet with the required columns."""
+def shard_uris(root: str, split: str, cfg: StorageConfig | None = None) -> list[str]:
+    """URIs of a Parquet split's shards, in manifest order (``corpus.shard_uris`` also knows indexed
+    WebDataset splits, whose readers open an index per tar instead)."""
+    manifest = read_manifest(root, cfg)
+    return [entry_uri(root, s) for s in split_info(root, manifest, split).shards]
+
+
+def read_parquet(uri: str, cfg: StorageConfig | None = None) -> pa.Table:
+    """One Parquet file read whole, as a table; anything else is a StorageError naming the file."""
     data = storage.read_bytes(uri, cfg)
     try:
-        table = pq.read_table(io.BytesIO(data))
+        return pq.read_table(io.BytesIO(data))
     except (pa.ArrowInvalid, OSError) as err:
         raise StorageError(f"{uri}: not a readable Parquet shard ({str(err).splitlines()[0]})") from None
-    from raytrain_speech.data import wds
 
-    if wds.is_index_table(table):  # an indexed WebDataset split: stream the tar it names
-        return wds.read_table(uri, cfg, table)
+
+def require_columns(uri: str, table: pa.Table) -> pa.Table:
+    """``table`` (read from shard ``uri``) if it has every required column."""
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise StorageError(f"{uri}: shard is missing columns {', '.join(missing)}")
     return table
 
 
+def read_shard(uri: str, cfg: StorageConfig | None = None) -> pa.Table:
+    """Read one Parquet shard, checking it is Parquet with the required columns."""
+    return require_columns(uri, read_parquet(uri, cfg))
+
+
 def read_durations(root: str, split: str, storage_cfg: StorageConfig | None = None,
                    uris: list[str] | None = None) -> np.ndarray:
-    """Every utterance's ``duration_s`` in the split, in shard order (for duration-bucket edges).
+    """Every utterance's ``duration_s`` in a Parquet split, in shard order (for duration-bucket edges);
+    ``uris``: only these shards (the readable ones)."""
+    return read_duration_column(shard_uris(root, split, storage_cfg) if uris is None else uris, storage_cfg)
+
+
+def read_duration_column(uris: list[str], storage_cfg: StorageConfig | None = None) -> np.ndarray:
+    """The ``duration_s`` column of each file (a shard, or a tar's index), concatenated in order.
 
     Only that column is read: through a random-access file, Parquet fetches the footer and the one
     column chunk per row group, so on object storage these are small range reads rather than whole
-    shards of audio. ``uris``: only these shards (the readable ones).
+    shards of audio.
     """
     parts = []
-    for uri in shard_uris(root, split, storage_cfg) if uris is None else uris:
+    for uri in uris:
         fs, path = storage.resolve(uri, storage_cfg)
         try:
             with fs.open_input_file(path) as f:
@@ -178,38 +202,41 @@ def first_indices(info: SplitInfo) -> list[int]:
 
 
 def check_shards(root: str, split: str, cfg: StorageConfig | None = None) -> tuple[list[str], list[BadShard]]:
-    """(readable shard URIs, unreadable ones) of a split, from each shard's Parquet footer only.
+    """(readable shard URIs, unreadable ones) of a Parquet split, from each shard's Parquet footer only
+    (``corpus.check_shards`` also checks indexed WebDataset splits)."""
+    return check_split(root, read_manifest(root, cfg), split, cfg)
+
+
+def check_split(root: str, manifest: Manifest, split: str, cfg: StorageConfig | None = None
+                ) -> tuple[list[str], list[BadShard]]:
+    """(readable shard URIs, unreadable ones) of a Parquet split of ``manifest``.
 
     A file that is not Parquet, or lacks a required column, would otherwise fail inside Ray Data's
     read and take the run down with it (or, retried, forever); here it becomes one counted skip.
-    An indexed WebDataset split gives its index URIs, checked by data/wds.py ``check_split``.
     """
-    from raytrain_speech.data import wds
-
-    manifest = read_manifest(root, cfg)
-    if split not in manifest.splits:
-        raise StorageError(f"{root}: no split '{split}' (have: {', '.join(sorted(manifest.splits))})")
-    if wds.index_record(manifest, split) is not None:
-        return wds.check_split(root, manifest, split, cfg)
-    info = manifest.splits[split]
+    info = split_info(root, manifest, split)
     good, bad = [], []
     for rel, n, first in zip(info.shards, info.utterances, first_indices(info)):
         uri = entry_uri(root, rel)
-        fs, path = storage.resolve(uri, cfg)
-        try:
-            with fs.open_input_file(path) as f:
-                names = pq.ParquetFile(f).schema_arrow.names
-        except FileNotFoundError:
-            bad.append(BadShard(uri, "shard listed in the manifest is missing", first, n))
-            continue
-        except pa.ArrowInvalid as err:
-            bad.append(BadShard(uri, f"not a Parquet shard ({str(err).splitlines()[0]})", first, n))
-            continue
-        except OSError as err:  # unreachable storage is not bad input: fail with the fix
-            raise StorageError(storage.describe_error(uri, err)) from None
-        missing = [c for c in REQUIRED_COLUMNS if c not in names]
-        if missing:
-            bad.append(BadShard(uri, f"shard is missing columns {', '.join(missing)}", first, n))
+        reason = _footer_problem(uri, cfg)
+        if reason:
+            bad.append(BadShard(uri, reason, first, n))
         else:
             good.append(uri)
     return good, bad
+
+
+def _footer_problem(uri: str, cfg: StorageConfig | None) -> str:
+    """Why shard ``uri`` cannot be read ("" = it can), from its footer."""
+    fs, path = storage.resolve(uri, cfg)
+    try:
+        with fs.open_input_file(path) as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+    except FileNotFoundError:
+        return "shard listed in the manifest is missing"
+    except pa.ArrowInvalid as err:
+        return f"not a Parquet shard ({str(err).splitlines()[0]})"
+    except OSError as err:  # unreachable storage is not bad input: fail with the fix
+        raise StorageError(storage.describe_error(uri, err)) from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    return f"shard is missing columns {', '.join(missing)}" if missing else ""

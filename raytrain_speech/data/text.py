@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 
+from raytrain_speech.batch import BLANK_ID
 from raytrain_speech.config import TextConfig
 
-BLANK_ID = 0
+__all__ = ["BLANK_ID", "CharTokenizer", "TextError", "normalize_text"]
 _SPACES = re.compile(r"\s+")
 
 

@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from raytrain_speech.data.text import BLANK_ID, CharTokenizer
+from raytrain_speech.batch import BLANK_ID
+from raytrain_speech.data.text import CharTokenizer
 from raytrain_speech.evaluate.lm import EOS, NGramLM
 
 NEG_INF = -math.inf

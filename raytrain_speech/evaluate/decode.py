@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from raytrain_speech.data.text import BLANK_ID, CharTokenizer
+from raytrain_speech.batch import BLANK_ID
+from raytrain_speech.data.text import CharTokenizer
 from raytrain_speech.evaluate.beam import attention_beam_search, ctc_beam_batch
 from raytrain_speech.evaluate.lm import NGramLM
 

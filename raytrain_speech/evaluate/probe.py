@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from raytrain_speech.config import ConfigError, StorageConfig, from_dict
-from raytrain_speech.data import shards
+from raytrain_speech.data import corpus, shards
 from raytrain_speech.data.batching import collate
 from raytrain_speech.data.preprocess import iter_table, to_utterances
-from raytrain_speech.evaluate.runner import load_model
+from raytrain_speech.evaluate.loading import load_model
+from raytrain_speech.models.base import SpeechModel
 from raytrain_speech.models.registry import build_model
 
 
@@ -40,28 +41,18 @@ class ProbeData:
     """True = probe-train row, False = probe-test row."""
 
 
-def _blocks(model: torch.nn.Module) -> tuple[torch.nn.ModuleList, bool]:
+def _blocks(model: SpeechModel) -> tuple[torch.nn.ModuleList, bool]:
     """The encoder's block list, and whether the blocks' outputs are time-first (torchaudio Conformer)."""
-    enc = getattr(model, "encoder", None)
-    if enc is not None and hasattr(enc, "transformer"):  # wav2vec 2.0
-        return enc.transformer.layers, False
-    if enc is not None and hasattr(enc, "conformer_layers"):  # Conformer families
-        return enc.conformer_layers, True
-    if enc is not None and isinstance(getattr(enc, "layers", None), torch.nn.ModuleList):  # WavLM
-        return enc.layers, False
-    raise ConfigError(f"{type(model).__name__}: no encoder block list to probe (probes support the wav2vec2, "
-                      "wavlm and conformer families)")
+    try:
+        return model.encoder_blocks()
+    except NotImplementedError:
+        raise ConfigError(f"{type(model).__name__}: no encoder block list to probe (probes support the wav2vec2, "
+                          "wavlm and conformer families)") from None
 
 
-def _encode(model: torch.nn.Module, batch) -> torch.Tensor:
+def _encode(model: SpeechModel, batch) -> torch.Tensor:
     """Run the encoder without masking; returns the encoder-frame lengths."""
-    x, lengths = batch.features_BFM, batch.feature_lengths_B
-    enc = model.encoder
-    if hasattr(enc, "transformer"):
-        return enc(x, lengths).lengths_B
-    if hasattr(model, "encode"):
-        return model.encode(x, lengths)[1]
-    return enc(x, lengths)[1]
+    return model.encode(batch.features_BFM, batch.feature_lengths_B)[1]
 
 
 @torch.inference_mode()
@@ -156,8 +147,8 @@ def probe_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, splits:
     start = time.time()
     utts, speakers = [], {}
     for split in splits:
-        for shard in shards.shard_uris(root, split, cfg.storage):
-            table = shards.read_shard(shard, cfg.storage)
+        for shard in corpus.shard_uris(root, split, cfg.storage):
+            table = corpus.read_shard(shard, cfg.storage)
             if "speaker" not in table.column_names:
                 raise ConfigError(f"{shard}: no speaker column, so there is nothing to probe speaker id against")
             speakers.update(zip(table.column("id").to_pylist(), table.column("speaker").to_pylist()))

@@ -21,30 +21,30 @@ from __future__ import annotations
 
 import copy
 import io
+import json
+import time
 import warnings
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from raytrain_speech import storage
-from raytrain_speech.config import StorageConfig
+from raytrain_speech.config import StorageConfig, dump_yaml
+from raytrain_speech.evaluate.artifact import (
+    ARTIFACT_FILE,
+    FORMAT,
+    dequant_rows,
+    load_state,
+    quantized_structure,
+)
+from raytrain_speech.evaluate.loading import load_model
+from raytrain_speech.evaluate.runner import BatchDecoder, build_search, rows_in_process, score_rows
+from raytrain_speech.train.checkpoint import STATE_FILE, resolve_checkpoint
 
-ARTIFACT_FILE = "model.pt"
-FORMAT = "raytrain-speech-export/1"
 QUANTIZE_CHOICES = ("none", "int8")
 WEIGHT_ONLY_MIN_NUMEL = 1024
 """Smaller matrices are not worth a scale per row."""
-
-
-def _quantized_structure(model: nn.Module) -> nn.Module:
-    """``model`` with its Linear layers swapped for dynamic int8 Linears (per-channel weights)."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
 def _int8_rows(w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -53,20 +53,6 @@ def _int8_rows(w: torch.Tensor) -> dict[str, torch.Tensor]:
     scale_R = flat.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     q = torch.round(flat / scale_R[:, None]).clamp(-127, 127).to(torch.int8)
     return {"q": q.reshape(w.shape), "scale": scale_R, "dtype": str(w.dtype).removeprefix("torch.")}
-
-
-def _load(model: nn.Module, state: dict) -> None:
-    """``load_state_dict`` with the module versions of ``model``'s own state dict: quantized Linears
-    read their packed weights only under their current version (a plain dict would take the legacy path)."""
-    full = OrderedDict(state)
-    full._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
-    model.load_state_dict(full)
-
-
-def _dequant_rows(entry: dict) -> torch.Tensor:
-    q = entry["q"]
-    w = q.reshape(q.shape[0], -1).float() * entry["scale"][:, None]
-    return w.reshape(q.shape).to(getattr(torch, entry["dtype"]))
 
 
 @dataclass
@@ -84,7 +70,7 @@ def export_model(model: nn.Module, config_yaml: str, step: int, quantize: str = 
     model = copy.deepcopy(model).cpu().eval()
     weight_only: dict[str, dict] = {}
     if quantize == "int8":
-        model = _quantized_structure(model)
+        model = quantized_structure(model)
         state = model.state_dict()
         for name, t in list(state.items()):
             if (isinstance(t, torch.Tensor) and not t.is_quantized and t.is_floating_point() and t.dim() >= 2
@@ -92,7 +78,7 @@ def export_model(model: nn.Module, config_yaml: str, step: int, quantize: str = 
                 weight_only[name] = _int8_rows(t)
                 del state[name]
         # The loaded model computes with what the artifact stores: the dequantized matrices.
-        _load(model, {**state, **{k: _dequant_rows(v) for k, v in weight_only.items()}})
+        load_state(model, {**state, **{k: dequant_rows(v) for k, v in weight_only.items()}})
     else:
         state = model.state_dict()
     payload = {"format": FORMAT, "quantize": quantize, "step": step, "source": source,
@@ -108,52 +94,12 @@ def payload_bytes(payload: dict) -> bytes:
     return buf.getvalue()
 
 
-def is_artifact(uri: str, storage_cfg: StorageConfig | None = None) -> bool:
-    return storage.exists(storage.join(uri, ARTIFACT_FILE), storage_cfg)
-
-
-def read_artifact(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[dict, str]:
-    """(payload, config YAML) of an exported artifact directory."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        payload = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, ARTIFACT_FILE), storage_cfg)),
-                             map_location="cpu", weights_only=True)
-    if payload.get("format") != FORMAT:
-        raise storage.StorageError(f"{uri}: {ARTIFACT_FILE} is not a {FORMAT} artifact")
-    return payload, payload["config_yaml"]
-
-
-def build_from_artifact(payload: dict, cfg, vocab_size: int) -> nn.Module:
-    """The artifact's model in eval mode (CPU: torch's dynamic int8 kernels are CPU kernels)."""
-    from raytrain_speech.models.registry import build_model
-
-    model = build_model(cfg.model, vocab_size).eval()
-    if payload["quantize"] == "int8":
-        model = _quantized_structure(model)
-    _load(model, {**payload["state"], **{k: _dequant_rows(v) for k, v in payload["weight_only_int8"].items()}})
-    return model.eval()
-
-
 def export_checkpoint(checkpoint: str, out: str, quantize: str = "int8", storage_cfg: StorageConfig | None = None,
                       split: str | None = None, overrides=(), evaluate: bool = True, log=print) -> dict:
     """Checkpoint -> artifact in ``out``, with the report users need to trust it: sizes (the float
     export, the int8 artifact, and the training checkpoint it came from) and, for text models, WER/CER
     and decoding time of the float and the exported model on ``split`` (default eval.split), both
     in-process on this CPU with the same search."""
-    import json
-    import time
-    from dataclasses import replace
-
-    from raytrain_speech.config import dump_yaml
-    from raytrain_speech.evaluate.runner import (
-        BatchDecoder,
-        build_search,
-        load_model,
-        rows_in_process,
-        score_rows,
-    )
-    from raytrain_speech.train.checkpoint import STATE_FILE, resolve_checkpoint
-
     ckpt = resolve_checkpoint(checkpoint, storage_cfg)
     loaded = load_model(ckpt, storage_cfg, overrides, need_text=False)
     cfg = loaded.cfg

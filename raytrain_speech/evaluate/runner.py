@@ -5,7 +5,7 @@ Two ways to run the same decoder (``BatchDecoder``, a callable on a column batch
 * in this process (``eval.actors: 0``, the default): a tiny model on a few hundred test utterances is
   faster to score here than to schedule;
 * as Ray Data ``map_batches`` over the test shards with a pool of ``eval.actors`` model actors
-  (``eval.actor_gpus`` each), for full-size models and test sets (data/pipeline.py ``decode_rows``).
+  (``eval.actor_gpus`` each), for full-size models and test sets (evaluate/ray_decode.py).
 
 The checkpoint carries its resolved config, so evaluation needs nothing but the checkpoint URI (or an
 exported artifact, evaluate/quantize.py) and, optionally, other splits or another corpus root. Scores
@@ -15,90 +15,29 @@ are reported per test set and per language (the shards' ``language`` column) as 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import yaml
 
-from raytrain_speech.config import BatchingConfig, ConfigError, StorageConfig, to_dict
-from raytrain_speech.data import shards
+from raytrain_speech.config import BatchingConfig, StorageConfig, to_dict
+from raytrain_speech.data import corpus
 from raytrain_speech.data.batching import batch_by_duration, collate
-from raytrain_speech.data.preprocess import Preprocessor, input_columns, to_utterances
+from raytrain_speech.data.preprocess import input_columns, to_utterances
 from raytrain_speech.data.text import normalize_text
 from raytrain_speech.evaluate.decode import Search, hypotheses
 from raytrain_speech.evaluate.lm import NGramLM
+from raytrain_speech.evaluate.loading import LoadedModel, load_model
 from raytrain_speech.evaluate.wer import error_rates
-from raytrain_speech.models.registry import build_model, family
 
 NO_LANGUAGE = "-"
 """Row label in the per-language table for utterances whose shard has no language."""
 
 
-@dataclass
-class LoadedModel:
-    """A model ready to decode, with the config it was trained (or exported) with."""
-
-    cfg: object
-    model: torch.nn.Module
-    step: int
-    weights: str
-    """'ema' | 'live' | 'int8' / 'fp32' (an exported artifact)."""
-    pre: Preprocessor
-    text_output: str | None
-    uri: str = ""
-    """The checkpoint directory (a run directory resolved to its latest checkpoint) or artifact."""
-
-
-def _config(config_yaml: str, overrides, storage_cfg: StorageConfig | None):
-    from raytrain_speech.config import Config, apply_overrides
-
-    cfg = Config.from_dict(apply_overrides(yaml.safe_load(config_yaml), list(overrides)))
-    if storage_cfg is not None:
-        cfg.storage = storage_cfg
-    return cfg
-
-
-def load_model(uri: str, storage_cfg: StorageConfig | None = None, overrides=(), need_text: bool = True,
-               weights: str | None = None) -> LoadedModel:
-    """A training checkpoint (EMA weights when it has them and ``eval.use_ema``), a run directory (its
-    latest checkpoint) or an exported artifact (evaluate/quantize.py), ready for ``model.eval()`` use.
-    ``weights='live'`` forces the live weights of a checkpoint."""
-    from raytrain_speech.evaluate import quantize
-    from raytrain_speech.train.checkpoint import read_checkpoint, resolve_checkpoint
-
-    artifact = quantize.is_artifact(uri, storage_cfg)
-    if artifact:
-        payload, config_yaml = quantize.read_artifact(uri, storage_cfg)
-    else:
-        uri = resolve_checkpoint(uri, storage_cfg)
-        payload, config_yaml = read_checkpoint(uri, storage_cfg)
-    cfg = _config(config_yaml, overrides, storage_cfg)
-    text_output = family(cfg.model).text_output
-    if need_text and text_output is None:
-        raise ConfigError(f"{uri}: model family {cfg.model.family} is self-supervised and has no text "
-                          "output to score; fine-tune it first (train.init_from) and evaluate that run, "
-                          "or probe its features (raytrain-speech probe)")
-    pre = Preprocessor(cfg.features, cfg.text)
-    if artifact:
-        model = quantize.build_from_artifact(payload, cfg, pre.tokenizer.vocab_size)
-        return LoadedModel(cfg, model, payload["step"], payload["quantize"], pre, text_output, uri)
-    model = build_model(cfg.model, pre.tokenizer.vocab_size)
-    state = payload["model"]
-    use_ema = (weights or ("ema" if cfg.eval.use_ema else "live")) == "ema" and bool(payload.get("ema"))
-    if use_ema:
-        state = {**state, **{k: v.to(state[k].dtype) for k, v in payload["ema"].items()}}
-    model.load_state_dict(state)
-    model.eval()
-    return LoadedModel(cfg, model, payload["train_state"]["step"], "ema" if use_ema else "live", pre, text_output,
-                       uri)
-
-
 def train_transcripts(cfg, split: str | None = None) -> list[str]:
     """The normalised transcripts of a split (only the text column is decoded)."""
     texts = []
-    for uri in shards.shard_uris(cfg.data.root, split or cfg.data.train_split, cfg.storage):
-        texts += [normalize_text(t) for t in shards.read_shard(uri, cfg.storage).column("text").to_pylist() if t]
+    for uri in corpus.shard_uris(cfg.data.root, split or cfg.data.train_split, cfg.storage):
+        texts += [normalize_text(t) for t in corpus.read_shard(uri, cfg.storage).column("text").to_pylist() if t]
     return texts
 
 
@@ -191,8 +130,8 @@ def score_rows(rows: list[dict], split: str, log=print) -> dict:
 
 def rows_in_process(decoder: BatchDecoder, cfg, split: str) -> list[dict]:
     rows = []
-    for uri in shards.shard_uris(cfg.data.root, split, cfg.storage):
-        table = shards.read_shard(uri, cfg.storage)
+    for uri in corpus.shard_uris(cfg.data.root, split, cfg.storage):
+        table = corpus.read_shard(uri, cfg.storage)
         table = table.select(input_columns(table.column_names))
         # Whole slices of up to 1024 rows, not the file's row groups: padding-sensitive models (the
         # Conformer's convolutions see padded frames) then batch a shard the same way however it was written.
@@ -223,7 +162,7 @@ def evaluate_checkpoint(checkpoint: str, storage_cfg: StorageConfig | None = Non
     for name in splits:
         start = time.time()
         if cfg.eval.actors:
-            from raytrain_speech.data.pipeline import decode_rows
+            from raytrain_speech.evaluate.ray_decode import decode_rows
 
             kwargs = {"checkpoint": loaded.uri, "storage_cfg": cfg.storage, "overrides": list(overrides),
                       "lm_json": lm.to_json() if lm is not None else None, "gpus": cfg.eval.actor_gpus,

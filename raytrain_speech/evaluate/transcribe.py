@@ -15,12 +15,13 @@ import torch
 import torchaudio.functional as AF
 
 from raytrain_speech import storage
+from raytrain_speech.batch import BLANK_ID
 from raytrain_speech.config import StorageConfig
 from raytrain_speech.data import audio
 from raytrain_speech.data.batching import Utterance, collate
-from raytrain_speech.data.text import BLANK_ID
 from raytrain_speech.evaluate.decode import hypotheses
-from raytrain_speech.evaluate.runner import build_search, load_model
+from raytrain_speech.evaluate.loading import load_model
+from raytrain_speech.evaluate.runner import build_search
 
 
 @dataclass

@@ -16,13 +16,14 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
+from raytrain_speech.batch import BLANK_ID, Batch
 from raytrain_speech.config import require
-from raytrain_speech.data.augment import model_span_mask
-from raytrain_speech.data.batching import Batch
-from raytrain_speech.data.text import BLANK_ID
-from raytrain_speech.models.layers import TransformerDecoder, padding_mask
-from raytrain_speech.models.wavlm import SUBSAMPLING, stacked_targets
-from raytrain_speech.objectives.seq2seq import teacher_forcing
+from raytrain_speech.models.base import Seq2SeqModel, SpanMasking, SpeechModel
+from raytrain_speech.models.layers import TransformerDecoder, padding_mask, stacked_targets, teacher_forcing
+from raytrain_speech.models.masking import model_span_mask
+
+SUBSAMPLING = 4
+"""Input log-mel frames per encoder frame (two stride-2 convolutions)."""
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Conv2dSubsampling(nn.Module):
         return h_BTD, self.output_lengths(lengths_B).clamp(min=1, max=t)
 
 
-class ConformerCTC(nn.Module):
+class ConformerCTC(SpeechModel):
     """log-mel -> conformer -> per-frame log-probabilities over characters + blank."""
 
     def __init__(self, cfg: ConformerCTCConfig, vocab_size: int):
@@ -104,6 +105,9 @@ class ConformerCTC(nn.Module):
         """(encoder states h_BTD, their lengths): shared by the CTC head and the attention decoder."""
         h_BTD, out_lengths_B = self.subsampling(features_BFM, lengths_B)
         return self.encoder(h_BTD, out_lengths_B)
+
+    def encoder_blocks(self) -> tuple[nn.ModuleList, bool]:
+        return self.encoder.conformer_layers, True  # torchaudio's blocks are time-first
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         h_BTD, out_lengths_B = self.encode(batch.features_BFM, batch.feature_lengths_B)
@@ -140,7 +144,7 @@ AED_PRESETS: dict[str, dict] = {
 }
 
 
-class ConformerAED(ConformerCTC):
+class ConformerAED(ConformerCTC, Seq2SeqModel):
     """ConformerCTC plus an attention decoder over the same characters (ids: chars, then eot, sot).
 
     The CTC head (``head``) and the encoder keep ConformerCTC's parameter names, so a ConformerCTC or
@@ -175,7 +179,7 @@ class ConformerAED(ConformerCTC):
     @torch.no_grad()
     def transcribe(self, batch: Batch, max_len: int | None = None) -> list[list[int]]:
         """Attention-decoder greedy search (character ids; blank, eot and sot never emitted)."""
-        return self.decoder.greedy_from(self.decoding_inputs(batch), max_len)
+        return super().transcribe(batch, max_len)
 
 
 @dataclass
@@ -212,7 +216,10 @@ class ConformerMLM(ConformerCTC):
     def __init__(self, cfg: ConformerMLMConfig, vocab_size: int = 0):
         super().__init__(cfg, vocab_size=SUBSAMPLING * cfg.n_mels)
         self.mask_emb = nn.Parameter(torch.empty(cfg.d_model).uniform_())
-        self.mask_prob, self.mask_span_frames, self.min_masks = cfg.mask_prob, cfg.mask_span_frames, cfg.min_masks
+
+    @property
+    def span_masking(self) -> SpanMasking:
+        return SpanMasking(self.cfg.mask_prob, self.cfg.mask_span_frames, self.cfg.min_masks)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         x_BFM, lengths_B = batch.features_BFM, batch.feature_lengths_B
@@ -229,4 +236,4 @@ class ConformerMLM(ConformerCTC):
         h_BTD = torch.where(mask_BT[..., None], self.mask_emb.to(h_BTD.dtype), h_BTD)
         h_BTD, _ = self.encoder(h_BTD, t_lengths_B.clamp(max=t))
         return {"pred_BTP": self.head(h_BTD).float(), "mask_BT": mask_BT, "lengths_B": t_lengths_B,
-                "target_BTP": stacked_targets(x_BFM, lengths_B, t, renorm=False)}
+                "target_BTP": stacked_targets(x_BFM, lengths_B, t, SUBSAMPLING, renorm=False)}

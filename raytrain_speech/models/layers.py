@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raytrain_speech.models.base import IGNORE_ID
+
 
 def padding_mask(lengths_B: torch.Tensor, T: int) -> torch.Tensor:
     """Bool (B, T), True = padding (position >= length): the convention of the batch's ``mask_BT``."""
@@ -195,3 +197,44 @@ class TransformerDecoder(nn.Module):
         for row in tokens_BL[:, p:].tolist():
             hyps.append(row[: row.index(eot_id)] if eot_id in row else row)
         return hyps
+
+
+def teacher_forcing(targets_BL: torch.Tensor, target_lengths_B: torch.Tensor, prefix_BP: torch.Tensor,
+                    eot_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decoder input, decoder output), both (B, P + L): the one place the shift is defined.
+
+    input  = prefix, targets[:n], pad ...
+    output = IGNORE x (P - 1), targets[:n], eot, IGNORE ...
+    so output[i] is the token that must follow input[:i + 1].
+    """
+    b, length = targets_BL.shape
+    p = prefix_BP.shape[1]
+    if p < 1:
+        raise ValueError("teacher_forcing needs a prefix of at least one token (start-of-transcript)")
+    pos_BL = torch.arange(length, device=targets_BL.device)[None, :].expand(b, length)
+    lengths_B1 = target_lengths_B.to(targets_BL.device)[:, None]
+    real_BL = pos_BL < lengths_B1
+    body_in_BL = torch.where(real_BL, targets_BL, torch.full_like(targets_BL, pad_id))
+    decoder_in_BL = torch.cat([prefix_BP.to(targets_BL), body_in_BL], dim=1)
+    # Output columns P-1 .. P+L-1: targets, then eot at column (P - 1 + n), then ignore.
+    body_out_BL = torch.where(real_BL, targets_BL, torch.full_like(targets_BL, IGNORE_ID))
+    body_out_BL = torch.cat([body_out_BL, torch.full_like(targets_BL[:, :1], IGNORE_ID)], dim=1)  # B, L + 1
+    body_out_BL.scatter_(1, lengths_B1, eot_id)
+    head_BL = torch.full((b, p - 1), IGNORE_ID, dtype=targets_BL.dtype, device=targets_BL.device)
+    decoder_out_BL = torch.cat([head_BL, body_out_BL], dim=1)
+    return decoder_in_BL, decoder_out_BL
+
+
+def stacked_targets(features_BFM: torch.Tensor, lengths_B: torch.Tensor, t: int, stack: int,
+                    renorm: bool) -> torch.Tensor:
+    """(B, T, stack * M) reconstruction targets of masked prediction: the ``stack`` input frames under
+    each encoder frame, flattened (``renorm``: normalised again over each row's valid frames)."""
+    x_BFM = features_BFM.float()
+    if renorm:
+        valid_BF1 = (~padding_mask(lengths_B, x_BFM.shape[1]))[..., None].float()
+        count_B11 = valid_BF1.sum(1, keepdim=True).clamp(min=1.0)
+        mean_B1M = (x_BFM * valid_BF1).sum(1, keepdim=True) / count_B11
+        var_B1M = (((x_BFM - mean_B1M) * valid_BF1) ** 2).sum(1, keepdim=True) / count_B11
+        x_BFM = (x_BFM - mean_B1M) / var_B1M.sqrt().clamp(min=1e-5)
+    b, _, m = x_BFM.shape
+    return x_BFM[:, : t * stack].reshape(b, t, stack * m)

@@ -6,7 +6,6 @@ overrides on the family's defaults, so a recipe names a preset and may still ove
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ from torch import nn
 
 from raytrain_speech.config import ConfigError, ModelSpec, from_dict, require, to_dict
 from raytrain_speech.models import conformer, wav2vec2, wavlm, whisper
-from raytrain_speech.objectives import Objective
+from raytrain_speech.objectives import Objective, contrastive, ctc, hybrid, masked, seq2seq
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ def check_config(cfg) -> None:
     require(fam.input_kind == cfg.features.kind, "features.kind",
             f"model family {cfg.model.family} needs {fam.input_kind!r} input")
     if cfg.train.freeze_feature_encoder_steps:
-        require(hasattr(fam.builder, "feature_encoder_parameters"), "train.freeze_feature_encoder_steps",
+        require(fam.builder.has_feature_encoder, "train.freeze_feature_encoder_steps",
                 f"model family {cfg.model.family} has no separate feature encoder to freeze")
     if fam.text_output is None:
         for key, value in (("train.early_stop_metric", cfg.train.early_stop_metric if
@@ -122,14 +121,15 @@ def build_model(spec: ModelSpec, vocab_size: int) -> nn.Module:
     return family(spec).builder(resolve(spec), vocab_size)
 
 
+OBJECTIVES = {"ctc": ctc.objective, "hybrid": hybrid.objective, "masked": masked.objective,
+              "seq2seq": seq2seq.objective, "contrastive": contrastive.objective}
+"""Objective name (``Family.objective``) -> its constructor from the model's resolved config (which
+carries weights such as the CTC share of a hybrid loss)."""
+
+
 def objective_for(spec: ModelSpec) -> Objective:
-    """The family's objective; modules with ``from_config`` read weights (e.g. the CTC share of a
-    hybrid loss) from the model's resolved config."""
-    fam = family(spec)
-    module = importlib.import_module(f"raytrain_speech.objectives.{fam.objective}")
-    if hasattr(module, "from_config"):
-        return module.from_config(resolve(spec))
-    return Objective(fam.objective, module.units, module.loss, tuple(getattr(module, "EXTRA_STATS", ())))
+    """The family's objective, built from the model's resolved config."""
+    return OBJECTIVES[family(spec).objective](resolve(spec))
 
 
 def build_meta(spec: ModelSpec, vocab_size: int) -> nn.Module:

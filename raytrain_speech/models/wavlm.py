@@ -45,10 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raytrain_speech.batch import Batch
 from raytrain_speech.config import require
-from raytrain_speech.data.augment import model_span_mask
-from raytrain_speech.data.batching import Batch
-from raytrain_speech.models.layers import padding_mask
+from raytrain_speech.models.base import SpanMasking, SpeechModel, strip_wrapper_prefixes
+from raytrain_speech.models.layers import padding_mask, stacked_targets
+from raytrain_speech.models.masking import model_span_mask
 
 SUBSAMPLING = 4
 """Input frames per encoder frame (two stride-2 convolutions)."""
@@ -313,20 +314,7 @@ def _fit_mask(mask_BT: torch.Tensor, t: int) -> torch.Tensor:
     return F.pad(mask_BT, (0, t - mask_BT.shape[1]), value=False)
 
 
-def stacked_targets(features_BFM: torch.Tensor, lengths_B: torch.Tensor, t: int, renorm: bool) -> torch.Tensor:
-    """(B, T, 4 * M) reconstruction targets: the 4 input frames under each encoder frame, flattened."""
-    x_BFM = features_BFM.float()
-    if renorm:
-        valid_BF1 = (~padding_mask(lengths_B, x_BFM.shape[1]))[..., None].float()
-        count_B11 = valid_BF1.sum(1, keepdim=True).clamp(min=1.0)
-        mean_B1M = (x_BFM * valid_BF1).sum(1, keepdim=True) / count_B11
-        var_B1M = (((x_BFM - mean_B1M) * valid_BF1) ** 2).sum(1, keepdim=True) / count_B11
-        x_BFM = (x_BFM - mean_B1M) / var_B1M.sqrt().clamp(min=1e-5)
-    b, _, m = x_BFM.shape
-    return x_BFM[:, : t * SUBSAMPLING].reshape(b, t, SUBSAMPLING * m)
-
-
-class WavLMPretraining(nn.Module):
+class WavLMPretraining(SpeechModel):
     """Masked log-mel reconstruction: embed, replace masked frames by a learned vector, contextualize,
     predict the 4 x n_mels normalised log-mel values under every encoder frame (the objective keeps
     the masked ones). ``vocab_size`` is unused (no text output)."""
@@ -339,19 +327,17 @@ class WavLMPretraining(nn.Module):
         self.head = nn.Linear(cfg.d_model, SUBSAMPLING * cfg.n_mels)
 
     @property
-    def mask_prob(self) -> float:
-        return self.cfg.mask_prob
-
-    @property
-    def mask_span_frames(self) -> int:
-        return self.cfg.mask_span_frames
-
-    @property
-    def min_masks(self) -> int:
-        return self.cfg.min_masks
+    def span_masking(self) -> SpanMasking:
+        return SpanMasking(self.cfg.mask_prob, self.cfg.mask_span_frames, self.cfg.min_masks)
 
     def output_lengths(self, lengths_B: torch.Tensor) -> torch.Tensor:
         return self.encoder.output_lengths(lengths_B)
+
+    def encode(self, features_BFM: torch.Tensor, lengths_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(features_BFM, lengths_B)
+
+    def encoder_blocks(self) -> tuple[nn.ModuleList, bool]:
+        return self.encoder.layers, False
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """pred_BTP / target_BTP (float32), mask_BT (masked AND valid), lengths_B (encoder frames)."""
@@ -365,15 +351,17 @@ class WavLMPretraining(nn.Module):
         h_BTD = self.encoder.contextualize(x_BTD, lengths_B)
         return {
             "pred_BTP": self.head(h_BTD).float(),
-            "target_BTP": stacked_targets(batch.features_BFM, batch.feature_lengths_B, t,
+            "target_BTP": stacked_targets(batch.features_BFM, batch.feature_lengths_B, t, SUBSAMPLING,
                                           self.cfg.target_kind == "log_mel_renorm"),
             "mask_BT": mask_BT,
             "lengths_B": lengths_B,
         }
 
 
-class WavLMCTC(nn.Module):
+class WavLMCTC(SpeechModel):
     """The WavLM encoder with a CTC head over characters: the fine-tuning model of the recipe."""
+
+    has_feature_encoder = True
 
     def __init__(self, cfg: WavLMConfig, vocab_size: int):
         super().__init__()
@@ -385,15 +373,25 @@ class WavLMCTC(nn.Module):
     def output_lengths(self, lengths_B: torch.Tensor) -> torch.Tensor:
         return self.encoder.output_lengths(lengths_B)
 
-    def feature_encoder_parameters(self):
-        """The conv feature encoder: what train.freeze_feature_encoder_steps holds fixed while fine-tuning."""
-        return self.encoder.feature_encoder.parameters()
+    def encode(self, features_BFM: torch.Tensor, lengths_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(features_BFM, lengths_B)
 
-    def load_pretrained_encoder(self, pretraining_state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-        """Copy the ``encoder.*`` weights of a WavLMPretraining state dict; (missing, unexpected) keys of
-        the encoder. The mask embedding and reconstruction head are pretraining-only and are dropped."""
+    def encoder_blocks(self) -> tuple[nn.ModuleList, bool]:
+        return self.encoder.layers, False
+
+    def feature_encoder_parameters(self) -> list[nn.Parameter]:
+        """The conv feature encoder: what train.freeze_feature_encoder_steps holds fixed while fine-tuning."""
+        return list(self.encoder.feature_encoder.parameters())
+
+    def load_pretrained(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Copy the ``encoder.*`` weights of a WavLMPretraining state dict. The mask embedding and the
+        reconstruction head are pretraining-only and are dropped. Returns (missing, unexpected) encoder keys."""
         prefix = "encoder."
-        encoder_state = {k[len(prefix):]: v for k, v in pretraining_state.items() if k.startswith(prefix)}
+        encoder_state = {}
+        for key, value in state.items():
+            key = strip_wrapper_prefixes(key)
+            if key.startswith(prefix):
+                encoder_state[key[len(prefix):]] = value
         result = self.encoder.load_state_dict(encoder_state, strict=False)
         return list(result.missing_keys), list(result.unexpected_keys)
 

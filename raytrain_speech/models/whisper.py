@@ -23,11 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raytrain_speech.batch import BLANK_ID, Batch
 from raytrain_speech.config import require
-from raytrain_speech.data.batching import Batch
-from raytrain_speech.data.text import BLANK_ID
-from raytrain_speech.models.layers import TransformerDecoder, TransformerEncoder, padding_mask, sinusoids
-from raytrain_speech.objectives.seq2seq import teacher_forcing
+from raytrain_speech.models.base import Seq2SeqModel
+from raytrain_speech.models.layers import (
+    TransformerDecoder,
+    TransformerEncoder,
+    padding_mask,
+    sinusoids,
+    teacher_forcing,
+)
 
 NUM_FIXED_SPECIALS = 3
 """<|endoftext|>, <|startoftranscript|>, <|transcribe|>; the language tokens follow them."""
@@ -102,7 +107,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class Whisper(nn.Module):
+class Whisper(Seq2SeqModel):
     """log-mel -> conv stem (2x) -> Transformer encoder -> autoregressive character decoder."""
 
     def __init__(self, cfg: WhisperConfig, vocab_size: int):
@@ -146,6 +151,9 @@ class Whisper(nn.Module):
         out_lengths_B = self.output_lengths(lengths_B).clamp(max=h_BTD.shape[1])
         return self.encoder(h_BTD, out_lengths_B), out_lengths_B
 
+    def encoder_blocks(self) -> tuple[nn.ModuleList, bool]:
+        return self.encoder.layers, False
+
     def prefix(self, languages: list[str], batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The prompt (B, 3): <|sot|> <|lang|> <|transcribe|>; '' or missing languages use cfg.languages[0]."""
         default = self.cfg.languages[0]
@@ -183,4 +191,4 @@ class Whisper(nn.Module):
     @torch.no_grad()
     def transcribe(self, batch: Batch, max_len: int | None = None) -> list[list[int]]:
         """Greedy transcripts as char-tokenizer ids (no specials, no blank); for evaluation."""
-        return self.decoder.greedy_from(self.decoding_inputs(batch), max_len)
+        return super().transcribe(batch, max_len)

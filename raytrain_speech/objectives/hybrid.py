@@ -12,24 +12,25 @@ import functools
 
 import torch
 
-from raytrain_speech.data.batching import Batch
+from raytrain_speech.batch import Batch
 from raytrain_speech.objectives import Objective, ctc, seq2seq
 
 units = seq2seq.units
 EXTRA_STATS = ("ctc_loss", "attention_loss", "accuracy")
 
 
-def loss(batch: Batch, out: dict[str, torch.Tensor], global_units: float, world_size: int = 1,
-         ctc_weight: float = 0.3) -> tuple[torch.Tensor, dict[str, float]]:
-    ctc_scaled, ctc_stats = ctc.loss(batch, out, global_units, world_size)
-    att_scaled, att_stats = seq2seq.loss(batch, out, global_units, world_size)
-    scaled = ctc_weight * ctc_scaled + (1.0 - ctc_weight) * att_scaled
-    return scaled, {
-        "loss_sum": ctc_weight * ctc_stats["loss_sum"] + (1.0 - ctc_weight) * att_stats["loss_sum"],
-        "tokens": units(batch), "ctc_loss_sum": ctc_stats["loss_sum"], "attention_loss_sum": att_stats["loss_sum"],
-        "accuracy_sum": att_stats["accuracy_sum"],
-    }
+def loss(batch: Batch, out: dict[str, torch.Tensor], ctc_weight: float = 0.3,
+         ) -> tuple[torch.Tensor, float, dict[str, float]]:
+    """(weighted sum of the summed CTC and attention losses, predicted tokens, their parts)."""
+    ctc_sum, _, _ = ctc.loss(batch, out)
+    att_sum, n, att_stats = seq2seq.loss(batch, out)
+    summed = ctc_weight * ctc_sum + (1.0 - ctc_weight) * att_sum
+    with torch.no_grad():
+        parts = torch.stack([ctc_sum.detach().float(), att_sum.detach().float()]).tolist()  # one device sync
+    return summed, n, {"ctc_loss_sum": parts[0], "attention_loss_sum": parts[1],
+                       "accuracy_sum": att_stats["accuracy_sum"]}
 
 
-def from_config(model_cfg) -> Objective:
+def objective(model_cfg) -> Objective:
+    """The hybrid loss with the model's ``ctc_weight``."""
     return Objective("hybrid", units, functools.partial(loss, ctc_weight=model_cfg.ctc_weight), EXTRA_STATS)

@@ -7,14 +7,15 @@ A unit is one masked encoder frame: each frame's L1 error is averaged over its P
 frames are summed, so the reported loss is the mean absolute error per log-mel value over masked
 frames, and long and short utterances weigh by their masked frames. Why L1 and not MSE: see
 models/wavlm.py. The masks are drawn by the loop before the forward pass, so every rank knows the
-global masked-frame count before backward (see ctc.py for the world_size / global_units scaling).
+global masked-frame count before backward (the Stepper's normaliser: objectives/__init__.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from raytrain_speech.data.batching import Batch
+from raytrain_speech.batch import Batch
+from raytrain_speech.objectives import Objective
 
 
 def units(batch: Batch) -> float:
@@ -25,11 +26,14 @@ def units(batch: Batch) -> float:
     return float(batch.mask_BT.sum())
 
 
-def loss(batch: Batch, out: dict[str, torch.Tensor], global_units: float, world_size: int = 1,
-         ) -> tuple[torch.Tensor, dict[str, float]]:
-    """(loss to backpropagate, stats): per-frame L1 over the masked, valid frames of ``out["mask_BT"]``."""
+def loss(batch: Batch, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float, dict[str, float]]:
+    """(per-frame L1 summed over the masked, valid frames of ``out["mask_BT"]``, those frames, {})."""
     mask_BT = out["mask_BT"]
     error_BT = (out["pred_BTP"].float() - out["target_BTP"].float()).abs().mean(dim=-1)
     summed = torch.where(mask_BT, error_BT, 0.0).sum()  # not indexing: no mask still leaves a graph
-    scaled = summed * (world_size / max(global_units, 1.0))
-    return scaled, {"loss_sum": float(summed.detach()), "tokens": float(mask_BT.sum())}
+    return summed, float(mask_BT.sum()), {}
+
+
+def objective(model_cfg=None) -> Objective:
+    """The masked-reconstruction objective (no settings of its own)."""
+    return Objective("masked", units, loss)

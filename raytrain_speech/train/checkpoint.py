@@ -1,8 +1,15 @@
-"""Full training state <-> a checkpoint directory <-> ``ray.train.Checkpoint``.
+"""Full training state <-> a checkpoint directory, and which checkpoint of a run is the one to resume.
 
-A checkpoint directory holds ``state.pt`` (tensors and plain data only, loaded with
-``weights_only=True`` so a checkpoint cannot execute code) and ``config.yaml`` (the resolved run
-config), which is all that evaluation and export need.
+A checkpoint directory (``checkpoint_step%08d``) holds ``state.pt`` (tensors and plain data only,
+loaded with ``weights_only=True`` so a checkpoint cannot execute code), ``config.yaml`` (the
+resolved run config, all that evaluation and export need) and ``data_cursor.npz`` (the epoch's
+consumed utterances). The format is the same under either backend, so a run trained with
+``run.backend=local`` resumes under Ray and the reverse.
+
+Committed = safe to resume from. Ray Train commits a checkpoint once it is fully uploaded and records
+it in its snapshot file; the local backend writes a checkpoint's directory first and then its own
+record, ``local_checkpoints.json``. A resuming run (either backend) restores the newer of the two
+records' latest checkpoints, by step. No Ray here.
 """
 
 from __future__ import annotations
@@ -10,16 +17,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-import ray.train
 import torch
 from pyarrow.fs import FileSelector
 from torch import nn
 
-from raytrain_speech import storage
+from raytrain_speech import ray_compat, storage
 from raytrain_speech.config import StorageConfig
 from raytrain_speech.data.progress import CURSOR_FILE, DataCursor
 from raytrain_speech.storage import StorageError
@@ -102,75 +107,6 @@ def restore(payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer | 
     return TrainState(**payload["train_state"])
 
 
-def latest_ray_checkpoint() -> tuple[dict, DataCursor | None] | None:
-    """(payload, data cursor) of the latest committed checkpoint of this run; None on a fresh start."""
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        return load(d), load_cursor(d)
-
-
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
-def latest_committed_dir(run_dir: str, storage_cfg: StorageConfig | None = None) -> str | None:
-    """The URI of the checkpoint Ray Train will restore next, from its checkpoint-manager snapshot.
-
-    Read by the dataset factory on the Train controller at each worker-group start so the pipeline can
-    drop consumed utterances before decoding. The snapshot is Ray's own file (2.60 layout); if it
-    changes shape we fail loudly rather than guess, since a wrong guess would lose or repeat data.
-    """
-    uri = storage.join(run_dir, RAY_SNAPSHOT)
-    if not storage.exists(uri, storage_cfg):
-        return None
-    snap = json.loads(storage.read_bytes(uri, storage_cfg))
-    if "latest_checkpoint_result" not in snap:
-        raise RuntimeError(f"{uri}: unrecognised Ray checkpoint snapshot (keys {sorted(snap)}); "
-                           "this Ray version is not supported by exactly-once resume")
-    latest = snap["latest_checkpoint_result"]
-    if latest is None:
-        return None
-    return storage.join(run_dir, latest["checkpoint_dir_name"])
-
-
-def latest_committed_cursor(run_dir: str, storage_cfg: StorageConfig | None = None) -> DataCursor | None:
-    directory = latest_committed_dir(run_dir, storage_cfg)
-    if directory is None:
-        return None
-    uri = storage.join(directory, CURSOR_FILE)
-    if not storage.exists(uri, storage_cfg):
-        return None
-    return DataCursor.from_bytes(storage.read_bytes(uri, storage_cfg))
-
-
-def report(metrics: dict, checkpoint_dir_name: str | None = None, save_fn=None, upload: str = "sync") -> None:
-    """``ray.train.report`` (a barrier: every rank calls it at the same step).
-
-    On checkpoint steps every rank passes the same ``checkpoint_dir_name`` and rank 0 passes
-    ``save_fn(dir)``, which fills the checkpoint directory that Ray then uploads: in the
-    background with ``upload="async"`` (Ray deletes the local copy once uploaded), or before
-    returning with ``"sync"``. Either way Ray commits the checkpoint only when the upload is
-    complete, so a crash mid-upload leaves the previous checkpoint as the one to restore.
-    """
-    if save_fn is None:
-        ray.train.report(metrics, checkpoint_dir_name=checkpoint_dir_name)
-        return
-    from ray.train import CheckpointUploadMode
-
-    if upload == "async":
-        d = tempfile.mkdtemp(prefix="rts-ckpt-")
-        save_fn(d)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=checkpoint_dir_name, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-                         delete_local_checkpoint_after_upload=True)
-        return
-    with tempfile.TemporaryDirectory(prefix="rts-ckpt-") as d:
-        save_fn(d)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=checkpoint_dir_name)
-
-
 def read_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[dict, str]:
     """(state payload, resolved config YAML) of a checkpoint directory given by path or s3:// URI."""
     try:
@@ -197,31 +133,74 @@ def resolve_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> st
     return storage.join(uri, ckpts[-1])
 
 
-def init_from_pretrained(model: nn.Module, uri: str, storage_cfg: StorageConfig | None = None,
-                         log: bool = True) -> set[str]:
-    """Load a pretraining run's weights into ``model`` for fine-tuning; the loaded parameter names.
+LOCAL_RECORD = "local_checkpoints.json"
+"""The local backend's list of committed checkpoints in the run directory (Ray keeps its own)."""
+DIR_PREFIX = "checkpoint_step"
 
-    Families that fine-tune another family's encoder say how (``load_pretrained_encoder``: e.g.
-    wav2vec 2.0 pretraining -> wav2vec 2.0 CTC); otherwise tensors whose name and shape match are
-    copied. The live weights are used, not the EMA, which keeps part of the random init early in a run. Nothing matching is an error
-    naming the checkpoint, so a wrong path cannot silently train from scratch.
+
+def dir_name(step: int) -> str:
+    """A checkpoint's directory name: the same scheme under both backends, so steps compare."""
+    return f"{DIR_PREFIX}{step:08d}"
+
+
+def step_of(name: str) -> int:
+    """The step in a checkpoint directory name (-1 for a name of another scheme)."""
+    tail = name.rstrip("/").rsplit("/", 1)[-1]
+    digits = tail.removeprefix(DIR_PREFIX)
+    return int(digits) if tail.startswith(DIR_PREFIX) and digits.isdigit() else -1
+
+
+@dataclass
+class Restored:
+    """What a resuming attempt restores: the state payload and the epoch's data cursor."""
+
+    payload: dict
+    cursor: DataCursor | None
+    directory: str
+
+
+def read_local_record(run_dir: str, storage_cfg: StorageConfig | None = None) -> list[dict]:
+    """The local backend's committed checkpoints, oldest first: [{"dir", "step", "score"?}]."""
+    uri = storage.join(run_dir, LOCAL_RECORD)
+    if not storage.exists(uri, storage_cfg):
+        return []
+    return json.loads(storage.read_bytes(uri, storage_cfg))["checkpoints"]
+
+
+def write_local_record(run_dir: str, entries: list[dict], storage_cfg: StorageConfig | None = None) -> None:
+    storage.write_bytes(storage.join(run_dir, LOCAL_RECORD),
+                        json.dumps({"checkpoints": entries}, indent=1).encode(), storage_cfg)
+
+
+def latest_committed_dir(run_dir: str, storage_cfg: StorageConfig | None = None) -> str | None:
+    """The URI of the checkpoint a resuming run restores: the newer (by step) of Ray Train's latest
+    committed checkpoint and the local backend's latest; None on a fresh run.
+
+    Read by the Ray dataset factory on the Train controller at each worker-group start (to drop
+    consumed utterances before decoding), by the Ray workers and by the local backend, so all agree.
     """
-    ckpt = resolve_checkpoint(uri, storage_cfg)
-    payload, _ = read_checkpoint(ckpt, storage_cfg)
-    state = payload["model"]  # the live weights: an EMA that started at random init still carries some of it
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if hasattr(model, "load_pretrained_encoder"):
-        model.load_pretrained_encoder(state)
-    else:
-        own = model.state_dict()
-        model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape},
-                              strict=False)
-    # "Loaded" = changed by the load (random init never equals trained weights), whatever the mapping.
-    loaded = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    if not loaded:
-        raise StorageError(f"train.init_from={uri}: no tensor of {ckpt} fits this model "
-                           "(is it a pretraining run of a compatible family and size?)")
-    if log:
-        total = sum(1 for _ in model.parameters())
-        print(f"[raytrain-speech] initialised {len(loaded)}/{total} parameter tensors from {ckpt}", flush=True)
-    return loaded
+    names = [ray_compat.latest_snapshot_checkpoint(run_dir, storage_cfg)]
+    local = read_local_record(run_dir, storage_cfg)
+    names.append(local[-1]["dir"] if local else None)
+    names = [n for n in names if n]
+    if not names:
+        return None
+    return storage.join(run_dir, max(names, key=step_of))
+
+
+def read_restored(directory: str, storage_cfg: StorageConfig | None = None) -> Restored:
+    """A committed checkpoint directory (local path or s3://) read for resuming."""
+    payload, _ = read_checkpoint(directory, storage_cfg)
+    return Restored(payload, read_cursor(directory, storage_cfg), directory)
+
+
+def read_cursor(directory: str, storage_cfg: StorageConfig | None = None) -> DataCursor | None:
+    uri = storage.join(directory, CURSOR_FILE)
+    if not storage.exists(uri, storage_cfg):
+        return None
+    return DataCursor.from_bytes(storage.read_bytes(uri, storage_cfg))
+
+
+def latest_committed_cursor(run_dir: str, storage_cfg: StorageConfig | None = None) -> DataCursor | None:
+    directory = latest_committed_dir(run_dir, storage_cfg)
+    return None if directory is None else read_cursor(directory, storage_cfg)

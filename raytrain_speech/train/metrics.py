@@ -1,21 +1,156 @@
-"""The run's metrics file, the live progress line, and the end-of-run summary (no Ray).
+"""The run's records: the per-report metrics (window sums -> one metrics line), ``metrics.jsonl``, the
+run card, the audit log of trained indices, the live progress line and the end-of-run summary (no Ray).
 
-``metrics.jsonl`` in the run directory gets one JSON object per ``ray.train.report`` (written by the
-Train controller); the driver's progress display and the summary only read it, so they work the
-same for a local run, a run in s3://, or a job submitted to a remote cluster.
+``metrics.jsonl`` in the run directory gets one JSON object per report, written by one process (the
+Train controller under Ray, the training process under the local backend) through ``RunRecord``; the
+driver's progress display and the summary only read it, so they work the same for a local run, a
+run in s3://, or a job submitted to a remote cluster.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
+from dataclasses import dataclass, field
+
+import torch
 
 from raytrain_speech import storage
-from raytrain_speech.config import StorageConfig
+from raytrain_speech.batch import Batch
+from raytrain_speech.config import Config, StorageConfig
 from raytrain_speech.storage import StorageError
 
 METRICS_FILE = "metrics.jsonl"
+RUN_CARD_JSON = "run_card.json"
+RUN_CARD_MD = "run_card.md"
+
+
+@dataclass
+class Window:
+    """One rank's sums since the last report."""
+
+    loss_sum: float = 0.0
+    tokens: float = 0.0
+    padding: float = 0.0
+    grad_norm: float = 0.0
+    steps: int = 0
+    masked_fraction: float = 0.0
+    masked_batches: int = 0
+    extra_sums: dict = field(default_factory=dict)
+
+    def add(self, result, group: list[Batch]) -> None:
+        self.loss_sum += result.loss_sum
+        self.tokens += result.tokens
+        for k, v in result.extra_sums.items():
+            self.extra_sums[k] = self.extra_sums.get(k, 0.0) + v
+        self.padding += sum(b.padding_fraction for b in group) / len(group) if group else 0.0
+        self.grad_norm += result.grad_norm
+        self.steps += 1
+
+    def summary(self, loss_sum: float, tokens: float, extra: dict[str, float]) -> dict:
+        """The window's metrics, given its loss/unit/extra sums over all ranks (``<name>_sum`` keys)."""
+        out = {}
+        if self.steps:
+            out.update(loss=loss_sum / max(tokens, 1.0), grad_norm=self.grad_norm / self.steps,
+                       padding_fraction=self.padding / self.steps)
+            out.update({k[: -len("_sum")]: v / max(tokens, 1.0) for k, v in extra.items()})
+        if self.masked_batches:
+            out["masked_fraction"] = self.masked_fraction / self.masked_batches
+        return out
+
+
+@dataclass
+class AttemptClock:
+    """Wall time of one attempt (worker-group start to finish): what training, reporting and
+    checkpointing took, so throughput counts training only."""
+
+    start: float = field(default_factory=time.time)
+    last_wall: float = 0.0
+    audio_s: float = 0.0
+    checkpoint_blocked_s: float = 0.0
+    report_blocked_s: float = 0.0
+
+    def __post_init__(self):
+        self.last_wall = self.last_wall or self.start
+
+    def metrics(self, now: float) -> dict:
+        return {"throughput_audio_s_per_s": self.audio_s / max(now - self.start, 1e-9),
+                "attempt_elapsed_s": now - self.start, "checkpoint_blocked_s": self.checkpoint_blocked_s,
+                "report_blocked_s": self.report_blocked_s}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def run_dir(cfg: Config) -> str:
+    """Where a run's checkpoints and records live: ``<run.storage_path>/<run.name>``."""
+    return storage.join(cfg.run.storage_path, cfg.run.name)
+
+
+def run_info(cfg: Config) -> dict:
+    """What the run card says that the metrics do not."""
+    return {"name": cfg.run.name, "family": cfg.model.family, "preset": cfg.model.preset,
+            "use_gpu": cfg.run.use_gpu, "num_workers": cfg.run.num_workers, "backend": cfg.run.backend,
+            "global_batch_audio_s": cfg.train.global_batch_audio_s,
+            "global_batch_utterances": cfg.train.global_batch_utterances}
+
+
+class RunRecord:
+    """Appends rank 0's metrics of every report to ``metrics.jsonl`` and rewrites the run card at every
+    checkpoint (object stores cannot append: the small file is rewritten whole)."""
+
+    def __init__(self, directory: str, storage_cfg: StorageConfig | None, info: dict):
+        self.directory, self.storage_cfg, self.info = directory, storage_cfg, info
+        self.records: list[dict] | None = None
+
+    def add(self, metrics: dict, checkpoint_path: str | None = None) -> None:
+        if self.records is None:
+            self.records = read_metrics(storage.join(self.directory, METRICS_FILE), self.storage_cfg)
+        record = {**metrics, "time": time.time()}
+        if checkpoint_path is not None:
+            record["checkpoint_path"] = checkpoint_path
+        self.records.append(record)
+        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        storage.write_bytes(storage.join(self.directory, METRICS_FILE), text.encode(), self.storage_cfg)
+        if checkpoint_path is not None:
+            write_run_card(self.directory, self.records, self.info, self.storage_cfg)
+
+
+def write_run_card(directory: str, records: list[dict], info: dict, storage_cfg: StorageConfig | None) -> dict:
+    card = run_card(records, info)
+    storage.write_bytes(storage.join(directory, RUN_CARD_JSON), json.dumps(card, indent=2).encode(), storage_cfg)
+    storage.write_bytes(storage.join(directory, RUN_CARD_MD), run_card_markdown(card).encode(), storage_cfg)
+    return card
+
+
+class TrainedLog:
+    """Audit/test hook (``train.trained_log_dir``): each rank appends the utterance indices of every
+    step to a JSONL file of its own, so a test can prove exactly-once across restarts."""
+
+    def __init__(self, directory: str, attempt: dict):
+        os.makedirs(directory, exist_ok=True)
+        name = f"{time.time_ns()}-rank{attempt['rank']}-pid{os.getpid()}.jsonl"
+        self.file = open(os.path.join(directory, name), "a")  # noqa: SIM115 (closed by close())
+        self.write({**attempt, "attempt_start": time.time(), "pid": os.getpid()})
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def read_metrics(uri: str, storage_cfg: StorageConfig | None = None) -> list[dict]:
@@ -67,8 +202,8 @@ class ProgressDisplay:
     """Polls the metrics file from a background thread and prints a line per new report."""
 
     def __init__(self, uri: str, max_steps: int, storage_cfg: StorageConfig | None = None,
-                 poll_s: float = 2.0, min_interval_s: float = 10.0, out=print):
-        self.uri, self.max_steps, self.storage_cfg = uri, max_steps, storage_cfg
+                 poll_s: float = 2.0, min_interval_s: float = 10.0, out=print, enabled: bool = True):
+        self.uri, self.max_steps, self.storage_cfg, self.enabled = uri, max_steps, storage_cfg, enabled
         self.poll_s, self.min_interval_s, self.out = poll_s, min_interval_s, out
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="rts-progress")
@@ -76,11 +211,15 @@ class ProgressDisplay:
         self._last_print = 0.0
 
     def __enter__(self) -> ProgressDisplay:
+        if not self.enabled:
+            return self
         self._seen = len(read_metrics(self.uri, self.storage_cfg))  # lines of an earlier attempt
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        if not self.enabled:
+            return
         self._stop.set()
         self._thread.join(timeout=5)
         self._tick(final=True)

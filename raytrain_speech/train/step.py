@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from raytrain_speech.batch import Batch
 from raytrain_speech.config import StepConfig
-from raytrain_speech.data.batching import Batch
-
-Objective = Callable[[Batch, dict, float, int], tuple[torch.Tensor, dict]]
+from raytrain_speech.objectives import LossFn
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -95,8 +93,8 @@ class Stepper:
     """Holds model, optimizer and scaler; ``step`` consumes one optimizer step's micro-batches."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: StepConfig,
-                 objective: Objective, device: torch.device):
-        self.model, self.optimizer, self.cfg, self.objective, self.device = model, optimizer, cfg, objective, device
+                 loss_fn: LossFn, device: torch.device):
+        self.model, self.optimizer, self.cfg, self.loss_fn, self.device = model, optimizer, cfg, loss_fn, device
         self.precision = resolve_precision(cfg.precision, device)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
@@ -112,8 +110,9 @@ class Stepper:
         """Backward over ``micro_batches`` (gradient sync only on the last), then one update.
 
         ``global_tokens`` is the objective's unit count (target tokens, masked frames) of this step
-        over all ranks and micro-batches; the objective divides by it so the update is a per-unit
-        mean of the global batch.
+        over all ranks and micro-batches; each micro-batch's summed loss is scaled by
+        ``world_size / global_tokens`` here, the one place any objective is normalised, so that after
+        DDP's gradient average the update is the per-unit mean of the whole global batch.
         ``fillers`` are micro-steps that contribute exactly zero gradient: a rank whose data ran out
         before the others' still has to join every gradient all-reduce (DDP), so it runs them in
         eval mode (no BatchNorm update) with the loss multiplied by zero.
@@ -121,6 +120,19 @@ class Stepper:
         # Running statistics (BatchNorm) change in the forward pass; a step that turns out to be
         # non-finite must not leave NaNs in them, so they are restored when the step is skipped.
         buffers = [b.detach().clone() for b in self.model.buffers()]
+        loss_sum, tokens, extra = self._backward(micro_batches, fillers, world_size / max(global_tokens, 1.0))
+        grad_norm, skipped = self._update()
+        if skipped:
+            with torch.no_grad():
+                for live, saved in zip(self.model.buffers(), buffers):
+                    live.copy_(saved)
+        elif self.ema is not None:
+            self.ema.update(self.model)
+        return StepResult(grad_norm, skipped, loss_sum, tokens, extra)
+
+    def _backward(self, micro_batches: list[Batch], fillers: list[Batch], scale: float,
+                  ) -> tuple[float, float, dict[str, float]]:
+        """Forward + backward of every micro-batch, then the fillers; (loss sum, units, stat sums)."""
         loss_sum = tokens = 0.0
         extra: dict[str, float] = {}
         work = [(b, False) for b in micro_batches] + [(b, True) for b in fillers]
@@ -135,14 +147,18 @@ class Stepper:
                     loss = sum(torch.nan_to_num(v.float(), 0.0, 0.0, 0.0).sum() for v in out.values()
                                if torch.is_tensor(v) and v.is_floating_point()) * 0.0
                 else:
-                    loss, stats = self.objective(batch, out, global_tokens, world_size)
-                    loss_sum += stats["loss_sum"]
-                    tokens += stats["tokens"]
+                    summed, units, stats = self.loss_fn(batch, out)
+                    loss = summed * scale
+                    loss_sum += float(summed.detach())
+                    tokens += units
                     for k, v in stats.items():
-                        if k.endswith("_sum") and k != "loss_sum":
-                            extra[k] = extra.get(k, 0.0) + float(v)
+                        extra[k] = extra.get(k, 0.0) + float(v)
                 self.scaler.scale(loss).backward()
         self.model.train()
+        return loss_sum, tokens, extra
+
+    def _update(self) -> tuple[float, bool]:
+        """Unscale, clip, step (unless the gradient is not finite); (grad norm, skipped)."""
         for group in self.optimizer.param_groups:
             if group["lr"] == 0.0:  # frozen (fine-tuning warm-up): no update, no share of the clip norm
                 for p in group["params"]:
@@ -160,10 +176,4 @@ class Stepper:
             self.scaler.update()
             skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
         self.optimizer.zero_grad(set_to_none=True)
-        if skipped:
-            with torch.no_grad():
-                for live, saved in zip(self.model.buffers(), buffers):
-                    live.copy_(saved)
-        elif self.ema is not None:
-            self.ema.update(self.model)
-        return StepResult(grad_norm, skipped, loss_sum, tokens, extra)
+        return grad_norm, skipped

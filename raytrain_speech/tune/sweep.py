@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from raytrain_speech import storage
+from raytrain_speech import ray_compat, storage
 from raytrain_speech.config import ConfigError, require
 from raytrain_speech.train.metrics import METRICS_FILE, read_metrics
 from raytrain_speech.tune.spaces import SweepConfig, corner_values, to_tune
@@ -79,6 +79,7 @@ def check_sweep(base: dict, sweep: SweepConfig):
             except ConfigError as err:
                 raise ConfigError(f"sweep space.{key}={value!r}: {err}") from None
             sample = sample or cfg
+    require(sample.run.backend == "ray", "run.backend", "a sweep runs its trials as Ray Train runs; use run.backend=ray")
     metric_needs_validation = sweep.metric.startswith("valid_")
     require(not metric_needs_validation or sample.train.validate_every_steps is not None, "metric",
             f"{sweep.metric} is reported only with train.validate_every_steps set (in the recipe or overrides)")
@@ -108,7 +109,7 @@ def _run_trial(params: dict, base: dict, sweep_data: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raytrain_speech.config import Config, from_dict
-    from raytrain_speech.train.launch import fit
+    from raytrain_speech.train.fit import fit
 
     sweep = from_dict(SweepConfig, sweep_data)
     cfg = Config.from_dict(trial_dict(base, sweep, params, tune.get_context().get_trial_id()))
@@ -148,8 +149,8 @@ class RecordingASHA(AsyncHyperBandScheduler):
             return
         self._loaded = True
         saved = read_asha_record(self.record_uri, self.storage_cfg)
-        for bracket, rungs in zip(self._brackets, saved.get("rungs", [])):
-            for (_, recorded), old in zip(bracket._rungs, rungs):
+        for live, rungs in zip(ray_compat.asha_rungs(self), saved.get("rungs", [])):
+            for recorded, old in zip(live, rungs):
                 for trial_id, reward in old.items():
                     recorded.setdefault(trial_id, reward)
 
@@ -162,7 +163,7 @@ class RecordingASHA(AsyncHyperBandScheduler):
                   f"{self._metric} {result.get(self._metric)} trails its rung", flush=True)
             stopped.add(trial.trial_id)
         record = {"stopped": sorted(stopped),
-                  "rungs": [[dict(recorded) for _, recorded in b._rungs] for b in self._brackets]}
+                  "rungs": [[dict(recorded) for recorded in bracket] for bracket in ray_compat.asha_rungs(self)]}
         storage.write_bytes(self.record_uri, json.dumps(record).encode(), self.storage_cfg)
         return action
 
@@ -232,7 +233,7 @@ def run_sweep(cfg, sweep: SweepConfig, out=print) -> SweepOutcome:
     import ray
     from ray import tune
 
-    from raytrain_speech.train.launch import init_ray, storage_args
+    from raytrain_speech.train.launch import connect, storage_args
 
     base = cfg.to_dict()
     sample = check_sweep(base, sweep)
@@ -241,7 +242,7 @@ def run_sweep(cfg, sweep: SweepConfig, out=print) -> SweepOutcome:
     if cfg.run.local_num_cpus is None and not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
         slots = sweep.max_concurrent_trials or 2
         ray_cfg.run.local_num_cpus = (os.cpu_count() or 1) + int(slots * (trial_workers * sample.run.cpus_per_worker + 1))
-    init_ray(ray_cfg)
+    connect(ray_cfg)
     concurrency = sweep.max_concurrent_trials or concurrent_trials(
         ray.cluster_resources(), trial_workers, sample.run.cpus_per_worker, sample.run.use_gpu)
     directory = sweep_dir(cfg.run.storage_path, sweep)
@@ -284,7 +285,7 @@ def summarize(grid, sweep: SweepConfig, max_steps: int, asha_stopped: set[str], 
     Histories come from each trial's own Train run (metrics.jsonl), which keeps every report across
     restarts; Tune resets a trial's result files when it restarts the trial after an interruption.
     """
-    trials = grid._experiment_analysis.trials  # status and config of every trial, run or not; no public accessor in 2.60
+    trials = ray_compat.result_grid_trials(grid)  # status and config of every trial, run or not
     out = []
     for trial in trials:
         trial_id = trial.trial_id

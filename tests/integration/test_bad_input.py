@@ -16,7 +16,7 @@ import soundfile as sf
 from raytrain_speech.data import audio, shards
 from raytrain_speech.data.badinput import BAD_INPUTS_FILE, read_bad_inputs
 from raytrain_speech.data.synth import synthesize
-from raytrain_speech.train.launch import TrainingFailed, fit
+from raytrain_speech.train.fit import TrainingFailed, fit
 from tests.conftest import tiny_config
 from tests.integration.audit import read_attempts, surviving_steps
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from raytrain_speech.data.synth import synthesize
-from raytrain_speech.train.launch import fit
+from raytrain_speech.train.fit import fit
 from raytrain_speech.train.metrics import read_metrics
 from tests.conftest import tiny_config
 from tests.integration.audit import assert_exactly_once, read_attempts

@@ -18,7 +18,7 @@ import ray
 from ray._private.authentication_test_utils import reset_auth_token_state
 
 from raytrain_speech.data.synth import synthesize
-from raytrain_speech.train.launch import fit
+from raytrain_speech.train.fit import fit
 from tests.conftest import tiny_config
 from tests.integration.audit import assert_exactly_once
 from tests.integration.heads import free_port, short_temp_dir, start_head, stop_head

@@ -14,7 +14,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from raytrain_speech.data.synth import synthesize
-from raytrain_speech.train.launch import dashboard_port, fit
+from raytrain_speech.ray_session import dashboard_port
+from raytrain_speech.train.fit import fit
 from raytrain_speech.train.metrics import read_metrics
 from tests.conftest import tiny_config
 from tests.integration.audit import assert_exactly_once, read_attempts

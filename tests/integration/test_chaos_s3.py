@@ -11,7 +11,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from raytrain_speech.data.synth import synthesize
-from raytrain_speech.train.launch import fit
+from raytrain_speech.train.fit import fit
 from tests.conftest import tiny_config
 from tests.integration.audit import assert_exactly_once, read_attempts
 

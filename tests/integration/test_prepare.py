@@ -15,7 +15,7 @@ import pytest
 from raytrain_speech.config import StorageConfig, from_dict
 from raytrain_speech.data import shards
 from raytrain_speech.data.prepare import STATE_FILE, PrepareConfig, prepare
-from raytrain_speech.train.launch import fit
+from raytrain_speech.train.fit import fit
 from raytrain_speech.train.metrics import read_metrics
 from tests.conftest import tiny_config
 from tests.unit.test_prepare import (

@@ -6,7 +6,7 @@ from __future__ import annotations
 from raytrain_speech.data.noise import NoiseSetConfig, write_noise_set
 from raytrain_speech.data.synth import synthesize
 from raytrain_speech.train.checkpoint import read_checkpoint
-from raytrain_speech.train.launch import fit
+from raytrain_speech.train.fit import fit
 from raytrain_speech.train.metrics import read_metrics
 from tests.conftest import tiny_config
 

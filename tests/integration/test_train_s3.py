@@ -7,7 +7,7 @@ import pytest
 
 from raytrain_speech.data.synth import synthesize
 from raytrain_speech.evaluate.runner import evaluate_checkpoint
-from raytrain_speech.train.launch import fit
+from raytrain_speech.train.fit import fit
 from raytrain_speech.train.metrics import read_metrics
 from tests.conftest import tiny_config
 

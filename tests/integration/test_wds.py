@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from raytrain_speech.config import StorageConfig, from_dict
-from raytrain_speech.data import shards, wds
+from raytrain_speech.data import corpus, shards, tars
 from raytrain_speech.data.prepare import PrepareConfig, prepare
 from tests.conftest import tiny_config
 from tests.unit.test_prepare import build_webdataset_layout, speech_records, synthesized_train_rows
@@ -34,8 +34,8 @@ def indexed(ray_local, tmp_path_factory, s3_endpoint, s3fs_client):
     cfg = from_dict(PrepareConfig, {"layout": "webdataset", "input": f"s3://{BUCKET}/inputs/part-*.tar",
                                     "workers": 2, "index_only": True})
     prepare(cfg, ROOT, storage_cfg, log=lambda s: None)
-    indices = {r["key"]: r["index"] for uri in shards.shard_uris(ROOT, "train", storage_cfg)
-               for r in wds.read_index(uri, storage_cfg)[0].to_pylist()}
+    indices = {r["key"]: r["index"] for uri in corpus.shard_uris(ROOT, "train", storage_cfg)
+               for r in tars.read_index(uri, storage_cfg)[0].to_pylist()}
     return storage_cfg, good, indices
 
 
@@ -77,7 +77,7 @@ def test_a_member_removed_after_indexing_is_a_bad_row(indexed, s3_endpoint, s3fs
     from raytrain_speech.data.pipeline import build_dataset
 
     storage_cfg, good, indices = indexed
-    index, tar_uri = wds.read_index(shards.shard_uris(ROOT, "train", storage_cfg)[2], storage_cfg)
+    index, tar_uri = tars.read_index(corpus.shard_uris(ROOT, "train", storage_cfg)[2], storage_cfg)
     lost = index.to_pylist()[0]
     key = tar_uri.split("://", 1)[1]
     with tarfile.open(fileobj=io.BytesIO(s3fs_client.cat(key))) as tf:
@@ -95,7 +95,7 @@ def test_a_member_removed_after_indexing_is_a_bad_row(indexed, s3_endpoint, s3fs
 @pytest.mark.slow  # Ray Train start-up: ~1 min on 2 cores
 def test_train_from_an_indexed_s3_webdataset_root(indexed, s3_endpoint, s3fs_client):
     """A few optimizer steps streamed from the tars in s3://, with duration buckets from the index."""
-    from raytrain_speech.train.launch import fit
+    from raytrain_speech.train.fit import fit
     from tests.integration.test_prepare import check_short_s3_run
 
     cfg = _cfg(s3_endpoint, **{"run.name": "from-wds", "run.num_workers": 1, "train.max_steps": 4,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from raytrain_speech.config import AugmentConfig, ConfigError
-from raytrain_speech.data.augment import mask_batch, utterance_mask, utterance_rng
+from raytrain_speech.data.augment import mask_batch, utterance_mask
+from raytrain_speech.seeding import utterance_rng
 
 SPEC = AugmentConfig(freq_masks=2, freq_mask_max_bins=27, time_masks=2, time_mask_max_frames=100)
 
@@ -59,7 +60,7 @@ def test_filler_rows_with_negative_index_draw_masks_too():
     """A rank with no data runs filler micro-steps whose row index is -1; SSL models mask those too."""
     import torch
 
-    from raytrain_speech.data.augment import frame_span_mask
+    from raytrain_speech.models.masking import frame_span_mask
 
     mask = frame_span_mask(torch.tensor([30]), [-1], 0.15, 10, seed=0, epoch=0, min_spans=2)
     assert mask.shape == (1, 30) and mask.sum() >= 10

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 
 from raytrain_speech.config import ModelSpec, OptimConfig, StepConfig
-from raytrain_speech.data.augment import frame_span_mask
 from raytrain_speech.data.batching import Utterance, collate
+from raytrain_speech.models.masking import model_span_mask
 from raytrain_speech.models.registry import build_model, objective_for
 from raytrain_speech.train.optim import build_optimizer
 from raytrain_speech.train.step import Stepper
@@ -47,8 +47,7 @@ def test_conformer_mlm_masks_its_input_and_reconstruction_loss_falls():
     spec = ModelSpec("conformer_mlm", overrides={"num_layers": 1, "dropout": 0.0})
     b = _batch()
     model = build_model(spec, 29)
-    mask = frame_span_mask(model.output_lengths(b.feature_lengths_B), b.indices, model.mask_prob,
-                           model.mask_span_frames, 0, 0, model.min_masks)
+    mask = model_span_mask(model, b)
     b.mask_BT = mask
     out = model(b)
     assert out["mask_BT"].float().mean() > 0.5  # ~80% of valid frames

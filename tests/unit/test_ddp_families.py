@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 
 from raytrain_speech.config import ModelSpec, OptimConfig, StepConfig
-from raytrain_speech.data.augment import frame_span_mask
 from raytrain_speech.data.batching import Utterance, collate
+from raytrain_speech.models.masking import model_span_mask
 from raytrain_speech.models.registry import FAMILIES, build_model, family, objective_for
 from raytrain_speech.train.optim import build_optimizer
 from raytrain_speech.train.step import Stepper
@@ -42,8 +42,7 @@ def test_family_steps_twice_under_ddp(process_group, name):
                       torch.device("cpu"))
     for seed in (0, 1):
         b = _batch(family(spec).input_kind, seed)
-        if getattr(model, "mask_prob", 0.0) > 0:
-            b.mask_BT = frame_span_mask(model.output_lengths(b.feature_lengths_B), b.indices, model.mask_prob,
-                                        model.mask_span_frames, 0, seed, model.min_masks)
+        if model.span_masking is not None:
+            b.mask_BT = model_span_mask(model, b, seed=0, epoch=seed)
         result = stepper.step([b], objective.units(b), 1)
         assert np.isfinite(result.grad_norm)

@@ -68,6 +68,25 @@ def test_accumulation_matches_one_big_batch():
         assert torch.allclose(pa, pb, atol=1e-5)
 
 
+def test_the_stepper_normalises_by_the_global_units_times_the_world_size():
+    """A rank holding half the global batch's units in a world of 2 makes the same update as one rank
+    holding all of it (DDP then averages the two ranks' equal gradients): loss_sum * world / global."""
+    torch.manual_seed(0)
+    a, b, c = _FrameLinear(), _FrameLinear(), _FrameLinear()
+    b.load_state_dict(a.state_dict())
+    c.load_state_dict(a.state_dict())
+    full = _batch(4)
+    tokens = float(full.target_lengths_B.sum())
+    for model, global_units, world in ((a, tokens, 1), (b, 2 * tokens, 2), (c, 2 * tokens, 1)):
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        res = Stepper(model, opt, StepConfig(precision="fp32"), ctc.loss, torch.device("cpu")).step(
+            [full], global_units, world)
+        assert res.tokens == tokens and res.loss_sum > 0
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+    assert not torch.allclose(a.proj.weight, c.proj.weight, atol=1e-4)  # half the units: half the step
+
+
 def _utts_of(batch):
     return [Utterance(i, f"u{i}", 1.0, batch.features_BFM[i, : batch.feature_lengths_B[i]].numpy(),
                       batch.targets_BL[i, : batch.target_lengths_B[i]].numpy()) for i in range(batch.size)]

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from raytrain_speech.batch import BLANK_ID
 from raytrain_speech.config import ModelSpec
 from raytrain_speech.data.batching import Utterance
-from raytrain_speech.data.text import BLANK_ID, CharTokenizer
+from raytrain_speech.data.text import CharTokenizer
 from raytrain_speech.evaluate import probe
 from raytrain_speech.evaluate.transcribe import word_times
 from raytrain_speech.models.registry import build_model

@@ -9,7 +9,7 @@ import torch
 
 from raytrain_speech.config import ModelSpec
 from raytrain_speech.data.batching import Utterance, collate
-from raytrain_speech.evaluate import quantize
+from raytrain_speech.evaluate import artifact, quantize
 from raytrain_speech.evaluate.decode import hypotheses
 from raytrain_speech.models.registry import FAMILIES, build_model
 
@@ -40,7 +40,7 @@ def test_int8_artifact_round_trips_and_stays_close(name):
 
     payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     assert payload["quantize"] == "int8" and payload["step"] == 7
-    loaded = quantize.build_from_artifact(payload, _Cfg(name), 29)
+    loaded = artifact.build_from_artifact(payload, _Cfg(name), 29)
     assert any(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") for m in loaded.modules())
     batch = _batch(FAMILIES[name].input_kind)
     with torch.inference_mode():
@@ -62,7 +62,7 @@ def test_float_export_is_lossless():
     model = build_model(ModelSpec(family="conformer_ctc"), 29).eval()
     payload = torch.load(io.BytesIO(quantize.payload_bytes(quantize.export_model(model, "", 1, "none").payload)),
                          weights_only=True)
-    loaded = quantize.build_from_artifact(payload, _Cfg("conformer_ctc"), 29)
+    loaded = artifact.build_from_artifact(payload, _Cfg("conformer_ctc"), 29)
     batch = _batch("log_mel")
     with torch.inference_mode():
         assert torch.equal(model(batch)["log_probs_BTV"], loaded(batch)["log_probs_BTV"])
@@ -72,7 +72,7 @@ def test_int8_rows_error_is_bounded_by_half_a_step():
     w = torch.randn(64, 3, 5)
     entry = quantize._int8_rows(w)
     step = w.reshape(64, -1).abs().amax(1) / 127
-    err = (quantize._dequant_rows(entry) - w).reshape(64, -1).abs().amax(1)
+    err = (artifact.dequant_rows(entry) - w).reshape(64, -1).abs().amax(1)
     assert torch.all(err <= step / 2 + 1e-7)
 
 

@@ -1,6 +1,7 @@
 import pytest
 
-from raytrain_speech.data.text import BLANK_ID, CharTokenizer, TextError, normalize_text
+from raytrain_speech.batch import BLANK_ID
+from raytrain_speech.data.text import CharTokenizer, TextError, normalize_text
 
 
 def test_round_trip_and_normalisation():

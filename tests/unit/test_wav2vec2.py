@@ -6,18 +6,17 @@ import torch
 import torchaudio
 
 from raytrain_speech.config import SynthConfig, from_dict
-from raytrain_speech.data.augment import frame_span_mask
 from raytrain_speech.data.batching import Utterance, collate
 from raytrain_speech.data.synth import make_specs, render
 from raytrain_speech.data.text import CharTokenizer
-from raytrain_speech.models.wav2vec2 import (
+from raytrain_speech.models.base import SpanMasking
+from raytrain_speech.models.masking import frame_span_mask, model_span_mask
+from raytrain_speech.models.wav2vec2 import Wav2Vec2CTC, Wav2Vec2Pretraining, sample_negative_indices
+from raytrain_speech.models.wav2vec2_encoder import (
     PRESETS,
     Wav2Vec2Config,
-    Wav2Vec2CTC,
     Wav2Vec2Encoder,
-    Wav2Vec2Pretraining,
     from_torchaudio_state_dict,
-    sample_negative_indices,
     to_torchaudio_state_dict,
 )
 from raytrain_speech.objectives import contrastive, ctc
@@ -76,7 +75,7 @@ def test_xl_is_the_317m_recipe_model_with_65ms_spans():
     n = sum(p.numel() for p in model.parameters())
     assert n == 317_390_592 and abs(n - 317e6) / 317e6 < 0.01
     assert (cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.ffn_dim, cfg.layer_norm_first) == (1024, 24, 16, 4096, True)
-    assert (model.mask_prob, model.mask_span_frames, model.min_masks) == (0.065, 3, 2)
+    assert model.span_masking == SpanMasking(prob=0.065, span_frames=3, min_spans=2)
     assert _cfg("xl_10frame").span_frames(200.0) == 10
     with torch.device("meta"):
         base = Wav2Vec2Pretraining(_cfg("base"), 29)
@@ -122,8 +121,7 @@ def test_negatives_equal_to_the_positive_are_masked_out():
 
 def _pretraining_batch(speech, model):
     """The batch as the training loop hands it over: span mask drawn over encoder frames."""
-    mask = frame_span_mask(model.output_lengths(speech.feature_lengths_B), speech.indices, model.mask_prob,
-                           model.mask_span_frames, 7, 0, model.min_masks)
+    mask = model_span_mask(model, speech, seed=7, epoch=0)
     return replace(speech, mask_BT=mask)
 
 
@@ -133,10 +131,12 @@ def test_forward_without_a_mask_draws_the_loops_mask_and_layer_drop_keeps_every_
     with pytest.raises(ValueError, match="mask_BT is None"):
         contrastive.units(speech)
     out = model(speech)  # mask_BT None: frame_span_mask at (seed 0, epoch 0), as validation would
-    expected = frame_span_mask(model.output_lengths(speech.feature_lengths_B), speech.indices, model.mask_prob,
-                               model.mask_span_frames, 0, 0, model.min_masks)
+    spec = model.span_masking
+    expected = frame_span_mask(model.output_lengths(speech.feature_lengths_B), speech.indices, spec.prob,
+                               spec.span_frames, 0, 0, spec.min_spans)
     assert torch.equal(out["mask_BT"], expected) and out["context_NF"].shape[0] == int(expected.sum())
-    loss, _ = contrastive.loss(speech, out, float(expected.sum()))
+    loss, units, _ = contrastive.loss(speech, out)
+    assert units == float(expected.sum())
     loss.backward()  # blocks were (almost surely) skipped, yet DDP would see a gradient for every parameter
     assert all(p.grad is not None for p in model.parameters())
 
@@ -151,15 +151,15 @@ def test_contrastive_accuracy_beats_chance_on_real_speech(speech):
     history = []
     for step in range(12):
         model.set_step(step)
-        loss, stats = contrastive.loss(batch, model(batch), units)
+        loss_sum, n, stats = contrastive.loss(batch, model(batch))
         opt.zero_grad()
-        loss.backward()
+        (loss_sum / units).backward()
         opt.step()
         history.append(stats)
-    assert stats["tokens"] == units
+    assert n == units
     model.eval()
     with torch.no_grad():
-        _, stats = contrastive.loss(batch, model(batch), units)
+        _, _, stats = contrastive.loss(batch, model(batch))
     chance = 1 / (1 + 50)
     assert stats["accuracy_sum"] / units > 5 * chance, stats
     assert stats["code_perplexity_sum"] / units > 4  # not won by collapsing the codebook
@@ -172,8 +172,8 @@ def test_bf16_autocast_grads_finite_and_masks_honoured(speech):
     batch = _pretraining_batch(speech, model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch)
-        loss, stats = contrastive.loss(batch, out, contrastive.units(batch))
-    assert loss.dtype == torch.float32 and np.isfinite(stats["loss_sum"])
+        loss, _, _ = contrastive.loss(batch, out)
+    assert loss.dtype == torch.float32 and np.isfinite(float(loss.detach()))
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.encoder.mask_embedding.grad.abs().sum() > 0
@@ -195,13 +195,13 @@ def test_ctc_loads_the_pretrained_encoder_and_learns(speech):
     pre = Wav2Vec2Pretraining(cfg, 29)
     model = Wav2Vec2CTC(cfg, TOK.vocab_size)
     state = {f"module.{k}": v for k, v in pre.state_dict().items()}  # as saved from a DDP wrapper
-    missing, unexpected = model.load_pretrained_encoder(state)
+    missing, unexpected = model.load_pretrained(state)
     assert missing == [] and unexpected == []
     for name, tensor in model.encoder.state_dict().items():
         assert torch.equal(tensor, pre.encoder.state_dict()[name]), name
     assert {id(p) for p in model.feature_encoder_parameters()} == {
         id(p) for p in model.encoder.feature_extractor.parameters()}
-    assert model.mask_prob == 0.0 and model.min_masks == 0
+    assert model.span_masking is None  # finetune_mask_prob 0: no fine-tuning time masks
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     tokens = ctc.units(speech)
     losses = []
@@ -209,9 +209,10 @@ def test_ctc_loads_the_pretrained_encoder_and_learns(speech):
         out = model(speech)
         assert out["log_probs_BTV"].dtype == torch.float32
         assert out["lengths_B"].tolist() == model.output_lengths(speech.feature_lengths_B).tolist()
-        loss, stats = ctc.loss(speech, out, tokens)
+        loss_sum, n, _ = ctc.loss(speech, out)
+        assert n == tokens
         opt.zero_grad()
-        loss.backward()
+        (loss_sum / tokens).backward()
         opt.step()
-        losses.append(stats["loss_sum"])
+        losses.append(float(loss_sum.detach()))
     assert losses[-1] < 0.7 * losses[0]

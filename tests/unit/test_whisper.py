@@ -4,7 +4,7 @@ import torch
 
 from raytrain_speech.config import ConfigError, from_dict
 from raytrain_speech.data.batching import Utterance, collate
-from raytrain_speech.models.layers import MultiHeadAttention, sinusoids
+from raytrain_speech.models.layers import MultiHeadAttention, sinusoids, teacher_forcing
 from raytrain_speech.models.whisper import PRESETS, Whisper, WhisperConfig
 from raytrain_speech.objectives import seq2seq
 
@@ -64,7 +64,7 @@ def test_padding_does_not_change_a_row():
 def test_teacher_forcing_shifts_targets_behind_the_prompt():
     targets_BL = torch.tensor([[5, 6, 7], [8, 0, 0]])
     prefix_BP = torch.tensor([[100, 101, 102], [100, 103, 102]])
-    dec_in, dec_out = seq2seq.teacher_forcing(targets_BL, torch.tensor([3, 1]), prefix_BP, eot_id=99, pad_id=99)
+    dec_in, dec_out = teacher_forcing(targets_BL, torch.tensor([3, 1]), prefix_BP, eot_id=99, pad_id=99)
     assert dec_in.tolist() == [[100, 101, 102, 5, 6, 7], [100, 103, 102, 8, 99, 99]]
     assert dec_out.tolist() == [[-100, -100, 5, 6, 7, 99], [-100, -100, 8, 99, -100, -100]]
 
@@ -77,11 +77,11 @@ def test_overfit_one_batch_then_greedy_returns_the_targets():
     units = seq2seq.units(b)
     history = []
     for _ in range(30):
-        loss, stats = seq2seq.loss(b, model(b), units)
+        loss_sum, n, stats = seq2seq.loss(b, model(b))
         opt.zero_grad()
-        loss.backward()
+        (loss_sum / units).backward()
         opt.step()
-        history.append(stats)
+        history.append({**stats, "loss_sum": float(loss_sum.detach()), "tokens": n})
     assert history[-1]["loss_sum"] < 0.1 * history[0]["loss_sum"]
     assert history[-1]["tokens"] == units == float(b.target_lengths_B.sum()) + 3
     assert history[-1]["accuracy_sum"] == units
@@ -90,15 +90,14 @@ def test_overfit_one_batch_then_greedy_returns_the_targets():
     assert [len(h) for h in model.transcribe(b, max_len=2)] == [2, 2, 2]
 
 
-def test_loss_scaling_and_label_smoothing():
+def test_label_smoothing_changes_the_summed_loss():
     torch.manual_seed(0)
     model = _small()
     b = _batch()
     out = model(b)
-    plain, stats = seq2seq.loss(b, out, global_units=100.0, world_size=4)
-    assert torch.isclose(plain, torch.tensor(stats["loss_sum"] * 4 / 100.0))
-    smoothed, _ = seq2seq.loss(b, out, 100.0, 4, label_smoothing=0.1)
-    assert not torch.isclose(plain, smoothed)
+    plain, n, _ = seq2seq.loss(b, out)
+    smoothed, n_smoothed, _ = seq2seq.loss(b, out, label_smoothing=0.1)
+    assert n == n_smoothed == seq2seq.units(b) and not torch.isclose(plain, smoothed)
 
 
 def test_bf16_autocast_gradients_are_finite():
@@ -107,12 +106,12 @@ def test_bf16_autocast_gradients_are_finite():
     b = _batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(b)
-        loss, stats = seq2seq.loss(b, out, seq2seq.units(b))
+        loss, _, _ = seq2seq.loss(b, out)
     assert loss.dtype == torch.float32
     loss.backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert np.isfinite(stats["loss_sum"])
+    assert np.isfinite(float(loss.detach()))
 
 
 def test_errors_name_what_is_wrong():

@@ -1,8 +1,5 @@
-"""Indexed WebDataset splits: train straight from ``.tar`` shards, without copying their audio.
-
-``raytrain-speech prepare --layout webdataset --index-only`` surveys the tars exactly as a full prepare
-does (members grouped by key, audio header via ``soundfile.info``, ``.txt``/``.json`` transcript) and
-writes, instead of Parquet shards of audio, one small index Parquet per tar::
+"""Indexed WebDataset splits, the reading side: train straight from ``.tar`` shards, without copying
+their audio (``prepare/index.py`` writes the index; docs/shards.md shows the layout)::
 
     <root>/manifest.json                  split lists the tars as its shards (relative to the root when
                                           they are under it, else absolute URIs), with utterance counts
@@ -16,23 +13,20 @@ range (tar k holds consecutive indices, keys in sorted order), and duration buck
 filter need every ``duration_s`` before anything is decoded. The index gives all of that for the
 price of one header scan; the audio stays where it is.
 
-To readers the index file stands in for the shard: ``shards.shard_uris`` and ``check_shards`` return
-index URIs for such a split, ``read_durations`` reads their ``duration_s`` column unchanged, and
-``shards.read_shard`` on an index streams its tar into an ordinary shard table (validation, eval).
-The training chain streams each tar once, in order (``tarfile`` mode ``r|*``), joining members with
-index rows by member name; an indexed member that is no longer in the tar (or changed size) is a
-bad-input row with its reason, never a silent drop. No Ray here: ``pipeline.py`` runs ``read_batches``
-as one Ray Data task per tar.
+To readers the index file stands in for the shard: ``corpus.shard_uris`` and ``corpus.check_shards``
+return index URIs for such a split, ``corpus.read_durations`` reads their ``duration_s`` column
+unchanged, and ``corpus.read_shard`` on an index streams its tar into an ordinary shard table
+(validation, eval). The training chain streams each tar once, in order (``tarfile`` mode ``r|*``),
+joining members with index rows by member name; an indexed member that is no longer in the tar (or
+changed size) is a bad-input row with its reason, never a silent drop. No Ray here: ``pipeline.py``
+runs ``read_batches`` as one Ray Data task per tar.
 """
 
 from __future__ import annotations
 
 import io
 import tarfile
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -40,24 +34,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raytrain_speech import storage
-from raytrain_speech.config import ConfigError, StorageConfig, to_dict
+from raytrain_speech.config import StorageConfig
 from raytrain_speech.data import shards
-from raytrain_speech.data.prepare import (
-    IO_THREADS,
-    SKIPPED_FILE,
-    PrepareConfig,
-    PrepareOutcome,
-    Skip,
-    Utterance,
-    _absolute,
-    _duration_problem,
-    _executor,
-    _merge_manifest,
-    _write_skipped,
-    check_unique_ids,
-    locate,
-    survey,
-)
 from raytrain_speech.storage import StorageError
 
 INDEX_KIND = "webdataset-index"
@@ -91,15 +69,6 @@ ROW_SCHEMA = pa.schema([
 ])
 """What the training chain reads from a tar: the Preprocessor's input columns plus ``read_error``, the
 reason a row has no audio ("" when it has)."""
-
-
-def absolute(uri: str) -> str:
-    """A local path made absolute on the driver (Ray tasks run in another directory); URIs as they are."""
-    return _absolute(uri)
-
-
-def index_name(split: str, number: int) -> str:
-    return f"{split}/index-{number:05d}.parquet"
 
 
 # ---------------------------------------------------------------------------------------- manifest
@@ -171,97 +140,6 @@ def _index_problem(index_uri: str, n: int, storage_cfg: StorageConfig | None) ->
     if meta.num_rows != n:
         return f"its index {index_uri} has {meta.num_rows} rows, the manifest counts {n} ({fix})"
     return ""
-
-
-# ---------------------------------------------------------------------------------------- indexing
-
-
-@dataclass
-class TarIndex:
-    """One tar's index: its utterances get indices first_index, first_index+1, ... in key order."""
-
-    tar: str
-    """The tar as the manifest lists it: relative to the root when under it, else an absolute URI."""
-    relpath: str
-    first_index: int
-    utterances: list[Utterance]
-
-
-def tar_entry(out_uri: str, tar_uri: str) -> str:
-    prefix = out_uri.rstrip("/") + "/"
-    return tar_uri[len(prefix):] if tar_uri.startswith(prefix) else tar_uri
-
-
-def plan_index(tars: list[str], found: list[Utterance], skipped: list[Skip], cfg: PrepareConfig, out_uri: str
-               ) -> tuple[list[TarIndex], list[Skip]]:
-    """Number the usable utterances tar by tar (tars in listing order, sorted, keys sorted within a
-    tar), so shard k holds consecutive indices whatever order the survey finished in; a tar left
-    with no usable utterance is not listed (its members are all in the skip list)."""
-    check_unique_ids(found, cfg.input)
-    by_tar: dict[str, list[Utterance]] = {}
-    for u in found:
-        by_tar.setdefault(u.audio_uri, []).append(u)
-    skipped, jobs, first = list(skipped), [], 0
-    for tar in sorted(tars):
-        good = []
-        for u in sorted(by_tar.get(tar, []), key=lambda u: u.id):
-            reason = u.problem or _duration_problem(u.duration_s, cfg)
-            if reason:
-                skipped.append(Skip(u.id, u.source, reason, filtered=not u.problem))
-            else:
-                good.append(u)
-        if good:
-            jobs.append(TarIndex(tar_entry(out_uri, tar), index_name(cfg.split, len(jobs)), first, good))
-            first += len(good)
-    skipped.sort(key=lambda s: (s.id or "", s.source))
-    return jobs, skipped
-
-
-def index_table(job: TarIndex) -> pa.Table:
-    rows = [{"index": job.first_index + i, "key": u.id, "member": u.member, "size_bytes": u.size_bytes,
-             "sample_rate_hz": u.sample_rate_hz, "duration_s": u.duration_s, "text": u.text,
-             "language": u.language, "speaker": u.speaker} for i, u in enumerate(job.utterances)]
-    return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA.with_metadata({TAR_KEY: job.tar.encode()}))
-
-
-def write_index(out_uri: str, job: TarIndex, storage_cfg: StorageConfig | None = None) -> None:
-    buf = io.BytesIO()
-    pq.write_table(index_table(job), buf)
-    storage.write_bytes(storage.join(out_uri, job.relpath), buf.getvalue(), storage_cfg)
-
-
-def index_webdataset(cfg: PrepareConfig, out_uri: str, storage_cfg: StorageConfig | None = None,
-                     log: Callable[[str], None] = print) -> PrepareOutcome:
-    """``prepare --index-only``: survey the tars (a Ray task each) and write split ``cfg.split`` of
-    ``out_uri`` as an index over them; the manifest is written last. Re-running rewrites the index
-    (it is a function of the tars and the settings, so the same input gives the same indices)."""
-    cfg.validate()
-    start = time.time()
-    input_uri, out_uri = _absolute(cfg.input), _absolute(out_uri)
-    cfg = replace(cfg, input=input_uri)
-    storage.check_reachable(input_uri, storage_cfg)
-    storage.check_reachable(out_uri, storage_cfg)
-    tars, _ = locate(cfg, input_uri, storage_cfg)
-    with _executor(cfg.workers) as run_all:
-        found, skipped = survey(cfg, tars, [], storage_cfg, run_all)
-    jobs, skipped = plan_index(tars, found, skipped, cfg, out_uri)
-    n_filtered = sum(s.filtered for s in skipped)
-    skipped_uri = storage.join(out_uri, cfg.split, SKIPPED_FILE)
-    _write_skipped(skipped_uri, skipped, storage_cfg)
-    if not jobs:
-        detail = f" (e.g. {skipped[0].source}: {skipped[0].reason}; all listed in {skipped_uri})" if skipped else ""
-        raise ConfigError(f"{input_uri}: no usable utterance in {len(tars)} tars{detail}")
-    with ThreadPoolExecutor(IO_THREADS) as pool:
-        list(pool.map(lambda job: write_index(out_uri, job, storage_cfg), jobs))
-    info = shards.SplitInfo([j.tar for j in jobs], [len(j.utterances) for j in jobs],
-                            sum(u.duration_s for j in jobs for u in j.utterances) / 3600)
-    record = {"kind": INDEX_KIND, "layout": "webdataset", "input": input_uri, "index": [j.relpath for j in jobs],
-              "skipped": len(skipped) - n_filtered, "filtered": n_filtered, "config": to_dict(cfg)}
-    log(f"prepare: indexed {info.num_utterances} utterances in {len(jobs)} tars; {record['skipped']} bad inputs "
-        f"and {n_filtered} outside the duration limits left out")
-    manifest = _merge_manifest(out_uri, cfg.split, info, record, storage_cfg)
-    return PrepareOutcome(manifest, cfg.split, record["skipped"], n_filtered, len(jobs), 0, skipped_uri,
-                          time.time() - start)
 
 
 # ---------------------------------------------------------------------------------------- reading

@@ -12,13 +12,14 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from raytrain_speech.batch import Batch
 from raytrain_speech.config import BatchingConfig
-from raytrain_speech.data import shards
-from raytrain_speech.data.augment import model_span_mask
-from raytrain_speech.data.batching import Batch, Utterance, batch_by_duration, collate
+from raytrain_speech.data import corpus
+from raytrain_speech.data.batching import Utterance, batch_by_duration, collate
 from raytrain_speech.data.preprocess import Preprocessor, iter_table, to_utterances
 from raytrain_speech.evaluate.decode import hypotheses
 from raytrain_speech.evaluate.wer import error_counts
+from raytrain_speech.models.masking import model_span_mask
 from raytrain_speech.models.registry import family, objective_for
 
 
@@ -34,8 +35,8 @@ class Validator:
     def utterances(self) -> list[Utterance]:
         if self._utts is None:
             utts = []
-            for uri in shards.shard_uris(self.cfg.data.root, self.split, self.cfg.storage):
-                for batch in iter_table(shards.read_shard(uri, self.cfg.storage), self.pre):
+            for uri in corpus.shard_uris(self.cfg.data.root, self.split, self.cfg.storage):
+                for batch in iter_table(corpus.read_shard(uri, self.cfg.storage), self.pre):
                     utts.extend(to_utterances(batch)[0])
             utts.sort(key=lambda u: u.index)
             self._utts = utts[self.rank:: self.world]
@@ -51,9 +52,9 @@ class Validator:
         for group in batch_by_duration(self.utterances(), self.batch_audio_s, BatchingConfig()):
             b = with_fixed_ssl_mask(model, collate(group)).to(device)
             out = model(b)
-            _, stats = self.objective.loss(b, out, 1.0)
-            totals["loss_sum"] += stats["loss_sum"]
-            totals["tokens"] += stats["tokens"]
+            summed, units, _ = self.objective.loss(b, out)
+            totals["loss_sum"] += float(summed)
+            totals["tokens"] += units
             if self.text_output is None:
                 continue
             hyps = [self.pre.tokenizer.decode(ids) for ids in hypotheses(model, b, out, self.text_output)]
@@ -66,7 +67,7 @@ class Validator:
 def with_fixed_ssl_mask(model: nn.Module, batch: Batch) -> Batch:
     """Masked-prediction families are validated under the same masks every time (seed 0, epoch 0), so
     valid_loss moves only with the model."""
-    if getattr(model, "mask_prob", 0.0) <= 0:
+    if model.span_masking is None:
         return batch
     return replace(batch, mask_BT=model_span_mask(model, batch))
 

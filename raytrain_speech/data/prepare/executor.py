@@ -1,0 +1,70 @@
+"""A map over prepare's task functions: in this process, or as Ray tasks.
+
+This is the only module of the prepare package that imports Ray, and only when ``workers`` is not 0
+(lazily): the survey, plan and writers are plain functions, and ``workers=0`` runs them all in this
+process. Task functions and their jobs must be importable and picklable (module-level functions of
+layouts.py, probe.py and write.py, and tuples of plain data).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from raytrain_speech.config import ConfigError
+from raytrain_speech.storage import StorageError
+
+
+def serial_map(fn: Callable, jobs: list) -> Iterator[tuple[int, object]]:
+    """(job number, result) of each job in turn, in this process (``workers=0``)."""
+    for i, job in enumerate(jobs):
+        yield i, fn(job)
+
+
+def _ray_map(ray, in_flight: int, fn: Callable, jobs: list) -> Iterator[tuple[int, object]]:
+    """(job number, result) in completion order, at most ``in_flight`` tasks at a time so that a
+    corpus of thousands of shards never holds more than a few shards' audio in memory."""
+    remote = ray.remote(num_cpus=1)(fn)
+    pending: dict = {}
+    queue = list(enumerate(jobs))[::-1]
+    while queue or pending:
+        while queue and len(pending) < in_flight:
+            i, job = queue.pop()
+            pending[remote.remote(job)] = i
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, (StorageError, ConfigError)):
+                raise cause from None  # one line for the CLI, not a remote traceback
+            raise
+        yield i, result
+
+
+@contextmanager
+def executor(workers: int | None):
+    """A map over jobs: in this process (workers=0), or as Ray tasks on the cluster already joined,
+    on $RAY_ADDRESS, or on a local Ray started here (and shut down after)."""
+    if workers == 0:
+        yield serial_map
+        return
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False,
+                     object_store_memory=256 * 2**20, logging_level=logging.WARNING)
+    try:
+        in_flight = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        yield lambda fn, jobs: _ray_map(ray, in_flight, fn, jobs)
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,80 @@
+"""``raytrain-speech prepare``: an existing corpus -> our shards (docs/shards.md), so real speech
+trains through exactly the pipeline the synthesized corpus does.
+
+Every header is read before the first shard is cut (plan.py says why), hence two parallel phases with
+a plan between them::
+
+    survey (headers only: a task per batch of files, or per tar) -> plan (driver: drop bad
+    inputs, sort, number, cut shards by bytes/count) -> write (one Ray task per shard, copying
+    bytes) -> manifest (last, merged with the splits already there)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from raytrain_speech import storage
+from raytrain_speech.config import ConfigError, StorageConfig, to_dict
+from raytrain_speech.data import shards
+from raytrain_speech.data.prepare.executor import executor
+from raytrain_speech.data.prepare.index import index_webdataset
+from raytrain_speech.data.prepare.layouts import locate, nothing_found, survey
+from raytrain_speech.data.prepare.plan import Plan, PrepareConfig, PrepareOutcome, make_plan
+from raytrain_speech.data.prepare.write import (
+    SKIPPED_FILE,
+    STATE_FILE,
+    load_state,
+    merge_manifest,
+    write_shards,
+    write_skipped,
+)
+
+
+def prepare(cfg: PrepareConfig, out_uri: str, storage_cfg: StorageConfig | None = None,
+            log: Callable[[str], None] = print) -> PrepareOutcome:
+    """Convert ``cfg.input`` into split ``cfg.split`` of the shard corpus at ``out_uri``; the manifest
+    is written last, so the split is usable exactly when this returns."""
+    cfg.validate()
+    if cfg.index_only:
+        return index_webdataset(cfg, out_uri, storage_cfg, log)
+    start = time.time()
+    input_uri, out_uri = shards.absolute(cfg.input), shards.absolute(out_uri)
+    storage.check_reachable(input_uri, storage_cfg)
+    storage.check_reachable(out_uri, storage_cfg)
+    record = {"kind": "prepare", "layout": cfg.layout, "input": input_uri,
+              "config": to_dict(replace(cfg, input=input_uri))}
+    skipped_uri = storage.join(out_uri, cfg.split, SKIPPED_FILE)
+    located, skipped = locate(cfg, input_uri, storage_cfg)
+    with executor(cfg.workers) as run_all:
+        found, skipped = survey(cfg, located, skipped, storage_cfg, run_all)
+        if not found and not skipped:
+            nothing_found(input_uri, cfg.layout)
+        plan = make_plan(found, skipped, replace(cfg, input=input_uri))
+        n_filtered = sum(s.filtered for s in plan.skipped)
+        record.update(skipped=len(plan.skipped) - n_filtered, filtered=n_filtered)
+        n_good = sum(len(j.utterances) for j in plan.shards)
+        log(f"prepare: {n_good} utterances in {len(plan.shards)} shards; {record['skipped']} bad inputs and "
+            f"{n_filtered} outside the duration limits left out (surveyed in {time.time() - start:.0f} s)")
+        state_uri = storage.join(out_uri, cfg.split, STATE_FILE)
+        if not plan.shards:
+            _refuse_empty_plan(plan, input_uri, state_uri, skipped_uri, storage_cfg)
+        state = load_state(state_uri, out_uri, plan, record, storage_cfg)
+        write_skipped(skipped_uri, plan.skipped, storage_cfg)  # after the state check: never clobber another plan's
+        info, written, reused = write_shards(plan, state, out_uri, cfg.split, storage_cfg, run_all, log)
+    manifest = merge_manifest(out_uri, cfg.split, info, record, storage_cfg)
+    return PrepareOutcome(manifest, cfg.split, record["skipped"], n_filtered, written, reused, skipped_uri,
+                          time.time() - start)
+
+
+def _refuse_empty_plan(plan: Plan, input_uri: str, state_uri: str, skipped_uri: str,
+                       storage_cfg: StorageConfig | None) -> None:
+    """Stop: every utterance found was left out. Their list is written unless the split already holds
+    another plan (whose list it would clobber)."""
+    listed = ""
+    if not storage.exists(state_uri, storage_cfg):  # never clobber another plan's list
+        write_skipped(skipped_uri, plan.skipped, storage_cfg)
+        listed = f"; all listed in {skipped_uri}"
+    raise ConfigError(f"{input_uri}: all {len(plan.skipped)} utterances found were left out "
+                      f"(e.g. {plan.skipped[0].source}: {plan.skipped[0].reason}{listed})")

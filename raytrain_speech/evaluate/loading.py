@@ -1,0 +1,75 @@
+"""A trained model ready to decode: from a training checkpoint, a run directory (its latest
+checkpoint) or an exported artifact, with the config it was trained with (no Ray).
+
+The checkpoint carries its resolved config, so evaluation, transcription, export and probes need
+nothing but its URI; overrides (decoding settings, another corpus root) apply on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import yaml
+
+from raytrain_speech.config import Config, ConfigError, StorageConfig, apply_overrides
+from raytrain_speech.data.preprocess import Preprocessor
+from raytrain_speech.evaluate import artifact
+from raytrain_speech.models.registry import build_model, family
+from raytrain_speech.train.checkpoint import read_checkpoint, resolve_checkpoint
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to decode, with the config it was trained (or exported) with."""
+
+    cfg: Config
+    model: torch.nn.Module
+    step: int
+    weights: str
+    """'ema' | 'live' | 'int8' / 'fp32' (an exported artifact)."""
+    pre: Preprocessor
+    text_output: str | None
+    uri: str = ""
+    """The checkpoint directory (a run directory resolved to its latest checkpoint) or artifact."""
+
+
+def config_from_yaml(config_yaml: str, overrides, storage_cfg: StorageConfig | None) -> Config:
+    """A checkpoint's saved config with ``overrides`` applied (and this command's storage settings)."""
+    cfg = Config.from_dict(apply_overrides(yaml.safe_load(config_yaml), list(overrides)))
+    if storage_cfg is not None:
+        cfg.storage = storage_cfg
+    return cfg
+
+
+def load_model(uri: str, storage_cfg: StorageConfig | None = None, overrides=(), need_text: bool = True,
+               weights: str | None = None) -> LoadedModel:
+    """A training checkpoint (EMA weights when it has them and ``eval.use_ema``), a run directory (its
+    latest checkpoint) or an exported artifact (evaluate/artifact.py), ready for ``model.eval()`` use.
+    ``weights='live'`` forces the live weights of a checkpoint."""
+    is_artifact = artifact.is_artifact(uri, storage_cfg)
+    if is_artifact:
+        payload, config_yaml = artifact.read_artifact(uri, storage_cfg)
+    else:
+        uri = resolve_checkpoint(uri, storage_cfg)
+        payload, config_yaml = read_checkpoint(uri, storage_cfg)
+    cfg = config_from_yaml(config_yaml, overrides, storage_cfg)
+    text_output = family(cfg.model).text_output
+    if need_text and text_output is None:
+        raise ConfigError(f"{uri}: model family {cfg.model.family} is self-supervised and has no text "
+                          "output to score; fine-tune it first (train.init_from) and evaluate that run, "
+                          "or probe its features (raytrain-speech probe)")
+    pre = Preprocessor(cfg.features, cfg.text)
+    if is_artifact:
+        model = artifact.build_from_artifact(payload, cfg, pre.tokenizer.vocab_size)
+        return LoadedModel(cfg, model, payload["step"], payload["quantize"], pre, text_output, uri)
+    model = build_model(cfg.model, pre.tokenizer.vocab_size)
+    state = payload["model"]
+    use_ema = (weights or ("ema" if cfg.eval.use_ema else "live")) == "ema" and bool(payload.get("ema"))
+    if use_ema:
+        state = {**state, **{k: v.to(state[k].dtype) for k, v in payload["ema"].items()}}
+    model.load_state_dict(state)
+    model.eval()
+    return LoadedModel(cfg, model, payload["train_state"]["step"], "ema" if use_ema else "live", pre, text_output,
+                       uri)
+
