@@ -240,8 +240,10 @@ def cmd_demo(args) -> int:
     cfg = _load(args)
     start = time.time()
     _ensure_corpus(cfg)
-    print(f"[demo] training {cfg.model.family}/{cfg.model.preset} with {cfg.run.num_workers} Ray Train workers "
-          f"for {cfg.train.max_steps} steps; run directory {storage.join(cfg.run.storage_path, cfg.run.name)}")
+    where = (f"with {cfg.run.num_workers} Ray Train workers" if cfg.run.backend == "ray"
+             else "in this process (run.backend=local)")
+    print(f"[demo] training {cfg.model.family}/{cfg.model.preset} {where} for {cfg.train.max_steps} steps; "
+          f"run directory {storage.join(cfg.run.storage_path, cfg.run.name)}")
     outcome = fit(cfg, progress=True)
     print(f"[demo] evaluating {outcome.checkpoint_uri} on the {cfg.eval.split} split "
           "(speakers and sentences never seen in training) ...")
@@ -328,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepare.* and storage.* settings, e.g. storage.endpoint_url=http://127.0.0.1:9000")
     p.set_defaults(fn=cmd_prepare)
 
-    p = sub.add_parser("train", help="train with Ray Train (resumes a run of the same name)")
+    p = sub.add_parser("train", help="train with Ray Train, or in this process with run.backend=local "
+                                     "(resumes a run of the same name)")
     with_config(p)
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.set_defaults(fn=cmd_train)

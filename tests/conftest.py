@@ -49,21 +49,69 @@ def s3fs_client(s3_endpoint):
                              secret=S3_ENV["AWS_SECRET_ACCESS_KEY"], use_listings_cache=False)
 
 
+class SharedRay:
+    """One real local Ray cluster shared by consecutive test modules that ask for ``ray_local`` (a start
+    and shutdown cost ~10 s each on 2 cores). A module that does not ask for it may drive Ray its own
+    way (multi-node clusters, a ``ray start --head`` subprocess, a sweep that sizes its own cluster),
+    so the shared one is shut down before such a module runs and started again when needed."""
+
+    def __init__(self):
+        self.started = False
+
+    def start(self):
+        import ray
+
+        from raytrain_speech.ray_session import dashboard_port
+
+        if not self.started:
+            ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=True,
+                     dashboard_port=dashboard_port(), logging_level="WARNING",
+                     runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}})
+            self.started = True
+        return ray
+
+    def stop(self):
+        if self.started:
+            import ray
+
+            ray.shutdown()
+            self.started = False
+
+
+_SHARED_RAY = SharedRay()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_ray_shutdown():
+    yield
+    _SHARED_RAY.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_isolation(request):
+    """Shut the shared cluster down before a module that does not use it (it may start Ray its own way)."""
+    if not any(item.module is request.module and "ray_local" in item.fixturenames for item in request.session.items):
+        _SHARED_RAY.stop()
+    yield
+
+
 @pytest.fixture(scope="module")
 def ray_local(s3_endpoint):
-    """A real local Ray cluster per test module (started after the S3 env so workers inherit it);
-    per module so that modules driving their own multi-node clusters can run in the same session."""
-    import ray
+    """A real local Ray cluster (started after the S3 env so workers inherit it), shared with the next
+    modules that use it too (see SharedRay)."""
+    return _SHARED_RAY.start()
 
-    from raytrain_speech.ray_session import dashboard_port
 
-    ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=True,
-             dashboard_port=dashboard_port(),
-             logging_level="WARNING", runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+BACKENDS = [pytest.param("local", id="local"), pytest.param("ray", id="ray", marks=pytest.mark.slow)]
+"""Parametrize a training test over both backends: the Trainer's behaviour (local, in the default run)
+and the same assertions through Ray Train and Ray Data (slow)."""
+
+
+def backend_overrides(request, backend: str) -> dict:
+    """``run.backend`` for a BACKENDS test; the Ray variant gets the shared local cluster."""
+    if backend == "ray":
+        request.getfixturevalue("ray_local")
+    return {"run.backend": backend}
 
 
 TINY_SYNTH = [

@@ -40,7 +40,7 @@ class BadInputAccountant:
         self.new: list[dict] = []
         self.printed = 0
         self.filtered = 0
-        """Utterances this rank left out by the duration filter since the last report."""
+        """Utterances this rank left out by the duration filter in this attempt."""
         self.stale_rows = 0
         """Rows this rank received that the restored cursor had already consumed (dropped)."""
 

@@ -101,12 +101,17 @@ class LocalRuntime:
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def epoch_rows(self, consumed: np.ndarray | None) -> Iterator[dict]:
+    def epoch_shards(self) -> list[str]:
+        """The readable shards of the train split, in this epoch's order."""
         cfg = self.cfg
         uris, _ = corpus.readable_shards(cfg.data.root, cfg.data.train_split, cfg.storage)
         if cfg.data.shuffle_blocks:
             random.Random(f"{cfg.train.seed}/{self.epoch}").shuffle(uris)
-        raw = corpus.read_batches(cfg.data.root, cfg.data.train_split, cfg.storage, uris=uris,
+        return uris
+
+    def epoch_rows(self, consumed: np.ndarray | None) -> Iterator[dict]:
+        cfg = self.cfg
+        raw = corpus.read_batches(cfg.data.root, cfg.data.train_split, cfg.storage, uris=self.epoch_shards(),
                                   consumed=consumed if consumed is not None and consumed.any() else None,
                                   rows_per_batch=cfg.data.preprocess_batch_rows)
         rows = (preprocess_training_rows(b, self.recipe, cfg.train.seed, self.epoch) for b in raw)

@@ -50,7 +50,7 @@ def start_head(temp: str, port: int, args: list[str], env: dict) -> subprocess.P
 def stop_head(head: subprocess.Popen, temp: str) -> None:
     head.send_signal(signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=5)  # `ray start --block` often outlives SIGTERM; what is left is killed below
     except subprocess.TimeoutExpired:
         head.kill()
     kill_processes_mentioning(temp)

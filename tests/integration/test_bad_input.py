@@ -17,7 +17,7 @@ from raytrain_speech.data import audio, shards
 from raytrain_speech.data.badinput import BAD_INPUTS_FILE, read_bad_inputs
 from raytrain_speech.data.synth import synthesize
 from raytrain_speech.train.fit import TrainingFailed, fit
-from tests.conftest import tiny_config
+from tests.conftest import BACKENDS, backend_overrides, tiny_config
 from tests.integration.audit import read_attempts, surviving_steps
 
 
@@ -93,9 +93,10 @@ def _cfg(tmp_path, root, **extra):
         "train.trained_log_dir": str(tmp_path / "trained"), **extra})
 
 
-def test_bad_inputs_are_skipped_listed_and_every_good_utterance_trains(ray_local, tmp_path, seeded_corpus):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs_are_skipped_listed_and_every_good_utterance_trains(request, backend, tmp_path, seeded_corpus):
     root, rows, expected, bad_indices, good_indices = seeded_corpus
-    cfg = _cfg(tmp_path, root, **{"data.max_bad_fraction": 0.5})
+    cfg = _cfg(tmp_path, root, **backend_overrides(request, backend), **{"data.max_bad_fraction": 0.5})
     outcome = fit(cfg, progress=False)
 
     records = read_bad_inputs(str(tmp_path / "runs" / "bad" / BAD_INPUTS_FILE))
@@ -115,9 +116,11 @@ def test_bad_inputs_are_skipped_listed_and_every_good_utterance_trains(ray_local
     assert "not a Parquet shard 6" in outcome.bad_input_summary
 
 
-def test_too_much_bad_input_stops_the_run_with_one_line(ray_local, tmp_path, seeded_corpus):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_too_much_bad_input_stops_the_run_with_one_line(request, backend, tmp_path, seeded_corpus):
     root, *_ = seeded_corpus
-    cfg = _cfg(tmp_path, root, **{"data.max_bad_fraction": 0.05, "data.bad_fraction_min_utterances": 20})
+    cfg = _cfg(tmp_path, root, **backend_overrides(request, backend),
+               **{"data.max_bad_fraction": 0.05, "data.bad_fraction_min_utterances": 20})
     with pytest.raises(TrainingFailed) as err:
         fit(cfg, progress=False)
     message = str(err.value)

@@ -65,6 +65,7 @@ def _drain_for_preemption(node_id: str, deadline_s: float) -> None:
     assert accepted, why
 
 
+@pytest.mark.slow  # over the default run's time budget on 2 cores (docs/LOG.md)
 def test_spot_preemption_checkpoints_then_shrinks_to_one_worker(two_node_cluster, tmp_path):
     cluster, workers = two_node_cluster
     root = str(tmp_path / "corpus")

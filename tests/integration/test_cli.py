@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import TINY_SYNTH
 
 CLI = [sys.executable, "-m", "raytrain_speech.cli"]
@@ -72,43 +74,60 @@ def test_endpoint_that_never_answers_fails_within_30_s(tmp_path):
     assert elapsed_s < 30, f"took {elapsed_s:.0f} s to fail"
 
 
-def test_demo_end_to_end_small(tmp_path):
-    """`raytrain-speech demo` on a tiny bilingual corpus: synth -> train 2 workers -> eval -> summary table;
-    then every inference command on the run it made: eval (several test sets, per language, in-process and
-    on Ray Data actors), export int8, transcribe, probe.
-
-    Paths are relative to the working directory, as in the README (Ray Train runs workers elsewhere)."""
-    args = ["demo", "data.root=corpus", "run.storage_path=runs", "run.name=mini",
+def _demo_args(name: str, *extra: str) -> list[str]:
+    return ["demo", "data.root=corpus", "run.storage_path=runs", f"run.name={name}",
             "train.max_steps=16", "train.log_every_steps=4", "train.checkpoint_every_steps=8",
             "train.global_batch_audio_s=40", "run.object_store_memory_mb=512", *TINY_SYNTH,
-            "synth.second_language=es", "synth.second_language_share=0.3"]
-    proc = _run_in(tmp_path, args)
+            "synth.second_language=es", "synth.second_language_share=0.3", *extra]
+
+
+def _check_demo(tmp_path, proc, name: str) -> dict:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "[demo] synthesizing" in out
     for row in ("steps", "audio hours seen", "throughput", "test WER", "test CER"):
         assert f"| {row}" in out, out
-    run = tmp_path / "runs" / "mini"
+    run = tmp_path / "runs" / name
     assert (run / "config.yaml").exists() and (run / "metrics.jsonl").exists()
     assert (run / "checkpoint_step00000016" / "state.pt").exists()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["metrics"]["step"] == 16 and 0 <= summary["eval"]["wer"] <= 2.0
+    return summary
 
-    # The corpus is reused, and the finished run resumes at its last step instead of retraining.
-    again = _run_in(tmp_path, args)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "corpus found" in again.stdout
-    assert "synthesizing" not in again.stdout
-    proc = _run_in(tmp_path, ["eval", "--checkpoint", "runs/mini", "--split", "dev"])
-    assert proc.returncode == 0, proc.stderr
-    assert "dev: WER" in proc.stdout
+
+def test_demo_end_to_end_small(tmp_path):
+    """`raytrain-speech demo` on a tiny bilingual corpus: synth -> train 2 Ray workers -> eval -> summary
+    table; then eval of its run with beam search + LM fusion, and on a Ray Data actor pool.
+
+    Paths are relative to the working directory, as in the README (Ray Train runs workers elsewhere)."""
+    summary = _check_demo(tmp_path, _run_in(tmp_path, _demo_args("mini")), "mini")
     beam = _run_in(tmp_path, ["eval", "--checkpoint", "runs/mini", "--split", "dev", "--out", "beam.json",
                               "eval.beam_width=4", "eval.lm_weight=0.5", "eval.lm.order=4"])
     assert beam.returncode == 0, beam.stderr
-    assert "4-gram char LM on" in beam.stdout
+    assert "4-gram char LM on" in beam.stdout and "dev: WER" in beam.stdout
     decoding = json.loads((tmp_path / "beam.json").read_text())["decoding"]
     assert decoding["beam_width"] == 4 and decoding["lm"]["order"] == 4
 
+    # The same test set on a Ray Data actor pool scores the same utterances, per language.
+    ray_eval = _run_in(tmp_path, ["eval", "--checkpoint", "runs/mini", "--out", "ray.json", "eval.actors=1",
+                                  "eval.actor_batch_rows=16", "run.object_store_memory_mb=256"])
+    assert ray_eval.returncode == 0, ray_eval.stderr[-3000:]
+    on_ray = json.loads((tmp_path / "ray.json").read_text())
+    assert on_ray["decoding"]["where"] == "1 Ray Data actors"
+    assert on_ray["utterances"] == summary["eval"]["utterances"]
+    assert set(on_ray["sets"][0]["by_language"]) == {"en", "es"}
+
+
+@pytest.mark.slow  # over the default run's time budget on 2 cores; the pieces have unit tests
+def test_every_inference_command_on_a_demo_run(tmp_path):
+    """The demo trained on the local backend, run again (corpus reused, the finished run resumed at its
+    last step), then every inference command on it: eval of two test sets per language, int8 export,
+    eval of the artifact, transcribe, probe."""
+    _check_demo(tmp_path, _run_in(tmp_path, _demo_args("mini", "run.backend=local")), "mini")
+    again = _run_in(tmp_path, _demo_args("mini", "run.backend=local"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "corpus found" in again.stdout
+    assert "synthesizing" not in again.stdout
     _inference_commands(tmp_path)
 
 
@@ -127,15 +146,6 @@ def _inference_commands(tmp_path):
     table = (tmp_path / "both.md").read_text()
     assert "| test | es |" in table and "| dev | en |" in table
     assert "  es: WER" in proc.stdout
-
-    # The same test set on a Ray Data actor pool scores the same utterances.
-    ray_eval = _run_in(tmp_path, ["eval", "--checkpoint", "runs/mini", "--out", "ray.json", "eval.actors=1",
-                                  "eval.actor_batch_rows=16", "run.object_store_memory_mb=256"])
-    assert ray_eval.returncode == 0, ray_eval.stderr[-3000:]
-    on_ray = json.loads((tmp_path / "ray.json").read_text())
-    assert on_ray["decoding"]["where"] == "1 Ray Data actors"
-    assert on_ray["utterances"] == res["sets"][0]["utterances"]
-    assert set(on_ray["sets"][0]["by_language"]) == {"en", "es"}
 
     # int8 export: much smaller, scored before/after, and usable wherever a checkpoint is.
     exp = _run_in(tmp_path, ["export", "--checkpoint", "runs/mini", "--out", "int8"])

@@ -3,18 +3,21 @@ asynchronous checkpoint upload (the default), and evaluation with the EMA weight
 
 from __future__ import annotations
 
+import pytest
+
 from raytrain_speech.data.synth import synthesize
 from raytrain_speech.evaluate.runner import evaluate_checkpoint
 from raytrain_speech.train.checkpoint import read_checkpoint
 from raytrain_speech.train.fit import fit
 from raytrain_speech.train.metrics import read_metrics
-from tests.conftest import tiny_config
+from tests.conftest import BACKENDS, backend_overrides, tiny_config
 
 
-def test_validation_early_stopping_ema_and_best_checkpoints(ray_local, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_validation_early_stopping_ema_and_best_checkpoints(request, backend, tmp_path):
     root = str(tmp_path / "corpus")
     synthesize(tiny_config().synth, root, log=lambda s: None)
-    cfg = tiny_config(**{
+    cfg = tiny_config(**backend_overrides(request, backend), **{
         "data.root": root, "run.storage_path": str(tmp_path / "runs"), "run.name": "features",
         "run.checkpoint_score_attribute": "valid_loss", "run.checkpoints_to_keep": 1,
         "train.max_steps": 200, "train.log_every_steps": 2, "train.checkpoint_every_steps": 4,
@@ -35,6 +38,11 @@ def test_validation_early_stopping_ema_and_best_checkpoints(ray_local, tmp_path)
     assert payload["ema"] is not None and payload["train_state"]["stopped_early"]
     ema_differs = any((payload["ema"][k] != payload["model"][k].float()).any() for k in payload["ema"])
     assert ema_differs
+
+    # run.checkpoints_to_keep=1: the latest (12) is kept; the local backend keeps nothing else (Ray's own
+    # manager may keep the best by valid_loss beside it).
+    kept = sorted(p.name for p in (tmp_path / "runs" / "features").glob("checkpoint_step*"))
+    assert kept == ["checkpoint_step00000012"] if backend == "local" else "checkpoint_step00000012" in kept
 
     result = evaluate_checkpoint(outcome.checkpoint_uri, split="dev")
     assert result["weights"] == "ema"

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from raytrain_speech.config import load_config
@@ -51,6 +52,7 @@ def _finished_trials(runs, log=None) -> dict[str, int]:
     return done
 
 
+@pytest.mark.slow  # over the default run's time budget on 2 cores (docs/LOG.md)
 def test_sweep_with_asha_is_interrupted_and_resumed(tmp_path):
     corpus, runs = tmp_path / "corpus", tmp_path / "runs"
     synthesize(tiny_config(**{"data.root": str(corpus)}).synth, str(corpus), log=lambda s: None)
