@@ -50,10 +50,11 @@ def s3fs_client(s3_endpoint):
 
 
 class SharedRay:
-    """One real local Ray cluster shared by consecutive test modules that ask for ``ray_local`` (a start
-    and shutdown cost ~10 s each on 2 cores). A module that does not ask for it may drive Ray its own
-    way (multi-node clusters, a ``ray start --head`` subprocess, a sweep that sizes its own cluster),
-    so the shared one is shut down before such a module runs and started again when needed."""
+    """One real local Ray cluster shared by the test modules that ask for ``ray_local`` (a start and
+    shutdown cost ~10 s each on 2 cores). A module that drives Ray in this process its own way (a
+    multi-node ``cluster_utils`` cluster, a sweep that sizes its own cluster) says so with
+    ``OWNS_RAY = True``; the shared cluster is shut down before it and started again when needed.
+    Subprocesses (the CLI, ``ray start --head``) start clusters of their own beside it."""
 
     def __init__(self):
         self.started = False
@@ -89,8 +90,8 @@ def _shared_ray_shutdown():
 
 @pytest.fixture(scope="module", autouse=True)
 def _ray_isolation(request):
-    """Shut the shared cluster down before a module that does not use it (it may start Ray its own way)."""
-    if not any(item.module is request.module and "ray_local" in item.fixturenames for item in request.session.items):
+    """Shut the shared cluster down before a module that starts Ray in this process its own way."""
+    if getattr(request.module, "OWNS_RAY", False):
         _SHARED_RAY.stop()
     yield
 

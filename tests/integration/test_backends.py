@@ -35,7 +35,8 @@ sys.exit(rc)
 def test_local_run_without_ray_then_resumed_under_ray(ray_local, tmp_path):
     corpus = str(tmp_path / "corpus")
     run = {"run.storage_path": str(tmp_path / "runs"), "run.name": "both", "train.checkpoint_every_steps": 10,
-           "train.trained_log_dir": str(tmp_path / "trained"), "data.root": corpus}
+           "train.trained_log_dir": str(tmp_path / "trained"), "data.root": corpus,
+           "train.global_batch_audio_s": 30, "train.log_every_steps": 5}
     cfg = tiny_config(**run)
     manifest = synthesize(cfg.synth, corpus, log=lambda s: None)
     args = ["train", "--config", RECIPE, "--no-progress", "run.backend=local", "train.max_steps=30",

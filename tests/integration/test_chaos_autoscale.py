@@ -23,6 +23,9 @@ from tests.conftest import tiny_config
 from tests.integration.audit import assert_exactly_once
 from tests.integration.heads import free_port, short_temp_dir, start_head, stop_head
 
+OWNS_RAY = True
+"""This module starts Ray in the test process its own way (tests/conftest.py SharedRay)."""
+
 
 @pytest.fixture
 def autoscaling_head(s3_endpoint):

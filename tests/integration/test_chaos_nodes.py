@@ -20,6 +20,9 @@ from raytrain_speech.train.metrics import read_metrics
 from tests.conftest import tiny_config
 from tests.integration.audit import assert_exactly_once, read_attempts
 
+OWNS_RAY = True
+"""This module starts Ray in the test process its own way (tests/conftest.py SharedRay)."""
+
 
 @pytest.fixture(scope="module")
 def two_node_cluster(s3_endpoint):

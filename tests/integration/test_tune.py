@@ -23,6 +23,9 @@ from raytrain_speech.config import load_config
 from raytrain_speech.data.synth import synthesize
 from tests.conftest import TINY_SYNTH, tiny_config
 
+OWNS_RAY = True
+"""This module starts Ray in the test process its own way (tests/conftest.py SharedRay)."""
+
 CLI = [sys.executable, "-m", "raytrain_speech.cli"]
 MAX_STEPS = 24
 
