@@ -76,7 +76,7 @@ def test_endpoint_that_never_answers_fails_within_30_s(tmp_path):
 
 def _demo_args(name: str, *extra: str) -> list[str]:
     return ["demo", "data.root=corpus", "run.storage_path=runs", f"run.name={name}",
-            "train.max_steps=16", "train.log_every_steps=4", "train.checkpoint_every_steps=8",
+            "train.max_steps=12", "train.log_every_steps=4", "train.checkpoint_every_steps=6",
             "train.global_batch_audio_s=40", "run.object_store_memory_mb=512", *TINY_SYNTH,
             "synth.second_language=es", "synth.second_language_share=0.3", *extra]
 
@@ -89,9 +89,9 @@ def _check_demo(tmp_path, proc, name: str) -> dict:
         assert f"| {row}" in out, out
     run = tmp_path / "runs" / name
     assert (run / "config.yaml").exists() and (run / "metrics.jsonl").exists()
-    assert (run / "checkpoint_step00000016" / "state.pt").exists()
+    assert (run / "checkpoint_step00000012" / "state.pt").exists()
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["metrics"]["step"] == 16 and 0 <= summary["eval"]["wer"] <= 2.0
+    assert summary["metrics"]["step"] == 12 and 0 <= summary["eval"]["wer"] <= 2.0
     return summary
 
 
