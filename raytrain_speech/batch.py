@@ -17,6 +17,9 @@ import torch
 
 BLANK_ID = 0
 """The CTC blank: id 0 of every vocabulary, never a target."""
+IGNORE_ID = -100
+"""Decoder-output positions that carry no loss (prompt predictions and padding), in a model's
+``decoder_targets_BL``: F.cross_entropy's default ignore index."""
 
 
 @dataclass

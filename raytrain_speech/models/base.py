@@ -11,8 +11,8 @@ Defaults here are the behaviour of a family that has none of these (no masks, no
 separate feature encoder, load by name and shape).
 
 Output keys of ``forward`` (float32 where they are scores): CTC families ``log_probs_BTV``,
-``lengths_B``; encoder-decoder families ``logits_BLV``, ``decoder_targets_BL`` (``IGNORE_ID`` where no
-loss), ``lengths_B``; masked-prediction families ``pred_BTP``, ``target_BTP``, ``mask_BT``; wav2vec 2.0
+``lengths_B``; encoder-decoder families ``logits_BLV``, ``decoder_targets_BL`` (``batch.IGNORE_ID`` where
+no loss), ``lengths_B``; masked-prediction families ``pred_BTP``, ``target_BTP``, ``mask_BT``; wav2vec 2.0
 pretraining its contrastive quantities (objectives/contrastive.py).
 """
 
@@ -25,9 +25,6 @@ import torch
 from torch import nn
 
 from raytrain_speech.batch import Batch
-
-IGNORE_ID = -100
-"""Decoder-output positions that carry no loss (prompt predictions and padding): F.cross_entropy's default."""
 
 
 @dataclass(frozen=True)

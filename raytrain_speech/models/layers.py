@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytrain_speech.models.base import IGNORE_ID
+from raytrain_speech.batch import IGNORE_ID
 
 
 def padding_mask(lengths_B: torch.Tensor, T: int) -> torch.Tensor:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raytrain_speech.batch import Batch
-from raytrain_speech.models.base import IGNORE_ID
+from raytrain_speech.batch import IGNORE_ID, Batch
 from raytrain_speech.objectives import Objective
 
 
