@@ -8,7 +8,6 @@ layouts.py, probe.py and write.py, and tuples of plain data).
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -54,14 +53,9 @@ def executor(workers: int | None):
         return
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False,
-                     object_store_memory=256 * 2**20, logging_level=logging.WARNING)
+    from raytrain_speech import ray_session
+
+    started = ray_session.connect(num_cpus=workers or os.cpu_count() or 1, object_store_mb=256, dashboard=False)
     try:
         in_flight = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         yield lambda fn, jobs: _ray_map(ray, in_flight, fn, jobs)
