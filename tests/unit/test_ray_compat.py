@@ -1,0 +1,58 @@
+"""ray_compat against the installed Ray (no cluster): each private touch still finds what it needs, and
+a snapshot of another shape is one clear error naming the Ray versions, never a guess."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raytrain_speech import ray_compat
+from raytrain_speech.train import checkpoint
+
+
+def test_the_installed_ray_is_the_checked_one():
+    import ray
+
+    assert ray.__version__ == ray_compat.CHECKED_ON
+
+
+def test_snapshot_names_the_latest_committed_checkpoint_and_a_new_shape_is_refused(tmp_path):
+    assert ray_compat.latest_snapshot_checkpoint(str(tmp_path)) is None  # no snapshot: a fresh run
+    snap = tmp_path / ray_compat.RAY_SNAPSHOT
+    snap.write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_step00000012"}}))
+    assert ray_compat.latest_snapshot_checkpoint(str(tmp_path)) == "checkpoint_step00000012"
+    snap.write_text(json.dumps({"latest_checkpoint_result": None}))
+    assert ray_compat.latest_snapshot_checkpoint(str(tmp_path)) is None
+    snap.write_text(json.dumps({"checkpoints": []}))
+    with pytest.raises(ray_compat.RayCompatError, match=r"latest_checkpoint_result.*Ray 2\.60\.0.*this is Ray"):
+        ray_compat.latest_snapshot_checkpoint(str(tmp_path))
+
+
+def test_the_newer_of_ray_and_local_records_is_the_one_to_resume(tmp_path):
+    run = str(tmp_path)
+    assert checkpoint.latest_committed_dir(run) is None
+    (tmp_path / ray_compat.RAY_SNAPSHOT).write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_step00000020"}}))
+    checkpoint.write_local_record(run, [{"dir": "checkpoint_step00000010", "step": 10}])
+    assert checkpoint.latest_committed_dir(run) == f"{run}/checkpoint_step00000020"
+    checkpoint.write_local_record(run, [{"dir": "checkpoint_step00000030", "step": 30}])
+    assert checkpoint.latest_committed_dir(run) == f"{run}/checkpoint_step00000030"
+
+
+def test_asha_rungs_are_the_schedulers_live_records():
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    asha = AsyncHyperBandScheduler(time_attr="step", metric="valid_loss", mode="min", max_t=16, grace_period=2,
+                                   reduction_factor=2)
+    rungs = ray_compat.asha_rungs(asha)
+    assert rungs and all(isinstance(r, dict) for bracket in rungs for r in bracket)
+    rungs[0][0]["trial-a"] = 1.5  # what a resumed sweep reloads lands in the scheduler itself
+    assert ray_compat.asha_rungs(asha)[0][0] == {"trial-a": 1.5}
+
+
+def test_the_unequal_split_config_is_a_train_data_config():
+    from ray.train import DataConfig
+
+    config = ray_compat.unequal_split_data_config()
+    assert isinstance(config, DataConfig) and type(config).configure is not DataConfig.configure
