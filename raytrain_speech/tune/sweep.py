@@ -20,11 +20,10 @@ import os
 import time
 from dataclasses import dataclass
 
-from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
-
 from raytrain_speech import ray_compat, storage
 from raytrain_speech.config import ConfigError, require
 from raytrain_speech.train.metrics import METRICS_FILE, read_metrics
+from raytrain_speech.tune.asha import ASHA_RECORD, read_asha_record, scheduler
 from raytrain_speech.tune.spaces import SweepConfig, corner_values, to_tune
 
 TRIALS_DIR = "trials"
@@ -33,7 +32,6 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"  # every head has 1 of it (Ray pin
 BEST_CONFIG = "best_config.yaml"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
-ASHA_RECORD = "asha_state.json"
 
 
 def set_dotted(data: dict, key: str, value) -> None:
@@ -130,60 +128,6 @@ def _trainable(base: dict, sweep: SweepConfig):
                                trial_resources)
 
 
-class RecordingASHA(AsyncHyperBandScheduler):
-    """ASHA that keeps its rungs and its stop decisions in a file beside the sweep.
-
-    Tune does not save scheduler state, so after a resume plain ASHA starts with empty rungs and
-    compares resumed trials only with each other; this one reloads the rungs on its first result.
-    The stop record also tells trials ASHA stopped from trials cut short by Ctrl+C, which Tune marks
-    the same way (TERMINATED).
-    """
-
-    def __init__(self, record_uri: str, storage_cfg, **kwargs):
-        super().__init__(**kwargs)
-        self.record_uri, self.storage_cfg = record_uri, storage_cfg
-        self._loaded = False
-
-    def _load_once(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        saved = read_asha_record(self.record_uri, self.storage_cfg)
-        for live, rungs in zip(ray_compat.asha_rungs(self), saved.get("rungs", [])):
-            for recorded, old in zip(live, rungs):
-                for trial_id, reward in old.items():
-                    recorded.setdefault(trial_id, reward)
-
-    def on_trial_result(self, tune_controller, trial, result):
-        self._load_once()
-        action = super().on_trial_result(tune_controller, trial, result)
-        stopped = set(read_asha_record(self.record_uri, self.storage_cfg).get("stopped", []))
-        if action == TrialScheduler.STOP:
-            print(f"[tune] ASHA stops trial {trial.trial_id} at step {result.get('step')}: "
-                  f"{self._metric} {result.get(self._metric)} trails its rung", flush=True)
-            stopped.add(trial.trial_id)
-        record = {"stopped": sorted(stopped),
-                  "rungs": [[dict(recorded) for recorded in bracket] for bracket in ray_compat.asha_rungs(self)]}
-        storage.write_bytes(self.record_uri, json.dumps(record).encode(), self.storage_cfg)
-        return action
-
-
-def _scheduler(sweep: SweepConfig, max_steps: int, record_uri: str, storage_cfg):
-    if sweep.scheduler.name == "fifo":
-        return FIFOScheduler()
-    # stop_last_trials=False: a trial at max_steps finishes by itself, so its final checkpoint and
-    # run card are written instead of the trial being killed at its last report.
-    return RecordingASHA(record_uri, storage_cfg, time_attr="step", max_t=max_steps,
-                         grace_period=sweep.scheduler.grace_period_steps,
-                         reduction_factor=sweep.scheduler.reduction_factor, stop_last_trials=False)
-
-
-def read_asha_record(record_uri: str, storage_cfg) -> dict:
-    if not storage.exists(record_uri, storage_cfg):
-        return {}
-    return json.loads(storage.read_bytes(record_uri, storage_cfg))
-
-
 def expected_trials(sweep: SweepConfig) -> int:
     """Trials the sweep will have in all: samples x every combination of grid entries."""
     count = sweep.num_samples
@@ -265,7 +209,7 @@ def run_sweep(cfg, sweep: SweepConfig, out=print) -> SweepOutcome:
             param_space=to_tune(sweep.space),
             tune_config=tune.TuneConfig(
                 metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
-                scheduler=_scheduler(sweep, sample.train.max_steps, record_uri, cfg.storage),
+                scheduler=scheduler(sweep, sample.train.max_steps, record_uri, cfg.storage),
                 search_alg=_searcher(sweep, concurrency),
                 trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(name=TUNE_DIR, **args, verbose=1,

@@ -18,7 +18,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "raytrain_speech"
 RAY_EDGES = {"ray_session", "ray_compat", "data.pipeline", "data.prepare.executor", "train.worker", "train.launch",
-             "evaluate.ray_decode", "tune.sweep", "tune.spaces", "cli"}
+             "evaluate.ray_decode", "tune.asha", "tune.sweep", "tune.spaces", "cli"}
 """Modules allowed to import Ray (DESIGN.md: ray_session, ray_compat, data/pipeline, data/prepare/executor,
 train/worker, train/launch, evaluate/ray_decode, tune/, cli)."""
 
