@@ -270,6 +270,14 @@ def render(spec: UtteranceSpec, sample_rate_hz: int) -> np.ndarray:
     return np.concatenate([lead, wav, tail]).astype(np.float32)
 
 
+def _adopt_environment(environ: dict) -> None:
+    """Pool initializer: the caller's environment as of this ``synthesize`` call. A forkserver child
+    inherits the server's environment from when it started (the first call in the process), so
+    credentials or an endpoint set since then (``AWS_*``) would otherwise be missing in the writers."""
+    os.environ.clear()
+    os.environ.update(environ)
+
+
 def _write_shard(job: tuple) -> tuple[str, int, float]:
     import torch
 
@@ -333,7 +341,8 @@ def synthesize(cfg: SynthConfig, out_uri: str, storage_cfg: StorageConfig | None
     # clean server: shard bytes then depend only on the config, not on which worker ran what before.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
-    with ctx.Pool(processes=min(workers, len(jobs)), maxtasksperchild=1) as pool:
+    with ctx.Pool(processes=min(workers, len(jobs)), maxtasksperchild=1, initializer=_adopt_environment,
+                  initargs=(dict(os.environ),)) as pool:
         for done, (relpath, n, seconds) in enumerate(pool.imap(_write_shard, jobs), start=1):
             info = manifest.splits[relpath.split("/")[0]]
             info.shards.append(relpath)

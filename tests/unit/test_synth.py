@@ -156,3 +156,19 @@ def test_spanish_voices_render_and_shards_record_the_language(tmp_path):
         assert all(r["speaker"].split("+")[0] in SECOND_LANGUAGES["es"].accents for r in es)
         assert all(r["duration_s"] > 0.5 for r in es)
     assert len(es) == 2  # test: floor(10 * 0.2)
+
+
+def test_shard_writers_see_the_environment_of_this_call(s3_endpoint, s3fs_client, tmp_path, monkeypatch):
+    """Writers are forked from a server started by the first call in the process; an endpoint (or
+    credentials) set in the environment after it must still reach them."""
+    tiny = dataclasses.replace(SMALL, train_hours=0.002, dev_utterances=1, test_utterances=1)
+    synthesize(tiny, str(tmp_path / "first"), log=lambda s: None)  # the forkserver is up now
+    s3fs_client.mkdir("synth-env")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    from raytrain_speech.config import StorageConfig
+
+    no_endpoint = StorageConfig(connect_timeout_s=2, request_timeout_s=5, max_attempts=1)
+    manifest = synthesize(tiny, "s3://synth-env/corpus", no_endpoint, log=lambda s: None)
+    keys = {p.split("/", 2)[2] for p in s3fs_client.find("synth-env/corpus")}
+    written = {k for k in keys if k and not k.endswith("/")}  # pyarrow also writes directory markers
+    assert {rel for info in manifest.splits.values() for rel in info.shards} | {"manifest.json"} == written
