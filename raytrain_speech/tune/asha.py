@@ -29,13 +29,13 @@ class RecordingASHA(AsyncHyperBandScheduler):
     def __init__(self, record_uri: str, storage_cfg, **kwargs):
         super().__init__(**kwargs)
         self.record_uri, self.storage_cfg = record_uri, storage_cfg
-        self._loaded = False
+        self._stopped: set[str] | None = None  # read from the record on the first result, then kept here
 
     def _load_once(self) -> None:
-        if self._loaded:
+        if self._stopped is not None:
             return
-        self._loaded = True
         saved = read_asha_record(self.record_uri, self.storage_cfg)
+        self._stopped = set(saved.get("stopped", []))
         for live, rungs in zip(ray_compat.asha_rungs(self), saved.get("rungs", [])):
             for recorded, old in zip(live, rungs):
                 for trial_id, reward in old.items():
@@ -44,12 +44,11 @@ class RecordingASHA(AsyncHyperBandScheduler):
     def on_trial_result(self, tune_controller, trial, result):
         self._load_once()
         action = super().on_trial_result(tune_controller, trial, result)
-        stopped = set(read_asha_record(self.record_uri, self.storage_cfg).get("stopped", []))
         if action == TrialScheduler.STOP:
             print(f"[tune] ASHA stops trial {trial.trial_id} at step {result.get('step')}: "
                   f"{self._metric} {result.get(self._metric)} trails its rung", flush=True)
-            stopped.add(trial.trial_id)
-        record = {"stopped": sorted(stopped),
+            self._stopped.add(trial.trial_id)
+        record = {"stopped": sorted(self._stopped),
                   "rungs": [[dict(recorded) for recorded in bracket] for bracket in ray_compat.asha_rungs(self)]}
         storage.write_bytes(self.record_uri, json.dumps(record).encode(), self.storage_cfg)
         return action
