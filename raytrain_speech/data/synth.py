@@ -10,6 +10,16 @@ Optionally (``SynthConfig.second_language``, e.g. "es") a fixed share of every s
 second language by its own speakers and words, so that evaluation's per-language WER table has a
 second row; the default is English only and gives the same specs and audio as before the option.
 
+Optionally (``SynthConfig.punctuation``) transcripts are written text rather than lower-case words:
+sentence case, sometimes a comma, a full stop or a question mark (sometimes led by a question word);
+English sentences sometimes hold a number in digits ("25", "300", "1999"), Spanish ones use accented
+words too (``WORDS_ES_ACCENTED``) and are wrapped "¿...?" or "¡...!" when they ask or exclaim. espeak
+is given exactly the transcript: it reads digits as numbers and pauses or rises at the punctuation.
+The words, speakers and prosody are drawn exactly as without the option, and the choices of how to
+write them come from a stream of their own, so the written corpus is the default corpus, decorated:
+the same utterances, with the same words apart from the inserted number or question word and the
+Spanish words swapped for accented ones. Off (the default), specs, audio and manifest are as before.
+
 Everything is a function of ``SynthConfig.seed``: the same config gives the same audio bytes.
 """
 
@@ -20,13 +30,15 @@ import math
 import multiprocessing
 import os
 import random
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from raytrain_speech.config import StorageConfig, SynthConfig, require, to_dict
 from raytrain_speech.data import audio, shards
-from raytrain_speech.data.words import WORDS, WORDS_ES
+from raytrain_speech.data.words import WORDS, WORDS_ES, WORDS_ES_ACCENTED
 
 ACCENTS = ("en", "en-us", "en-029", "en-gb-scotland", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan",
            "en-gb-x-gbcwmd")
@@ -140,6 +152,93 @@ def make_speakers(cfg: SynthConfig) -> dict[str, list[Speaker]]:
     return out
 
 
+PUNCTUATION_STREAM = "punctuation"
+"""Random stream (per split and language) of the written form's choices: drawing them never moves the
+streams that pick words, speakers and prosody."""
+QUESTION_SHARE = 0.25
+"""Share of sentences written as questions (in Spanish, another ``EXCLAMATION_SHARE`` exclaim)."""
+EXCLAMATION_SHARE = 0.15
+QUESTION_WORD_SHARE = 0.5
+"""Share of questions led by an added question word."""
+COMMA_SHARE = 0.3
+"""Share of sentences of four words or more with a comma inside (two words or more on each side)."""
+NUMBER_SHARE = 0.3
+"""Share of English sentences with an added number in digits."""
+QUESTION_WORDS = {"en": ("what", "when", "why"), "es": ("cómo", "cuándo", "cuánto", "quién")}
+"""Question words that may lead a question: all in the language's written vocabulary."""
+NUMBER_WORDS = frozenset(WORDS) & frozenset(
+    "zero one two three four five six seven eight nine ten eleven twelve hundred thousand and".split())
+"""Words of ``WORDS`` that espeak could merge with an adjacent number ("300 five" is read as "305")."""
+
+
+def _number(rng: random.Random) -> str:
+    """13-99, a few hundred, or a year. Never 0-12: their spoken forms ("five", "twelve") are words of
+    ``WORDS``, and the same sound must not be written sometimes as a word and sometimes in digits."""
+    kind = rng.random()
+    if kind < 0.4:
+        return str(rng.randint(13, 99))
+    if kind < 0.7:
+        return str(rng.randint(1, 9) * 100 + (rng.randint(1, 99) if rng.random() < 0.5 else 0))
+    return str(rng.randint(1900, 2029))
+
+
+def _add_comma(words: list[str], rng: random.Random) -> None:
+    if len(words) >= 4 and rng.random() < COMMA_SHARE:
+        words[rng.randrange(1, len(words) - 2)] += ","
+
+
+def _sentence_case(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _write_english(words: Sequence[str], rng: random.Random) -> str:
+    words = list(words)
+    question = rng.random() < QUESTION_SHARE
+    if rng.random() < NUMBER_SHARE:
+        slots = [i for i in range(len(words) + 1) if not NUMBER_WORDS.intersection(words[max(0, i - 1): i + 1])]
+        if slots:
+            words.insert(rng.choice(slots), _number(rng))
+    if question and rng.random() < QUESTION_WORD_SHARE:
+        words.insert(0, rng.choice(QUESTION_WORDS["en"]))
+    _add_comma(words, rng)
+    return _sentence_case(" ".join(words)) + ("?" if question else ".")
+
+
+def _write_spanish(words: Sequence[str], rng: random.Random) -> str:
+    # Each word is swapped for an accented one with the accented list's share of both lists, so that the
+    # words of a written Spanish sentence are uniform over WORDS_ES + WORDS_ES_ACCENTED.
+    share = len(WORDS_ES_ACCENTED) / (len(WORDS_ES) + len(WORDS_ES_ACCENTED))
+    words = [rng.choice(WORDS_ES_ACCENTED) if rng.random() < share else w for w in words]
+    kind = rng.random()
+    question = kind < QUESTION_SHARE
+    exclamation = not question and kind < QUESTION_SHARE + EXCLAMATION_SHARE
+    if question and rng.random() < QUESTION_WORD_SHARE:
+        words.insert(0, rng.choice(QUESTION_WORDS["es"]))
+    _add_comma(words, rng)
+    text = _sentence_case(" ".join(words))
+    return f"¿{text}?" if question else f"¡{text}!" if exclamation else f"{text}."
+
+
+WRITERS: dict[str, Callable[[Sequence[str], random.Random], str]] = {"en": _write_english, "es": _write_spanish}
+"""The written form of a sentence's words, per language (``SynthConfig.punctuation``)."""
+
+
+def spoken_words(text: str) -> str:
+    """A transcript without case and punctuation: the words (and numbers) that are heard."""
+    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
+
+
+def _written(lang: Language, words: Sequence[str], rng: random.Random, taken: set[str]) -> str:
+    """The written form of ``words``, redrawn until its spoken words are new: an added word could
+    otherwise make it sound like another sentence (of another split, even), which held-out splits forbid."""
+    for _ in range(1000):
+        text = WRITERS[lang.code](words, rng)
+        if spoken_words(text) not in taken:
+            taken.add(spoken_words(text))
+            return text
+    raise RuntimeError(f"no new written form of {' '.join(words)!r}")
+
+
 def _estimate_duration_s(n_words: int, rate_wpm: int) -> float:
     return n_words * 60.0 / rate_wpm * 0.97 + 0.4
 
@@ -155,14 +254,18 @@ def make_specs(cfg: SynthConfig) -> dict[str, list[UtteranceSpec]]:
 
     Each language has its own random stream per split (English's is the one it always had), so English
     only draws for English utterances: with no second language the specs are exactly as before it existed.
+    With ``punctuation`` the same words are drawn and then written out from the ``PUNCTUATION_STREAM``
+    streams; the train split's size still counts the drawn words, so it holds the same utterances.
     """
     check_config(cfg)
     speakers = make_speakers(cfg)
     langs = languages(cfg)
     used: set[str] = set()
+    written: set[str] = set()
     specs: dict[str, list[UtteranceSpec]] = {}
     for split in ("dev", "test", "train"):
         rngs = {lang.code: _rng(cfg, split, lang) for lang in langs}
+        punct_rngs = {lang.code: _rng(cfg, f"{PUNCTUATION_STREAM}/{split}", lang) for lang in langs}
         pools = {lang.code: [s for s in speakers[split] if s.language == lang.code] for lang in langs}
         out: list[UtteranceSpec] = []
         total_s = 0.0
@@ -179,6 +282,8 @@ def make_specs(cfg: SynthConfig) -> dict[str, list[UtteranceSpec]]:
             if text in used:
                 continue
             used.add(text)
+            if cfg.punctuation:
+                text = _written(lang, words, punct_rngs[lang.code], written)
             spk = rng.choice(pools[lang.code])
             rate = max(80, round(spk.rate_wpm * rng.uniform(0.9, 1.1)))
             pitch = min(99, max(0, spk.pitch + rng.randint(-6, 6)))
@@ -314,10 +419,13 @@ def check_voices(accents: tuple[str, ...] = ()) -> None:
 
 def _source_config(cfg: SynthConfig) -> dict:
     """The config as the manifest records it; an English-only corpus leaves out the second-language
-    fields so that its manifest stays byte-identical to one written before they existed."""
+    fields, and one without punctuation the ``punctuation`` field, so that the default corpus's manifest
+    stays byte-identical to one written before they existed."""
     data = to_dict(cfg)
     if not cfg.second_language:
         del data["second_language"], data["second_language_share"]
+    if not cfg.punctuation:
+        del data["punctuation"]
     return data
 
 

@@ -5,9 +5,17 @@ Common English words, chosen so that no two share a pronunciation (no "their"/"t
 homophone pair would put an error floor under the WER that has nothing to do with training.
 
 ``WORDS_ES`` is the same for the optional Spanish part of the corpus (``synth.second_language``):
-common words whose spelling needs no accent or n-tilde (the models' alphabet is a-z and
-apostrophe), with no pair that sounds alike under seseo, yeismo, b/v or a silent h ("casa"/"caza",
-"hola"/"ola", "vaca"/"baca" have at most one member here), and none spelled like an English word.
+common words whose spelling needs no accent or n-tilde (the default corpus's transcripts are a-z and
+apostrophe, the models' default alphabet), with no pair that sounds alike under seseo, yeismo, b/v
+or a silent h ("casa"/"caza", "hola"/"ola", "vaca"/"baca" have at most one member here), and none
+spelled like an English word.
+
+``WORDS_ES_ACCENTED`` is only used with written transcripts (``synth.punctuation``): common words
+spelled with an accent, an n-tilde or a diaeresis (á é í ó ú ü ñ), under the same rules, checked
+against ``WORDS_ES`` as well, and none equal to a ``WORDS_ES`` word once the marks are dropped (no
+"papá" next to a "papa"; stress alone does not count as a different pronunciation here).
+Interrogative "qué" and "dónde" are left out: "por qué" would sound like "porque", and "donde" is
+in ``WORDS_ES``.
 """
 
 WORDS: tuple[str, ...] = tuple("""
@@ -84,4 +92,15 @@ tenedor tener terminar tiempo tienda tierra tigre tijeras toalla tocar todo toma
 tormenta toro trabajar trabajo traer tranquilo trece treinta tren tres triste uno usted uva vaca
 vacaciones vaso veinte vela vender ventana ver verano verdad verde vestido viejo viento viernes
 vino vivir volar volver voz yo zanahoria zapato zorro
+""".split())
+
+WORDS_ES_ACCENTED: tuple[str, ...] = tuple("""
+además adiós águila alemán algodón allí almacén año aquí araña árbitro árbol atún autobús avión
+azúcar balcón baño bebé botón brócoli brújula búho cajón cámara camarón camión canción cárcel
+champiñón ciempiés cigüeña cómo compañero corazón cuándo cuánto cumpleaños delfín después detrás día
+difícil dueño español está estación fácil frío fútbol habitación imán jabón jamás jamón japonés
+jardín ladrón lágrima lámpara lápiz lección limón maíz mañana médico melocotón miércoles montaña
+murciélago música niña niño número océano país pájaro pantalón película pequeño pétalo pingüino
+plátano policía quién quizás raíz rápido ratón razón río sábado sábana sandía sartén según señor
+señora sillón sueño también teléfono tía tiburón tío túnel último uña vergüenza
 """.split())

@@ -1,6 +1,7 @@
 import dataclasses
 import hashlib
 import re
+import unicodedata
 
 import pyarrow.parquet as pq
 import pytest
@@ -9,16 +10,19 @@ from raytrain_speech.config import ConfigError, SynthConfig
 from raytrain_speech.data import audio, shards
 from raytrain_speech.data.synth import (
     ACCENTS,
+    QUESTION_WORDS,
     SECOND_LANGUAGES,
     VARIANTS,
     _espeak,
+    _source_config,
     check_config,
     make_speakers,
     make_specs,
     render,
+    spoken_words,
     synthesize,
 )
-from raytrain_speech.data.words import WORDS, WORDS_ES
+from raytrain_speech.data.words import WORDS, WORDS_ES, WORDS_ES_ACCENTED
 
 SMALL = SynthConfig(train_hours=0.01, dev_utterances=6, test_utterances=8, train_speakers=8, heldout_speakers=2,
                     shard_utterances=10, workers=1)
@@ -64,6 +68,7 @@ def test_synthesize_writes_shards_and_manifest_deterministically(tmp_path):
             assert set(t1["language"].to_pylist()) == {"en"}
     manifest = shards.read_manifest(str(tmp_path / "a"))
     assert "second_language" not in manifest.source["config"]  # English-only manifests are as before
+    assert "punctuation" not in manifest.source["config"]  # and so are manifests without punctuation
     assert manifest.splits["test"].num_utterances == 8
     indices = [i for rel in manifest.splits["train"].shards for i in pq.read_table(tmp_path / "a" / rel)["index"].to_pylist()]
     assert indices == list(range(len(indices)))
@@ -172,3 +177,87 @@ def test_shard_writers_see_the_environment_of_this_call(s3_endpoint, s3fs_client
     keys = {p.split("/", 2)[2] for p in s3fs_client.find("synth-env/corpus")}
     written = {k for k in keys if k and not k.endswith("/")}  # pyarrow also writes directory markers
     assert {rel for info in manifest.splits.values() for rel in info.shards} | {"manifest.json"} == written
+
+
+def _unmarked(word: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFD", word) if not unicodedata.combining(c))
+
+
+def _sounds(word: str) -> str:
+    """A rough Spanish pronunciation key: seseo, yeismo, b/v, silent h, and c/qu/g/j spellings of one sound."""
+    w = word.replace("gü", "gw").replace("ñ", "\0")
+    w = _unmarked(w).replace("\0", "ñ").replace("ch", "C").replace("h", "").replace("ll", "y").replace("v", "b")
+    w = re.sub(r"g(?=[ei])", "x", w).replace("j", "x").replace("gu", "g")
+    w = re.sub(r"c(?=[ei])", "s", w).replace("z", "s").replace("qu", "k").replace("c", "k")
+    return re.sub(r"y$", "i", w)
+
+
+def test_accented_spanish_word_list():
+    assert len(WORDS_ES_ACCENTED) >= 100 and len(set(WORDS_ES_ACCENTED)) == len(WORDS_ES_ACCENTED)
+    assert all(re.fullmatch(r"[a-záéíóúüñ]+", w) and re.search("[áéíóúüñ]", w) for w in WORDS_ES_ACCENTED)
+    assert set("áéíóúüñ") <= set("".join(WORDS_ES_ACCENTED))
+    unmarked = {_unmarked(w) for w in WORDS_ES_ACCENTED}
+    assert len(unmarked) == len(WORDS_ES_ACCENTED) and not unmarked & (set(WORDS_ES) | set(WORDS))
+    keys = [_sounds(w) for w in WORDS_ES + WORDS_ES_ACCENTED]
+    assert len(set(keys)) == len(keys)
+    assert set(QUESTION_WORDS["en"]) <= set(WORDS) and set(QUESTION_WORDS["es"]) <= set(WORDS_ES_ACCENTED)
+
+
+PUNCTUATED = SynthConfig(train_hours=0.05, dev_utterances=100, test_utterances=100, second_language="es",
+                         punctuation=True)
+
+
+def test_punctuation_writes_the_same_utterances_out():
+    written = make_specs(PUNCTUATED)
+    plain = make_specs(dataclasses.replace(PUNCTUATED, punctuation=False))
+    texts = {"en": [], "es": []}
+    for split in ("dev", "test", "train"):
+        assert len(written[split]) == len(plain[split])
+        for w, p in zip(written[split], plain[split]):
+            # Everything but the text is drawn as without punctuation.
+            assert dataclasses.replace(w, text=p.text) == p
+            texts[w.language].append(w.text)
+            words, drawn = spoken_words(w.text).split(), p.text.split()
+            if w.language == "en":
+                words = [t for t in words if not t.isdigit()]
+            if len(words) == len(drawn) + 1:
+                assert words.pop(0) in QUESTION_WORDS[w.language]
+            if w.language == "en":
+                assert words == drawn, (w.text, p.text)
+            else:
+                assert len(words) == len(drawn), (w.text, p.text)
+                assert all(a == b or a in WORDS_ES_ACCENTED for a, b in zip(words, drawn)), (w.text, p.text)
+    en, es = texts["en"], texts["es"]
+    assert all(re.fullmatch(r"[A-Z0-9][a-z0-9, ]*[.?]", t) for t in en)
+    for mark in (",", ".", "?"):
+        assert sum(mark in t for t in en) > len(en) / 10, mark
+    numbers = [int(t) for text in en for t in spoken_words(text).split() if t.isdigit()]
+    assert len(numbers) > len(en) / 10 and min(numbers) >= 13 and max(numbers) > 1000
+    assert sum(t.split()[0].lower() in QUESTION_WORDS["en"] for t in en if t.endswith("?")) > 0
+    for t in es:
+        assert t[0] not in "¿¡" or t[1].isupper()
+        assert t.startswith("¿") == t.endswith("?") and t.startswith("¡") == t.endswith("!")
+        assert t[0] in "¿¡" or (t[0].isupper() and t.endswith("."))
+    for mark in ("¿", "¡", ",", "."):
+        assert sum(mark in t for t in es) > len(es) / 20, mark
+    assert sum(bool(re.search("[áéíóúüñ]", t)) for t in es) > len(es) / 3
+    assert set("áéíóúñ") <= set("".join(es).lower())  # ü is rare: 3 words (the list test checks it)
+    # No two utterances, even across splits, have the same spoken words once written out.
+    heard = [spoken_words(s.text) for split in written.values() for s in split]
+    assert len(set(heard)) == len(heard)
+    assert _source_config(PUNCTUATED)["punctuation"] is True
+    assert make_specs(PUNCTUATED)["dev"] == written["dev"]  # deterministic
+
+
+def test_punctuated_transcripts_are_what_espeak_says():
+    specs = [s for split in make_specs(PUNCTUATED).values() for s in split]
+    en = next(s for s in specs if s.language == "en" and re.search(r"\b\d{4}\b", s.text) and len(s.text.split()) <= 5)
+    es = next(s for s in specs if s.language == "es" and s.text[0] in "¿¡" and re.search("[áéíóúñ]", s.text)
+              and len(s.text.split()) <= 5)
+    with_number = render(en, 16000)
+    without = render(dataclasses.replace(en, text=re.sub(r" ?\b\d+\b", "", en.text)), 16000)
+    assert 0.5 < len(with_number) / 16000 < 10.0
+    assert len(with_number) - len(without) > 0.5 * 16000  # a four-digit number is said, not skipped
+    a = render(es, 16000)
+    assert 0.5 < len(a) / 16000 < 10.0 and abs(a).max() == pytest.approx(es.gain, rel=1e-3)
+    assert _espeak().current_voice()[0].startswith("Spanish")
