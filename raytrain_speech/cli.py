@@ -40,15 +40,18 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def _flags_and_overrides(command: str, section: str, cls: type, flags: dict, overrides: list[str]):
+def _flags_and_overrides(command: str, section: str, cls: type, flags: dict, overrides: list[str],
+                         also: tuple[str, ...] = ()):
     """(``cls`` from the set flags with ``section.*`` overrides on top, StorageConfig from ``storage.*``):
-    the commands that take no recipe YAML, only their own section and storage."""
+    the commands that take no recipe YAML, only their own section and storage (and the sections in
+    ``also``, which the caller reads from the returned overrides)."""
     from raytrain_speech.config import StorageConfig, apply_overrides, from_dict
 
     data = apply_overrides({section: {k: v for k, v in flags.items() if v is not None}}, overrides)
-    unknown = sorted(set(data) - {section, "storage"})
+    unknown = sorted(set(data) - {section, "storage", *also})
     if unknown:
-        raise ConfigError(f"override {unknown[0]}.*: {command} takes only {section}.* and storage.* keys")
+        extra = "".join(f", {a}.*" for a in also)
+        raise ConfigError(f"override {unknown[0]}.*: {command} takes only {section}.*{extra} and storage.* keys")
     return (from_dict(cls, data[section], prefix=f"{section}."),
             from_dict(StorageConfig, data.get("storage", {}), prefix="storage."))
 
@@ -77,8 +80,9 @@ def cmd_prepare(args) -> int:
              "shard_utterances": args.shard_utterances, "language": args.language,
              "min_duration_s": args.min_duration_s, "max_duration_s": args.max_duration_s, "workers": args.workers,
              "index_only": True if args.index_only else None}
-    cfg, storage_cfg = _flags_and_overrides("prepare", "prepare", PrepareConfig, flags, args.overrides)
-    outcome = prepare(cfg, args.out, storage_cfg, log=print if args.verbose else (lambda s: None))
+    cfg, storage_cfg = _flags_and_overrides("prepare", "prepare", PrepareConfig, flags, args.overrides, also=("text",))
+    text = _text_rules(args.config, args.overrides)
+    outcome = prepare(cfg, args.out, storage_cfg, log=print if args.verbose else (lambda s: None), text=text)
     info = outcome.manifest.splits[outcome.split]
     if cfg.index_only:
         print(f"{outcome.split}: {info.num_utterances} utterances, {info.hours:.2f} h, {len(info.shards)} tars "
@@ -88,8 +92,22 @@ def cmd_prepare(args) -> int:
               f"({outcome.shards_written} written, {outcome.shards_reused} already there from an earlier run)")
     print(f"skipped {outcome.skipped} bad inputs and {outcome.filtered} outside the duration limits "
           f"(listed in {outcome.skipped_uri})")
+    n_text = sum(r["count"] for r in outcome.text_skipped.values())
+    print(f"transcripts checked against {outcome.text_rules}: {n_text} cannot be encoded"
+          + ("" if not n_text else " (change the rules with --config RECIPE or text.* overrides, e.g. "
+             "text.alphabet=auto)"))
+    for reason, r in sorted(outcome.text_skipped.items(), key=lambda kv: -kv[1]["count"])[:5]:
+        print(f"  {r['count']:>6} {reason} (e.g. {', '.join(str(e) for e in r['examples'])})")
     print(f"wrote {args.out} in {outcome.wall_s:.0f} s")
     return 0
+
+
+def _text_rules(config_path: str | None, overrides: list[str]):
+    """The text section prepare checks transcripts against: the recipe's (``--config``) with ``text.*``
+    overrides on top; TextConfig's defaults without either."""
+    from raytrain_speech.config import load_config
+
+    return load_config(config_path, [o for o in overrides if o.split("=", 1)[0].startswith("text.")]).text
 
 
 def _ensure_corpus(cfg) -> None:
@@ -270,19 +288,71 @@ def cmd_demo(args) -> int:
 
 def cmd_models(args) -> int:
     """One line per (family, preset): parameters counted on the meta device, so billion-parameter
-    presets list in a second without memory."""
+    presets list in a second without memory. A preset published with a tokenizer (Whisper large-v3:
+    Whisper's 51,866 ids) is counted with that vocabulary's size and special-token layout; the others
+    with the default character tokenizer."""
     from raytrain_speech.config import ModelSpec
     from raytrain_speech.data.text import CharTokenizer
-    from raytrain_speech.models.registry import FAMILIES, build_meta, count_parameters, family
+    from raytrain_speech.models import whisper
+    from raytrain_speech.models.registry import FAMILIES, build_meta, count_parameters, family, resolve
 
     names = [args.family] if args.family else list(FAMILIES)
-    vocab = CharTokenizer().vocab_size
-    print(f"{'family':<15} {'preset':<11} {'parameters':>15}  {'objective':<11} {'input':<9} description")
+    chars = CharTokenizer().vocab_size
+    print(f"{'family':<15} {'preset':<11} {'parameters':>15} {'vocabulary':>22}  {'objective':<11} {'input':<9} "
+          "description")
     for name in names:
         fam = family(ModelSpec(family=name))
         for preset in fam.presets:
-            n = count_parameters(build_meta(ModelSpec(family=name, preset=preset), vocab))
-            print(f"{name:<15} {preset:<11} {n:>15,}  {fam.objective:<11} {fam.input_kind:<9} {fam.summary}")
+            spec = ModelSpec(family=name, preset=preset)
+            published = getattr(resolve(spec), "vocab_size", None) if name == "whisper" else None
+            if published:
+                model = build_meta(spec, published, whisper.published_specials(resolve(spec)))
+                vocab = f"{published:,} (Whisper BPE)"
+            else:
+                model = build_meta(spec, chars)
+                vocab = f"{chars} (chars)" if fam.text_output else "-"
+            print(f"{name:<15} {preset:<11} {count_parameters(model):>15,} {vocab:>22}  {fam.objective:<11} "
+                  f"{fam.input_kind:<9} {fam.summary}")
+    return 0
+
+
+RAY_TOKENIZER_SHARDS = 32
+"""`tokenizer train` reads transcripts with Ray Data tasks from this many shards up (else in-process)."""
+
+
+def cmd_tokenizer(args) -> int:
+    """Learn a SentencePiece model from a corpus split's transcripts (never the audio): in this process
+    for a small split, with Ray Data tasks (one per shard) for a large one or with --ray."""
+    from raytrain_speech import storage
+    from raytrain_speech.config import load_config
+    from raytrain_speech.data import corpus, vocab
+
+    cfg = load_config(args.config, [*args.overrides, f"data.root={args.data}"])
+    t = cfg.text
+    if t.tokenizer != "sentencepiece":
+        raise ConfigError(f"text.tokenizer={t.tokenizer}: `tokenizer train` learns sentencepiece models "
+                          "(pass text.tokenizer=sentencepiece text.vocab_size=N)")
+    storage.check_reachable(cfg.data.root, cfg.storage)
+    start = time.time()
+    n_shards = len(corpus.shard_uris(cfg.data.root, args.split, cfg.storage))
+    if args.ray or n_shards >= RAY_TOKENIZER_SHARDS:
+        from raytrain_speech import ray_session
+        from raytrain_speech.data.pipeline import transcripts_on_ray
+
+        ray_session.connect(cfg.run.ray_address, dashboard=False)
+        texts = list(transcripts_on_ray(cfg.data.root, args.split, cfg.storage, t.normalizer))
+    else:
+        texts = list(vocab.transcripts(cfg.data.root, args.split, cfg.storage, t.normalizer))
+    if not texts:
+        raise ConfigError(f"{cfg.data.root}: split {args.split} has no transcripts to learn a tokenizer from")
+    model = vocab.train_tokenizer(t, texts)
+    storage.write_bytes(args.out, model, cfg.storage)
+    from raytrain_speech.data.subword import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer(model, args.out)
+    print(f"wrote {args.out}: {t.subword_model} SentencePiece, {tok.vocab_size - 1} units (+ blank) from "
+          f"{len(texts)} {args.split} transcripts of {n_shards} shards, text.normalizer={t.normalizer}, "
+          f"in {time.time() - start:.1f} s; train with text.tokenizer=sentencepiece text.tokenizer_path={args.out}")
     return 0
 
 
@@ -325,10 +395,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="Ray tasks in flight (default: one per CPU; 0 = no Ray)")
     p.add_argument("--index-only", action="store_true",
                    help="webdataset: index the tars and train from them in place instead of copying the audio")
+    p.add_argument("--config", help="recipe YAML whose text.* rules transcripts are checked against "
+                                    "(default: text.* defaults and overrides)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="prepare.* and storage.* settings, e.g. storage.endpoint_url=http://127.0.0.1:9000")
+                   help="prepare.*, text.* and storage.* settings, e.g. storage.endpoint_url=http://127.0.0.1:9000")
     p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("tokenizer", help="tokenizers: `tokenizer train` learns a SentencePiece model from a "
+                                         "corpus split's transcripts")
+    p.add_argument("action", choices=["train"])
+    p.add_argument("--data", required=True, help="corpus root (local path or s3://)")
+    p.add_argument("--split", default="train", help="split whose transcripts to learn from (default train)")
+    p.add_argument("--out", required=True, help="the .model file to write (local path or s3://)")
+    p.add_argument("--ray", action="store_true", help=f"read with Ray Data tasks even below "
+                                                      f"{RAY_TOKENIZER_SHARDS} shards")
+    with_config(p)
+    p.set_defaults(fn=cmd_tokenizer)
 
     p = sub.add_parser("train", help="train with Ray Train, or in this process with run.backend=local "
                                      "(resumes a run of the same name)")

@@ -117,6 +117,9 @@ class SynthConfig:
     """Code of an optional second language (one of SECOND_LANGUAGES, e.g. "es"); "" = English only."""
     second_language_share: float = 0.2
     """Fraction of the utterances of every split (train, dev, test) spoken in the second language."""
+    punctuation: bool = False
+    """Written transcripts: English sentences get casing, commas, full stops, question marks and
+    digits, the second language its accents and punctuation (false = the lower-case a-z' corpus)."""
 
     def validate(self) -> None:
         """Field ranges; the checks against espeak-ng's voice inventory (enough accent x variant
@@ -178,14 +181,40 @@ class FeatureConfig:
 
 @dataclass
 class TextConfig:
-    """How transcripts become token ids."""
+    """How transcripts become token ids (data/text.py, docs/text.md)."""
 
+    normalizer: Literal["none", "basic", "english"] = "basic"
+    """Target normaliser: none (NFC only: cased, punctuated), basic (any script: lower-case, no
+    punctuation or symbols), english (basic + spellings, contractions, numbers as words)."""
+    tokenizer: Literal["char", "sentencepiece", "hf"] = "char"
+    """char (alphabet below), sentencepiece (a .model file), hf (a tokenizer.json, e.g. Whisper's)."""
     alphabet: str = "abcdefghijklmnopqrstuvwxyz'"
-    """Characters the model can emit besides space and the CTC blank (after lower-casing)."""
+    """char: characters the model can emit besides space and the CTC blank (after normalising);
+    auto = the training split's characters, resolved at run start into the run's config."""
+    tokenizer_path: str | None = None
+    """sentencepiece / hf: the tokenizer file (local or s3://); copied into the run directory. Unset
+    for sentencepiece = trained on the training split at run start (text.vocab_size units)."""
+    vocab_size: int = 256
+    """sentencepiece trained here: units to learn (an upper bound: a small corpus may give fewer)."""
+    subword_model: Literal["unigram", "bpe"] = "unigram"
+    """sentencepiece trained here: the SentencePiece model type."""
+    character_coverage: float = 1.0
+    """sentencepiece trained here: share of characters covered (0.9995 for CJK-sized alphabets)."""
+    max_target_tokens: int | None = None
+    """Longest target in tokens; longer utterances are filtered and counted (null = the decoder's
+    positions minus its prompt; CTC models also filter targets longer than their encoder frames)."""
 
     def validate(self) -> None:
-        require(len(set(self.alphabet)) == len(self.alphabet), "text.alphabet", "has repeated characters")
-        require(" " not in self.alphabet, "text.alphabet", "must not contain space (it is always included)")
+        if self.alphabet != "auto":
+            require(len(set(self.alphabet)) == len(self.alphabet), "text.alphabet", "has repeated characters")
+            require(" " not in self.alphabet, "text.alphabet", "must not contain space (it is always included)")
+        require(self.vocab_size >= 2, "text.vocab_size", "must be >= 2")
+        require(0.9 <= self.character_coverage <= 1.0, "text.character_coverage", "must be in [0.9, 1]")
+        require(self.max_target_tokens is None or self.max_target_tokens >= 1, "text.max_target_tokens",
+                "must be >= 1 or null")
+        require(self.tokenizer != "hf" or bool(self.tokenizer_path), "text.tokenizer_path",
+                "text.tokenizer=hf needs the tokenizer.json (for Whisper: the file of openai/whisper-large-v3, "
+                "see docs/text.md)")
 
 
 DEFAULT_DURATION_BUCKETS = 24

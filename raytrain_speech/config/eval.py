@@ -36,6 +36,8 @@ class EvalConfig:
 
     split: str = "test"
     """Split of data.root to score (the CLI's repeatable --split scores several test sets)."""
+    normalizer: Literal["none", "basic", "english"] = "basic"
+    """Scoring normaliser, applied to reference and hypothesis alike (data/normalize.py)."""
     batch_audio_s: float = 300.0
     """Padded audio seconds per decoding batch."""
     threads: int = 0

@@ -144,3 +144,20 @@ def _preprocess(batch: dict, recipe: TrainingRecipe, seed: int, clock: str | Non
         _THREADS_SET = True
     epoch = ray.get(epoch_clock(clock).get.remote()) if clock is not None else 0
     return preprocess_training_rows(batch, recipe, seed, epoch)
+
+
+def _shard_transcripts(row: dict, storage_cfg, normalizer: str) -> list[dict]:
+    from raytrain_speech.data.normalize import normalize
+
+    texts = shards.read_column(row["uri"], "text", storage_cfg).to_pylist()
+    return [{"text": t} for t in (normalize(x or "", normalizer) for x in texts) if t]
+
+
+def transcripts_on_ray(root: str, split: str, storage_cfg, normalizer: str):
+    """A split's normalised transcripts read by Ray Data tasks, one per shard (the text column only,
+    never the audio), streamed back in order: for tokenizers learned from large corpora."""
+    uris = corpus.shard_uris(root, split, storage_cfg)
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=max(1, len(uris)))
+    ds = ds.flat_map(_shard_transcripts, fn_kwargs={"storage_cfg": storage_cfg, "normalizer": normalizer})
+    for batch in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        yield from batch.column("text").to_pylist()

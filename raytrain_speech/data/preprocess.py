@@ -1,11 +1,13 @@
 """Shard rows -> model-ready utterances: duration filter, decode, resample, augment, featurize,
-tokenize (no Ray).
+tokenize, target-length filter (no Ray).
 
 The same ``Preprocessor`` runs inside Ray Data's ``map_batches`` for training and in-process for
 evaluation, so train and eval can never disagree on the front end. A row that fails keeps its place
 with an ``error`` reason instead of features: the consumer counts and logs it by utterance id, and
 nothing is dropped silently. Rows outside the duration filter are rejected the same way, from the
-``duration_s`` column alone (never decoded), with a reason that starts with ``FILTERED``.
+``duration_s`` column alone (never decoded), with a reason that starts with ``FILTERED``; so are
+targets longer than the model can hold (``TargetLimits``: the decoder's positions, or a CTC encoder's
+frames), from the tokens and the features.
 
 Training may move the log-mel to the training device (``features.placement: worker``): rows then carry
 the waveform, reflect-padded by n_fft/2 at both ends exactly as ``torch.stft(center=True)`` would pad
@@ -15,7 +17,7 @@ it alone, so ``features.DeviceLogMel`` computes the same frames batched as the C
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +35,8 @@ from raytrain_speech.data import audio
 from raytrain_speech.data.augment import WaveformAugmenter
 from raytrain_speech.data.batching import Utterance, batch_by_buckets, batch_by_duration, collate
 from raytrain_speech.data.features import FeatureExtractor, center_pad
-from raytrain_speech.data.text import CharTokenizer, TextError, normalize_text
+from raytrain_speech.data.text import TextError, Tokenizer, encode_transcript
+from raytrain_speech.data.tokenizer import load_tokenizer
 
 INPUT_COLUMNS = ["index", "id", "audio", "duration_s", "text"]
 OPTIONAL_INPUT_COLUMNS = ["language"]
@@ -62,6 +65,31 @@ def _transcript(value) -> str:
     return ""  # null: the tokenizer reports an empty transcript
 
 
+@dataclass(frozen=True)
+class TargetLimits:
+    """How long a training target may be for the model it feeds (models/registry.py target_limits)."""
+
+    max_tokens: int | None = None
+    """Decoder positions left after the prompt (or text.max_target_tokens)."""
+    ctc_inputs_per_frame: float | None = None
+    """CTC: input units (feature frames, or samples) per encoder frame; None = not a CTC model."""
+    ctc_frame_slack: float = 0.0
+    """CTC: encoder frames the conv stem loses at the edges (a lower bound is taken)."""
+
+    def reason(self, targets: np.ndarray, n_inputs: int) -> str:
+        """'' if ``targets`` fit, else the FILTERED reason naming the limit and its key."""
+        n = len(targets)
+        if self.max_tokens is not None and n > self.max_tokens:
+            return f"{FILTERED}target of {n} tokens is longer than {self.max_tokens} (text.max_target_tokens)"
+        if self.ctc_inputs_per_frame is not None:
+            frames = int(n_inputs / self.ctc_inputs_per_frame - self.ctc_frame_slack)
+            needed = n + int(np.count_nonzero(targets[1:] == targets[:-1])) if n else 0
+            if needed > frames:
+                return (f"{FILTERED}target of {n} tokens needs {needed} CTC frames, the encoder has about "
+                        f"{frames} for this audio (a coarser tokenizer, or text.max_target_tokens)")
+        return ""
+
+
 def _printable(value) -> str:
     try:
         return _transcript(value)
@@ -74,14 +102,20 @@ class Preprocessor:
 
     ``augmenter`` (training only) perturbs each waveform from (seed, epoch, index) before the front
     end; ``frontend_on_worker`` leaves the log-mel to the training device; ``duration_range_s`` is the
-    (min, max) duration filter, either end None.
+    (min, max) duration filter, either end None; ``limits`` filters over-long targets. With
+    ``targets_required=False`` (evaluation: the reference is scored as text) a transcript the
+    tokenizer cannot encode gives empty targets instead of a rejected row.
     """
 
     def __init__(self, features: FeatureConfig, text: TextConfig, augmenter: WaveformAugmenter | None = None,
-                 frontend_on_worker: bool = False, duration_range_s: tuple[float | None, float | None] = (None, None)):
-        self.features_cfg = features
+                 frontend_on_worker: bool = False, duration_range_s: tuple[float | None, float | None] = (None, None),
+                 tokenizer: Tokenizer | None = None, storage_cfg: StorageConfig | None = None,
+                 limits: TargetLimits | None = None, targets_required: bool = True):
+        self.features_cfg, self.text_cfg = features, text
         self.features = FeatureExtractor(features)
-        self.tokenizer = CharTokenizer(text)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(text, storage_cfg)
+        self.limits = limits or TargetLimits()
+        self.targets_required = targets_required
         self.augmenter = augmenter
         self.frontend_on_worker = frontend_on_worker and features.kind == "log_mel"
         self.min_s, self.max_s = duration_range_s
@@ -97,17 +131,31 @@ class Preprocessor:
         """(features or padded waveform, token ids, duration in seconds after augmentation);
         ``duration_s`` (the shard's column) catches files cut short."""
         try:
-            targets = np.asarray(self.tokenizer.encode(_transcript(text)), dtype=np.int16)
+            targets = np.asarray(encode_transcript(_transcript(text), self.text_cfg, self.tokenizer), dtype=np.int32)
         except TextError as err:
-            raise audio.AudioError(f"bad transcript: {err}") from None
+            if self.targets_required:
+                raise audio.AudioError(f"bad transcript: {err}") from None
+            targets = np.zeros(0, np.int32)
+        if self.targets_required and self.limits.max_tokens is not None:
+            reason = self.limits.reason(targets, 1 << 62)  # before decoding: the token count alone decides
+            if reason:
+                raise TargetFiltered(reason)
         rate_hz = self.features_cfg.sample_rate_hz
         samples = audio.load(audio_bytes, rate_hz, duration_s)
         if self.augmenter is not None:
             samples = self.augmenter(samples, seed, epoch, index)
         duration_s = samples.shape[0] / rate_hz
         if self.frontend_on_worker:
-            return center_pad(samples, self.features_cfg), targets, duration_s
-        return self.features(samples), targets, duration_s
+            out = center_pad(samples, self.features_cfg)
+            n_inputs = 1 + (out.shape[0] - self.features_cfg.n_fft) // self.features_cfg.hop_length
+        else:
+            out = self.features(samples)
+            n_inputs = out.shape[0]
+        if self.targets_required and self.limits.ctc_inputs_per_frame is not None:
+            reason = self.limits.reason(targets, n_inputs)
+            if reason:
+                raise TargetFiltered(reason)
+        return out, targets, duration_s
 
     def __call__(self, batch: dict, seed: int = 0, epoch: int = 0) -> dict:
         n = len(batch["index"])
@@ -119,10 +167,10 @@ class Preprocessor:
             if not reason:
                 try:
                     f, t, durations[i] = self.one(audio_bytes, text, int(index), seed, epoch, float(durations[i]))
-                except audio.AudioError as err:
+                except (audio.AudioError, TargetFiltered) as err:
                     reason = str(err)
             if reason:
-                f, t = empty_f, np.zeros(0, np.int16)
+                f, t = empty_f, np.zeros(0, np.int32)
             feats.append(f)
             targets.append(t)
             errors.append(reason)
@@ -130,7 +178,8 @@ class Preprocessor:
             "index": np.asarray(batch["index"], dtype=np.int64),
             "id": np.asarray(batch["id"], dtype=object),
             "duration_s": durations,
-            "text": np.asarray([normalize_text(_printable(t)) for t in batch["text"]], dtype=object),
+            # The transcript as written: scoring applies eval.normalizer to it and to the hypothesis.
+            "text": np.asarray([" ".join(_printable(t).split()) for t in batch["text"]], dtype=object),
             # Carried through for per-language scoring and the Whisper prompt; '' where a corpus has none.
             "language": np.asarray([v if isinstance(v, str) else "" for v in batch.get("language", [None] * n)],
                                    dtype=object),
@@ -138,6 +187,10 @@ class Preprocessor:
             "targets": _ragged(targets),
             "error": np.asarray(errors, dtype=object),
         }
+
+
+class TargetFiltered(Exception):
+    """A target the model cannot hold: the row is filtered and counted, like the duration filter."""
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -176,11 +229,21 @@ class TrainingRecipe:
     frontend_on_worker: bool
     duration_range_s: tuple[float | None, float | None]
     storage: StorageConfig
+    limits: TargetLimits = field(default_factory=TargetLimits)
 
     @classmethod
     def from_config(cls, cfg: Config) -> TrainingRecipe:
         return cls(cfg.features, cfg.text, cfg.augment if cfg.augment.waveform_enabled else None,
-                   cfg.features.placement == "worker", (cfg.data.min_duration_s, cfg.data.max_duration_s), cfg.storage)
+                   cfg.features.placement == "worker", (cfg.data.min_duration_s, cfg.data.max_duration_s), cfg.storage,
+                   limits_for(cfg))
+
+
+def limits_for(cfg: Config) -> TargetLimits:
+    """The target limits of ``cfg``'s model with its tokenizer (the model decides how long a target may be)."""
+    from raytrain_speech.models.registry import target_limits
+
+    tokenizer = load_tokenizer(cfg.text, cfg.storage)
+    return TargetLimits(**target_limits(cfg.model, tokenizer.specials or None, cfg.text.max_target_tokens))
 
 
 def make_preprocessor(recipe: TrainingRecipe) -> Preprocessor:
@@ -195,7 +258,8 @@ def make_preprocessor(recipe: TrainingRecipe) -> Preprocessor:
             clips = load_noise_clips(a.noise_root, recipe.storage, split=a.noise_split, max_clips=a.noise_max_clips,
                                      sample_rate_hz=recipe.features.sample_rate_hz)
         augmenter = WaveformAugmenter(a, clips)
-    return Preprocessor(recipe.features, recipe.text, augmenter, recipe.frontend_on_worker, recipe.duration_range_s)
+    return Preprocessor(recipe.features, recipe.text, augmenter, recipe.frontend_on_worker, recipe.duration_range_s,
+                        storage_cfg=recipe.storage, limits=recipe.limits)
 
 
 _PREPROCESSORS: dict[str, Preprocessor] = {}

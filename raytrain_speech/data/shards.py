@@ -161,23 +161,24 @@ def read_durations(root: str, split: str, storage_cfg: StorageConfig | None = No
 
 
 def read_duration_column(uris: list[str], storage_cfg: StorageConfig | None = None) -> np.ndarray:
-    """The ``duration_s`` column of each file (a shard, or a tar's index), concatenated in order.
-
-    Only that column is read: through a random-access file, Parquet fetches the footer and the one
-    column chunk per row group, so on object storage these are small range reads rather than whole
-    shards of audio.
-    """
-    parts = []
-    for uri in uris:
-        fs, path = storage.resolve(uri, storage_cfg)
-        try:
-            with fs.open_input_file(path) as f:
-                column = pq.read_table(f, columns=["duration_s"]).column("duration_s")
-        except (pa.ArrowInvalid, OSError, KeyError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise StorageError(f"{uri}: cannot read the duration_s column of this shard ({reason})") from None
-        parts.append(column.to_numpy().astype(np.float64))
+    """The ``duration_s`` column of each file (a shard, or a tar's index), concatenated in order."""
+    parts = [read_column(uri, "duration_s", storage_cfg).to_numpy().astype(np.float64) for uri in uris]
     return np.concatenate(parts) if parts else np.zeros(0, np.float64)
+
+
+def read_column(uri: str, column: str, storage_cfg: StorageConfig | None = None) -> pa.ChunkedArray:
+    """One column of a file (a shard, or a tar's index), never its audio.
+
+    Through a random-access file, Parquet fetches the footer and the one column chunk per row group,
+    so on object storage these are small range reads rather than whole shards of audio.
+    """
+    fs, path = storage.resolve(uri, storage_cfg)
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.read_table(f, columns=[column]).column(column)
+    except (pa.ArrowInvalid, OSError, KeyError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise StorageError(f"{uri}: cannot read the {column} column of this shard ({reason})") from None
 
 
 @dataclass

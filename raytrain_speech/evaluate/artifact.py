@@ -64,9 +64,9 @@ def read_artifact(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[d
     return payload, payload["config_yaml"]
 
 
-def build_from_artifact(payload: dict, cfg, vocab_size: int) -> nn.Module:
+def build_from_artifact(payload: dict, cfg, tokenizer) -> nn.Module:
     """The artifact's model in eval mode (CPU: torch's dynamic int8 kernels are CPU kernels)."""
-    model = build_model(cfg.model, vocab_size).eval()
+    model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.specials or None).eval()
     if payload["quantize"] == "int8":
         model = quantized_structure(model)
     load_state(model, {**payload["state"], **{k: dequant_rows(v) for k, v in payload["weight_only_int8"].items()}})

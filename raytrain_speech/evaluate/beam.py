@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from raytrain_speech.batch import BLANK_ID
-from raytrain_speech.data.text import CharTokenizer
+from raytrain_speech.data.text import CharTokenizer, Tokenizer
 from raytrain_speech.evaluate.lm import EOS, NGramLM
 
 NEG_INF = -math.inf
@@ -90,7 +90,7 @@ class LMFusion:
         return self.weight * (total + self.lm.logprob(ctx, EOS))
 
 
-def _ctc_fusion(lm: NGramLM | None, lm_weight: float, tokenizer: CharTokenizer | None) -> LMFusion | None:
+def _ctc_fusion(lm: NGramLM | None, lm_weight: float, tokenizer: Tokenizer | None) -> LMFusion | None:
     if lm is None or lm_weight == 0.0:
         return None
     symbols = (tokenizer or CharTokenizer()).symbols
@@ -161,7 +161,7 @@ def _ctc_search(rows: list[list[float]], beam_width: int, fusion: LMFusion | Non
 
 
 def ctc_prefix_beam_search(log_probs_TV, beam_width: int = 5, lm: NGramLM | None = None, lm_weight: float = 0.0,
-                           length_bonus: float = 0.0, tokenizer: CharTokenizer | None = None,
+                           length_bonus: float = 0.0, tokenizer: Tokenizer | None = None,
                            token_min_logp: float = -10.0, token_top_k: int | None = None,
                            nbest: int | None = None) -> list[tuple[list[int], float]]:
     """CTC prefix beam search (Hannun et al. 2014) over one utterance's (T, V) log-probs; n-best, best first.
@@ -184,7 +184,7 @@ def ctc_prefix_beam_search(log_probs_TV, beam_width: int = 5, lm: NGramLM | None
 
 def ctc_beam_batch(log_probs_BTV: torch.Tensor, lengths_B: torch.Tensor, beam_width: int = 5,
                    lm: NGramLM | None = None, lm_weight: float = 0.0, length_bonus: float = 0.0,
-                   tokenizer: CharTokenizer | None = None, token_min_logp: float = -10.0,
+                   tokenizer: Tokenizer | None = None, token_min_logp: float = -10.0,
                    token_top_k: int | None = None) -> list[list[int]]:
     """Best labelling per row (drop-in for ``ctc_greedy``); one LM cache is shared across the rows."""
     if beam_width < 1:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from raytrain_speech.batch import BLANK_ID
-from raytrain_speech.data.text import CharTokenizer
+from raytrain_speech.data.text import Tokenizer
 from raytrain_speech.evaluate.beam import attention_beam_search, ctc_beam_batch
 from raytrain_speech.evaluate.lm import NGramLM
 
@@ -38,7 +38,7 @@ class Search:
     lm: NGramLM | None = None
     lm_weight: float = 0.0
     length_bonus: float = 0.0
-    tokenizer: CharTokenizer | None = None
+    tokenizer: Tokenizer | None = None
 
     @property
     def greedy(self) -> bool:

@@ -32,7 +32,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from raytrain_speech.config import NGramConfig, from_dict
-from raytrain_speech.data.text import normalize_text
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 _FORMAT = "raytrain_speech.ngram/1"
@@ -41,7 +40,8 @@ _CACHE_MAX_ENTRIES = 500_000  # the caches are dropped wholesale beyond this, bo
 
 
 def _units(text: str, unit: str) -> list[str]:
-    norm = normalize_text(text)
+    """Characters or words of ``text``, already under the target normaliser (evaluate/runner.py)."""
+    norm = " ".join(text.split())
     return list(norm) if unit == "char" else norm.split()
 
 

@@ -14,6 +14,7 @@ import yaml
 
 from raytrain_speech.config import Config, ConfigError, StorageConfig, apply_overrides
 from raytrain_speech.data.preprocess import Preprocessor
+from raytrain_speech.data.tokenizer import tokenizer_in
 from raytrain_speech.evaluate import artifact
 from raytrain_speech.models.registry import build_model, family
 from raytrain_speech.train.checkpoint import read_checkpoint, resolve_checkpoint
@@ -59,11 +60,13 @@ def load_model(uri: str, storage_cfg: StorageConfig | None = None, overrides=(),
         raise ConfigError(f"{uri}: model family {cfg.model.family} is self-supervised and has no text "
                           "output to score; fine-tune it first (train.init_from) and evaluate that run, "
                           "or probe its features (raytrain-speech probe)")
-    pre = Preprocessor(cfg.features, cfg.text)
+    # Scoring reads the reference as text, so a transcript the tokenizer cannot encode is still scored.
+    pre = Preprocessor(cfg.features, cfg.text, tokenizer=tokenizer_in(uri, cfg.text, storage_cfg),
+                       targets_required=False)
     if is_artifact:
-        model = artifact.build_from_artifact(payload, cfg, pre.tokenizer.vocab_size)
+        model = artifact.build_from_artifact(payload, cfg, pre.tokenizer)
         return LoadedModel(cfg, model, payload["step"], payload["quantize"], pre, text_output, uri)
-    model = build_model(cfg.model, pre.tokenizer.vocab_size)
+    model = build_model(cfg.model, pre.tokenizer.vocab_size, pre.tokenizer.specials or None)
     state = payload["model"]
     use_ema = (weights or ("ema" if cfg.eval.use_ema else "live")) == "ema" and bool(payload.get("ema"))
     if use_ema:

@@ -170,7 +170,8 @@ def probe_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, splits:
     pitch_N = np.asarray([pitches[u.id] for u in utts], dtype=np.float64) if pitches else None
 
     torch.manual_seed(seed)
-    random_model = build_model(cfg.model, loaded.pre.tokenizer.vocab_size).eval()
+    tok = loaded.pre.tokenizer
+    random_model = build_model(cfg.model, tok.vocab_size, tok.specials or None).eval()
     result = {"checkpoint": uri, "step": loaded.step, "family": cfg.model.family, "preset": cfg.model.preset,
               "weights": loaded.weights, "data_root": root, "splits": list(splits), "utterances": len(utts),
               "speakers": int(len(set(speaker_N))), "probe_train_utterances": int(train_N.sum()),

@@ -31,6 +31,7 @@ from torch import nn
 
 from raytrain_speech import storage
 from raytrain_speech.config import StorageConfig, dump_yaml
+from raytrain_speech.data.text import TOKENIZER_FILES
 from raytrain_speech.evaluate.artifact import (
     ARTIFACT_FILE,
     FORMAT,
@@ -103,6 +104,13 @@ def export_checkpoint(checkpoint: str, out: str, quantize: str = "int8", storage
     ckpt = resolve_checkpoint(checkpoint, storage_cfg)
     loaded = load_model(ckpt, storage_cfg, overrides, need_text=False)
     cfg = loaded.cfg
+    tokenizer_files = {}
+    if cfg.text.tokenizer in TOKENIZER_FILES:  # the export carries its tokenizer, as checkpoints do
+        name = TOKENIZER_FILES[cfg.text.tokenizer]
+        source = storage.join(ckpt, name)
+        tokenizer_files[name] = storage.read_bytes(
+            source if storage.exists(source, storage_cfg) else cfg.text.tokenizer_path, storage_cfg)
+        cfg.text.tokenizer_path = storage.join(out, name)
     config_yaml = dump_yaml(cfg)
     exported = export_model(loaded.model, config_yaml, loaded.step, quantize, source=ckpt)
     artifact = payload_bytes(exported.payload)
@@ -123,7 +131,7 @@ def export_checkpoint(checkpoint: str, out: str, quantize: str = "int8", storage
         for name, model in (("float", loaded.model), (quantize, exported.quantized_model)):
             start = time.time()
             decoder = BatchDecoder(loaded=replace(loaded, model=model), search=search)
-            scores[name] = score_rows(rows_in_process(decoder, cfg, split), split, log)
+            scores[name] = score_rows(rows_in_process(decoder, cfg, split), split, log, cfg.eval.normalizer)
             scores[name]["decode_wall_s"] = time.time() - start
             log(f"[export] {split} with the {name} model: WER {100 * scores[name]['wer']:.2f}%  "
                 f"CER {100 * scores[name]['cer']:.2f}%  ({scores[name]['decode_wall_s']:.1f} s)")
@@ -137,5 +145,7 @@ def export_checkpoint(checkpoint: str, out: str, quantize: str = "int8", storage
         }
     storage.write_bytes(storage.join(out, ARTIFACT_FILE), artifact, storage_cfg)
     storage.write_bytes(storage.join(out, "config.yaml"), config_yaml.encode(), storage_cfg)
+    for name, data in tokenizer_files.items():
+        storage.write_bytes(storage.join(out, name), data, storage_cfg)
     storage.write_bytes(storage.join(out, "export.json"), json.dumps(report, indent=2).encode(), storage_cfg)
     return report

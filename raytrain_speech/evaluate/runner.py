@@ -19,11 +19,11 @@ import time
 import numpy as np
 import torch
 
-from raytrain_speech.config import BatchingConfig, StorageConfig, to_dict
+from raytrain_speech.config import BatchingConfig, ConfigError, StorageConfig, to_dict
 from raytrain_speech.data import corpus
 from raytrain_speech.data.batching import batch_by_duration, collate
 from raytrain_speech.data.preprocess import input_columns, to_utterances
-from raytrain_speech.data.text import normalize_text
+from raytrain_speech.data.vocab import transcripts
 from raytrain_speech.evaluate.decode import Search, hypotheses
 from raytrain_speech.evaluate.lm import NGramLM
 from raytrain_speech.evaluate.loading import LoadedModel, load_model
@@ -34,17 +34,17 @@ NO_LANGUAGE = "-"
 
 
 def train_transcripts(cfg, split: str | None = None) -> list[str]:
-    """The normalised transcripts of a split (only the text column is decoded)."""
-    texts = []
-    for uri in corpus.shard_uris(cfg.data.root, split or cfg.data.train_split, cfg.storage):
-        texts += [normalize_text(t) for t in corpus.read_shard(uri, cfg.storage).column("text").to_pylist() if t]
-    return texts
+    """The transcripts of a split under the target normaliser (only the text column is read)."""
+    return list(transcripts(cfg.data.root, split or cfg.data.train_split, cfg.storage, cfg.text.normalizer))
 
 
 def build_lm(cfg, tokenizer, log=print) -> NGramLM | None:
     """The fusion LM, trained here on the train split (a few seconds for 10k sentences); None without fusion."""
     if cfg.eval.lm_weight <= 0:
         return None
+    if tokenizer.symbols is None:
+        raise ConfigError(f"eval.lm_weight: shallow fusion scores character units, and text.tokenizer="
+                          f"{tokenizer.kind} emits subwords; use eval.lm_weight=0 (beam search still works)")
     start = time.time()
     texts = train_transcripts(cfg)
     lm = NGramLM.train(texts, cfg.eval.lm, units=tokenizer.symbols[1:])
@@ -107,8 +107,9 @@ class BatchDecoder:
                 for k, v in out.items()}
 
 
-def score_rows(rows: list[dict], split: str, log=print) -> dict:
-    """WER/CER of one test set, overall and per language, from decoder output rows."""
+def score_rows(rows: list[dict], split: str, log=print, normalizer: str = "basic") -> dict:
+    """WER/CER of one test set, overall and per language, from decoder output rows; reference and
+    hypothesis both under ``normalizer`` (eval.normalizer)."""
     bad = [r for r in rows if r["error"]]
     good = sorted((r for r in rows if not r["error"]), key=lambda r: r["id"])
     for r in bad[:5]:
@@ -118,10 +119,10 @@ def score_rows(rows: list[dict], split: str, log=print) -> dict:
     by_language = {}
     for lang in sorted({r["language"] or NO_LANGUAGE for r in good}):
         part = [r for r in good if (r["language"] or NO_LANGUAGE) == lang]
-        by_language[lang] = {**error_rates([r["ref"] for r in part], [r["hyp"] for r in part]),
+        by_language[lang] = {**error_rates([r["ref"] for r in part], [r["hyp"] for r in part], normalizer),
                              "audio_s": float(sum(r["duration_s"] for r in part))}
     return {
-        **error_rates([r["ref"] for r in good], [r["hyp"] for r in good]), "split": split,
+        **error_rates([r["ref"] for r in good], [r["hyp"] for r in good], normalizer), "split": split,
         "by_language": by_language, "audio_s": float(sum(r["duration_s"] for r in good)),
         "bad_utterances": len(bad), "skipped": [{"id": r["id"], "reason": r["error"]} for r in bad],
         "examples": [{"id": r["id"], "language": r["language"], "ref": r["ref"], "hyp": r["hyp"]} for r in good[:5]],
@@ -171,7 +172,7 @@ def evaluate_checkpoint(checkpoint: str, storage_cfg: StorageConfig | None = Non
         else:
             decoder = BatchDecoder(loaded=loaded, search=build_search(cfg, loaded.pre.tokenizer, log, lm=lm))
             rows = rows_in_process(decoder, cfg, name)
-        res = score_rows(rows, name, log)
+        res = score_rows(rows, name, log, cfg.eval.normalizer)
         res["eval_wall_s"] = time.time() - start
         sets.append(res)
     first = sets[0]
@@ -183,7 +184,8 @@ def evaluate_checkpoint(checkpoint: str, storage_cfg: StorageConfig | None = Non
         "decoding": {"beam_width": cfg.eval.beam_width, "lm_weight": cfg.eval.lm_weight,
                      "length_bonus": cfg.eval.length_bonus, "lm": to_dict(cfg.eval.lm),
                      "where": f"{cfg.eval.actors} Ray Data actors" if cfg.eval.actors else "in-process"},
-        "normalisation": "lower-case, whitespace collapsed (data/text.py normalize_text), same as training targets",
+        "normalisation": f"eval.normalizer={cfg.eval.normalizer} on reference and hypothesis (docs/text.md); "
+                         f"targets trained with text.normalizer={cfg.text.normalizer}",
     }
 
 

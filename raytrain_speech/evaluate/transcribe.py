@@ -81,7 +81,7 @@ def transcribe(uri: str, paths: list[str], storage_cfg: StorageConfig | None = N
             raise audio.AudioError(f"{path}: {err} (give a WAV/FLAC/OGG file with speech in it)") from None
         duration_s = len(samples) / cfg.features.sample_rate_hz
         utt = Utterance(i, os.path.basename(path), duration_s, loaded.pre.features(samples),
-                        torch.zeros(0, dtype=torch.int16).numpy())
+                        torch.zeros(0, dtype=torch.int32).numpy())
         b = collate([utt])
         with torch.inference_mode():
             res = (loaded.model(b) if loaded.text_output == "ctc"
@@ -89,7 +89,7 @@ def transcribe(uri: str, paths: list[str], storage_cfg: StorageConfig | None = N
             ids = hypotheses(loaded.model, b, res, loaded.text_output, search=search)[0]
         text = tok.decode(ids)
         words: list[Word] = []
-        if loaded.text_output == "ctc":
+        if loaded.text_output == "ctc" and tok.symbols is not None:  # word times from the space symbol
             n = int(res["lengths_B"][0])
             times = word_times(res["log_probs_BTV"][0, :n], ids, tok.symbols.index(" "), duration_s / max(n, 1))
             if times is not None:

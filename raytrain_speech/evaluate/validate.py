@@ -16,7 +16,7 @@ from raytrain_speech.batch import Batch
 from raytrain_speech.config import BatchingConfig
 from raytrain_speech.data import corpus
 from raytrain_speech.data.batching import Utterance, batch_by_duration, collate
-from raytrain_speech.data.preprocess import Preprocessor, iter_table, to_utterances
+from raytrain_speech.data.preprocess import Preprocessor, iter_table, limits_for, to_utterances
 from raytrain_speech.evaluate.decode import hypotheses
 from raytrain_speech.evaluate.wer import error_counts
 from raytrain_speech.models.masking import model_span_mask
@@ -27,7 +27,7 @@ class Validator:
     def __init__(self, cfg, split: str, rank: int, world: int, batch_audio_s: float = 200.0):
         self.cfg, self.split, self.rank, self.world = cfg, split, rank, world
         self.batch_audio_s = batch_audio_s
-        self.pre = Preprocessor(cfg.features, cfg.text)
+        self.pre = Preprocessor(cfg.features, cfg.text, storage_cfg=cfg.storage, limits=limits_for(cfg))
         self.objective = objective_for(cfg.model)
         self.text_output = family(cfg.model).text_output
         self._utts: list[Utterance] | None = None
@@ -58,10 +58,15 @@ class Validator:
             if self.text_output is None:
                 continue
             hyps = [self.pre.tokenizer.decode(ids) for ids in hypotheses(model, b, out, self.text_output)]
-            for k, v in error_counts(b.texts, hyps).items():
+            for k, v in error_counts(b.texts, hyps, cfg_normalizer(self.cfg)).items():
                 totals[k] += v
         model.train(was_training)
         return totals
+
+
+def cfg_normalizer(cfg) -> str:
+    """The scoring normaliser (eval.normalizer) applied to both sides of validation WER."""
+    return cfg.eval.normalizer
 
 
 def with_fixed_ssl_mask(model: nn.Module, batch: Batch) -> Batch:

@@ -1,32 +1,45 @@
-"""WER and CER with jiwer, after the same text normalisation training uses."""
+"""WER and CER with jiwer, after the scoring normaliser (``eval.normalizer``) on both sides."""
 
 from __future__ import annotations
 
 import jiwer
 
-from raytrain_speech.data.text import normalize_text
+from raytrain_speech.data.normalize import normalize
+
+EMPTY = "\u2205"
+"""Stands in for an empty hypothesis (jiwer rejects empty strings): scored as all deletions."""
 
 
-def error_rates(references: list[str], hypotheses: list[str]) -> dict[str, float]:
+def _pairs(references: list[str], hypotheses: list[str], normalizer: str) -> tuple[list[str], list[str], int]:
+    """Normalised (refs, hyps) without the pairs whose reference normalises to nothing (counted)."""
+    refs, hyps, empty = [], [], 0
+    for r, h in zip(references, hypotheses):
+        r = normalize(r, normalizer)
+        if not r:
+            empty += 1
+            continue
+        refs.append(r)
+        hyps.append(normalize(h, normalizer) or EMPTY)
+    return refs, hyps, empty
+
+
+def error_rates(references: list[str], hypotheses: list[str], normalizer: str = "basic") -> dict[str, float]:
     """Corpus-level WER and CER (errors summed over utterances, divided by reference length).
-
-    An empty hypothesis is scored as all deletions (jiwer rejects empty strings, so we count them).
-    """
-    refs = [normalize_text(r) for r in references]
-    hyps = [normalize_text(h) for h in hypotheses]
+    References with no words under ``normalizer`` cannot be scored and are counted in
+    ``empty_references``."""
+    refs, hyps, empty = _pairs(references, hypotheses, normalizer)
     if not refs:
-        return {"wer": float("nan"), "cer": float("nan"), "utterances": 0}
-    words = jiwer.process_words(refs, [h if h else "\u2205" for h in hyps])
-    chars = jiwer.process_characters(refs, [h if h else "\u2205" for h in hyps])
-    return {"wer": words.wer, "cer": chars.cer, "utterances": len(refs)}
+        return {"wer": float("nan"), "cer": float("nan"), "utterances": 0, "empty_references": empty}
+    words = jiwer.process_words(refs, hyps)
+    chars = jiwer.process_characters(refs, hyps)
+    return {"wer": words.wer, "cer": chars.cer, "utterances": len(refs), "empty_references": empty}
 
 
-def error_counts(references: list[str], hypotheses: list[str]) -> dict[str, float]:
+def error_counts(references: list[str], hypotheses: list[str], normalizer: str = "basic") -> dict[str, float]:
     """Summable edit counts (so ranks can all-reduce them into one corpus-level WER/CER)."""
-    if not references:
+    refs, hyps, _ = _pairs(references, hypotheses, normalizer)
+    if not refs:
         return {"word_errors": 0.0, "ref_words": 0.0, "char_errors": 0.0, "ref_chars": 0.0}
-    refs = [normalize_text(r) for r in references]
-    hyps = [normalize_text(h) or "\u2205" for h in hypotheses]
     w = jiwer.process_words(refs, hyps)
     c = jiwer.process_characters(refs, hyps)
     return {

@@ -117,8 +117,51 @@ def resolve(spec: ModelSpec) -> Any:
     return from_dict(fam.config_cls, merged, prefix="model.overrides.")
 
 
-def build_model(spec: ModelSpec, vocab_size: int) -> nn.Module:
-    return family(spec).builder(resolve(spec), vocab_size)
+def build_model(spec: ModelSpec, vocab_size: int, specials: dict[str, int] | None = None) -> nn.Module:
+    """The family's module for a tokenizer of ``vocab_size`` ids; ``specials`` are the special tokens a
+    tokenizer file defines (Whisper's prompt tokens in its tokenizer.json), which only Whisper reads."""
+    fam = family(spec)
+    if specials:
+        require(fam.builder is whisper.Whisper, "text.tokenizer",
+                f"a tokenizer.json with special tokens (text.tokenizer=hf) is for the whisper family, not "
+                f"{spec.family} (use sentencepiece or char)")
+        return fam.builder(resolve(spec), vocab_size, specials)
+    return fam.builder(resolve(spec), vocab_size)
+
+
+def check_tokenizer(spec: ModelSpec, tokenizer) -> None:
+    """ConfigError when a family cannot train on ``tokenizer`` (a CTC loss needs a blank id)."""
+    fam = family(spec)
+    needs_blank = fam.objective in ("ctc", "hybrid")
+    require(not needs_blank or tokenizer.blank_id is not None, "text.tokenizer",
+            f"{spec.family} trains with CTC, which needs a blank id; text.tokenizer={tokenizer.kind} has none "
+            "(use sentencepiece or char)")
+    if fam.text_output is not None:
+        build_meta(spec, tokenizer.vocab_size, tokenizer.specials or None)  # Whisper checks its tokens here
+
+
+def target_limits(spec: ModelSpec, specials: dict[str, int] | None = None,
+                  max_target_tokens: int | None = None) -> dict:
+    """How long a training target may be: ``max_tokens`` (decoder positions after the prompt, or
+    ``max_target_tokens`` if lower) and, for CTC, encoder frames per input unit (keyword arguments of
+    data.preprocess.TargetLimits). Self-supervised families: no limits."""
+    fam = family(spec)
+    out: dict = {}
+    if fam.text_output is None:
+        return out
+    model = build_meta(spec, 64 if not specials else 1 + max(specials.values()), specials)
+    if fam.text_output == "seq2seq":
+        prompt = model.prompt_length() if hasattr(model, "prompt_length") else 1
+        out["max_tokens"] = resolve(spec).max_target_positions - prompt
+    if max_target_tokens is not None:
+        out["max_tokens"] = min(out.get("max_tokens", max_target_tokens), max_target_tokens)
+    if fam.objective in ("ctc", "hybrid"):
+        big = 1_000_000
+        per_frame = big / float(model.output_lengths(torch.tensor([big]))[0])
+        grid = torch.arange(1, 4000)
+        slack = float((grid / per_frame - model.output_lengths(grid)).max().clamp(min=0))
+        out.update(ctc_inputs_per_frame=per_frame, ctc_frame_slack=slack)
+    return out
 
 
 OBJECTIVES = {"ctc": ctc.objective, "hybrid": hybrid.objective, "masked": masked.objective,
@@ -132,10 +175,10 @@ def objective_for(spec: ModelSpec) -> Objective:
     return OBJECTIVES[family(spec).objective](resolve(spec))
 
 
-def build_meta(spec: ModelSpec, vocab_size: int) -> nn.Module:
+def build_meta(spec: ModelSpec, vocab_size: int, specials: dict[str, int] | None = None) -> nn.Module:
     """The model on the meta device: parameter counts of billion-parameter presets without memory."""
     with torch.device("meta"):
-        return build_model(spec, vocab_size)
+        return build_model(spec, vocab_size, specials)
 
 
 def count_parameters(model: nn.Module) -> int:

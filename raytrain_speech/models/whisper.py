@@ -1,18 +1,21 @@
 """Whisper-style encoder-decoder over log-mel features (plain torch; no Ray).
 
 Shapes: B = batch, F = input frames (10 ms), M = mel bins, T = encoder frames (F/2), D = model width,
-L = decoder tokens (prompt + transcript), P = prompt tokens (3), V = decoder vocabulary.
+L = decoder tokens (prompt + transcript), P = prompt tokens (3, or 4 with a Whisper tokenizer.json), V = decoder vocabulary.
 
-Token layout. The decoder shares the character tokenizer's ids (0 = CTC blank, never emitted
-here; 1 = space; letters after) and appends its special tokens right after them:
+Token layout. With a char or SentencePiece tokenizer (ids 0 .. c - 1, 0 = the blank, never emitted
+here) the decoder appends its special tokens right after them:
 
-    c = char vocab size:  c + 0 = <|endoftext|>   c + 1 = <|startoftranscript|>   c + 2 = <|transcribe|>
-                          c + 3 + i = <|language i|> for i, language in enumerate(cfg.languages)
+    c + 0 = <|endoftext|>   c + 1 = <|startoftranscript|>   c + 2 = <|transcribe|>
+    c + 3 + i = <|language i|> for i, language in enumerate(cfg.languages)
 
-Every row is prompted with ``<|sot|> <|lang|> <|transcribe|>`` and trained to emit its characters
-then ``<|endoftext|>``. ``cfg.vocab_size`` may make the embedding larger than that (the large-v3
-preset keeps Whisper's 51,866 rows so its parameter count is the published one); the spare rows
-are never emitted.
+and prompts every row with ``<|startoftranscript|> <|lang|> <|transcribe|>``. With a tokenizer.json
+that defines Whisper's special tokens (``text.tokenizer=hf``, ``specials``), the decoder uses the
+file's ids instead: the embedding has exactly the file's rows (51,866 for large-v3: none unused), and
+the prompt is Whisper's ``<|startoftranscript|> <|lang|> <|transcribe|> <|notimestamps|>``. Either
+way the row is trained to emit its transcript's tokens then ``<|endoftext|>``, and no special token
+is ever a search's output. ``cfg.vocab_size`` is the vocabulary a preset is published with; it sizes
+``raytrain-speech models --list`` and nothing else.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ class WhisperConfig:
     dropout: float = 0.1
     """Dropout on residual branches, attention weights and embeddings (Whisper itself used none)."""
     vocab_size: int | None = None
-    """Rows of the token embedding; null = char tokenizer size + 3 + len(languages) (no spare rows)."""
+    """The tokenizer vocabulary the preset is published with (large-v3: Whisper's 51,866); counts
+    parameters in `models --list` only: the embedding always has the run tokenizer's size."""
     languages: list[str] = field(default_factory=lambda: ["en"])
     """Language codes with a prompt token; a row whose language is '' is prompted with the first."""
 
@@ -107,28 +111,63 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class Whisper(Seq2SeqModel):
-    """log-mel -> conv stem (2x) -> Transformer encoder -> autoregressive character decoder."""
+WHISPER_TIMESTAMPS = 1501
+"""<|0.00|> .. <|30.00|>: the last ids of Whisper's tokenizer."""
 
-    def __init__(self, cfg: WhisperConfig, vocab_size: int):
+
+def published_specials(cfg: WhisperConfig) -> dict[str, int]:
+    """The special-token ids of Whisper's own tokenizer of ``cfg.vocab_size`` ids (v2: 51,865, v3:
+    51,866): <|endoftext|>, <|startoftranscript|>, the languages, <|translate|> <|transcribe|>
+    <|startoflm|> <|startofprev|> <|nospeech|> <|notimestamps|>, then the timestamps. For counting
+    a preset's parameters without the file; a run reads the ids from its tokenizer.json."""
+    eot = cfg.vocab_size - WHISPER_TIMESTAMPS - 6 - len(cfg.languages) - 2
+    names = ["<|endoftext|>", "<|startoftranscript|>", *(f"<|{c}|>" for c in cfg.languages), "<|translate|>",
+             "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
+    out = {name: eot + i for i, name in enumerate(names)}
+    out.update({f"<|{i * 0.02:.2f}|>": eot + len(names) + i for i in range(WHISPER_TIMESTAMPS)})
+    return out
+
+
+class Whisper(Seq2SeqModel):
+    """log-mel -> conv stem (2x) -> Transformer encoder -> autoregressive token decoder."""
+
+    def __init__(self, cfg: WhisperConfig, vocab_size: int, specials: dict[str, int] | None = None):
         super().__init__()
         self.cfg = cfg
-        self.text_vocab_size = vocab_size
-        self.eot_id = vocab_size
-        self.sot_id = vocab_size + 1
-        self.transcribe_id = vocab_size + 2
-        self.language_ids = {code: vocab_size + NUM_FIXED_SPECIALS + i for i, code in enumerate(cfg.languages)}
-        needed = vocab_size + NUM_FIXED_SPECIALS + len(cfg.languages)
-        embed_rows = needed if cfg.vocab_size is None else cfg.vocab_size
-        require(embed_rows >= needed, "model.overrides.vocab_size",
-                f"{embed_rows} rows cannot hold {vocab_size} characters + {NUM_FIXED_SPECIALS} specials + "
-                f"{len(cfg.languages)} language tokens ({needed})")
+        self.own_layout = not specials
+        if specials:
+            embed_rows = self._use_file_specials(vocab_size, specials)
+        else:
+            self.special_ids = [vocab_size + i for i in range(NUM_FIXED_SPECIALS + len(cfg.languages))]
+            self.eot_id, self.sot_id, self.transcribe_id = self.special_ids[:NUM_FIXED_SPECIALS]
+            self.language_ids = {code: vocab_size + NUM_FIXED_SPECIALS + i for i, code in enumerate(cfg.languages)}
+            self.prompt_tail: list[int] = []
+            embed_rows = vocab_size + NUM_FIXED_SPECIALS + len(cfg.languages)
         ffn_dim = cfg.ffn_dim or 4 * cfg.d_model
         self.conv1 = nn.Conv1d(cfg.n_mels, cfg.d_model, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(cfg.d_model, cfg.d_model, kernel_size=3, stride=2, padding=1)
         self.encoder = TransformerEncoder(cfg.encoder_layers, cfg.d_model, cfg.num_heads, ffn_dim, cfg.dropout)
         self.decoder = TransformerDecoder(embed_rows, cfg.d_model, cfg.num_heads, ffn_dim, cfg.decoder_layers,
                                           cfg.max_target_positions, cfg.dropout)
+
+    def _use_file_specials(self, vocab_size: int, specials: dict[str, int]) -> int:
+        """Prompt and end ids from a tokenizer file's special tokens; the embedding rows (its size)."""
+        need = ["<|endoftext|>", "<|startoftranscript|>", "<|transcribe|>",
+                *(f"<|{code}|>" for code in self.cfg.languages)]
+        missing = [t for t in need if t not in specials]
+        require(not missing, "text.tokenizer_path",
+                f"the tokenizer.json lacks Whisper's special token(s) {', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''} (model.overrides.languages must be languages it has)")
+        require(max(specials.values()) < vocab_size, "text.tokenizer_path", "special token ids past the vocabulary")
+        self.eot_id, self.sot_id, self.transcribe_id = (specials[t] for t in need[:NUM_FIXED_SPECIALS])
+        self.language_ids = {code: specials[f"<|{code}|>"] for code in self.cfg.languages}
+        self.prompt_tail = [specials["<|notimestamps|>"]] if "<|notimestamps|>" in specials else []
+        self.special_ids = sorted(specials.values())
+        return vocab_size
+
+    def prompt_length(self) -> int:
+        """Tokens of the prompt every row starts with (3, or 4 with Whisper's <|notimestamps|>)."""
+        return NUM_FIXED_SPECIALS + len(self.prompt_tail)
 
     def output_lengths(self, lengths_B: torch.Tensor) -> torch.Tensor:
         """Encoder frames of the stride-2, kernel-3, padding-1 conv: ceil(F / 2)."""
@@ -155,7 +194,8 @@ class Whisper(Seq2SeqModel):
         return self.encoder.layers, False
 
     def prefix(self, languages: list[str], batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The prompt (B, 3): <|sot|> <|lang|> <|transcribe|>; '' or missing languages use cfg.languages[0]."""
+        """The prompt (B, P): <|sot|> <|lang|> <|transcribe|> [<|notimestamps|>]; '' or missing languages
+        use cfg.languages[0]."""
         default = self.cfg.languages[0]
         rows = []
         for i in range(batch_size):
@@ -163,7 +203,7 @@ class Whisper(Seq2SeqModel):
             if code not in self.language_ids:
                 raise ValueError(f"language {code!r} has no token (model.overrides.languages: "
                                  f"{', '.join(self.cfg.languages)})")
-            rows.append([self.sot_id, self.language_ids[code], self.transcribe_id])
+            rows.append([self.sot_id, self.language_ids[code], self.transcribe_id, *self.prompt_tail])
         return torch.tensor(rows, dtype=torch.int64, device=device)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -181,14 +221,15 @@ class Whisper(Seq2SeqModel):
         evaluate.beam.attention_beam_search): encoder memory, prompt, end token, allowed ids, length cap."""
         memory_BTD, lengths_B = self.encode(batch.features_BFM, batch.feature_lengths_B)
         prefix_BP = self.prefix(batch.languages, memory_BTD.shape[0], memory_BTD.device)
-        allowed_V = torch.zeros(self.decoder.embed.num_embeddings, dtype=torch.bool, device=memory_BTD.device)
-        allowed_V[: self.text_vocab_size] = True
-        allowed_V[BLANK_ID] = False
+        allowed_V = torch.ones(self.decoder.embed.num_embeddings, dtype=torch.bool, device=memory_BTD.device)
+        allowed_V[self.special_ids] = False
+        if self.own_layout:  # id 0 is the char / SentencePiece blank, never a target
+            allowed_V[BLANK_ID] = False
         return {"memory_BSD": memory_BTD, "memory_lengths_B": lengths_B, "prefix_BP": prefix_BP,
                 "eot_id": self.eot_id, "allowed_V": allowed_V,
                 "max_len": self.cfg.max_target_positions - prefix_BP.shape[1]}
 
     @torch.no_grad()
     def transcribe(self, batch: Batch, max_len: int | None = None) -> list[list[int]]:
-        """Greedy transcripts as char-tokenizer ids (no specials, no blank); for evaluation."""
+        """Greedy transcripts as tokenizer ids (no specials, no blank); for evaluation."""
         return super().transcribe(batch, max_len)

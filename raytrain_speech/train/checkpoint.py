@@ -57,8 +57,11 @@ class TrainState:
 
 def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
          scaler: torch.amp.GradScaler | None, state: TrainState, config_yaml: str,
-         cursor: DataCursor | None = None, ema: EMA | None = None, fault_delay_s: float = 0.0) -> None:
-    """Write the checkpoint directory; ``fault_delay_s`` (tests only) stalls between its files."""
+         cursor: DataCursor | None = None, ema: EMA | None = None, fault_delay_s: float = 0.0,
+         extra_files: dict[str, bytes] | None = None) -> None:
+    """Write the checkpoint directory; ``extra_files`` (name -> bytes: the run's tokenizer file) go
+    beside the state, so the checkpoint decodes on its own; ``fault_delay_s`` (tests only) stalls
+    between its files."""
     payload = {
         "model": unwrap(model).state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
@@ -76,6 +79,9 @@ def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | No
     if cursor is not None:
         with open(os.path.join(directory, CURSOR_FILE), "wb") as f:
             f.write(cursor.to_bytes())
+    for name, data in (extra_files or {}).items():
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(data)
 
 
 def load_cursor(directory: str) -> DataCursor | None:

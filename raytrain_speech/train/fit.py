@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from raytrain_speech import storage
 from raytrain_speech.config import Config, ConfigError, dump_yaml
+from raytrain_speech.data import vocab
 from raytrain_speech.data.badinput import BAD_INPUTS_FILE, read_bad_inputs, summary_line
 from raytrain_speech.storage import StorageError
 from raytrain_speech.train import checkpoint, preflight
@@ -51,6 +52,8 @@ def fit(cfg: Config, progress: bool = True, out=print, callbacks: list | None = 
     preflight.check(cfg)
     start = time.time()
     directory = run_dir(cfg)
+    vocab.settle_run_tokenizer(cfg, directory, log=out)  # learned or copied in; its path joins the config
+    vocab.check_fits(cfg)
     storage.write_bytes(storage.join(directory, CONFIG_FILE), dump_yaml(cfg).encode(), cfg.storage)
     metrics_uri = storage.join(directory, METRICS_FILE)
     with ProgressDisplay(metrics_uri, cfg.train.max_steps, cfg.storage, out=out, enabled=progress):

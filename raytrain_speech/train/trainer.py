@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raytrain_speech import storage
 from raytrain_speech.batch import Batch
 from raytrain_speech.config import Config, dump_yaml
 from raytrain_speech.data import corpus
@@ -35,7 +36,8 @@ from raytrain_speech.data.features import DeviceLogMel
 from raytrain_speech.data.preprocess import worker_batches
 from raytrain_speech.data.progress import DataCursor
 from raytrain_speech.data.shards import read_manifest
-from raytrain_speech.data.text import CharTokenizer
+from raytrain_speech.data.text import TOKENIZER_FILES
+from raytrain_speech.data.tokenizer import load_tokenizer
 from raytrain_speech.evaluate.validate import Validator, summarize
 from raytrain_speech.models.masking import model_span_mask
 from raytrain_speech.models.registry import build_model, count_parameters, objective_for
@@ -111,7 +113,12 @@ class Trainer:
     def _build_model(self) -> None:
         cfg = self.cfg
         torch.manual_seed(self.tc.seed)
-        model = build_model(cfg.model, CharTokenizer(cfg.text).vocab_size)
+        tokenizer = load_tokenizer(cfg.text, cfg.storage)
+        model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.specials or None)
+        self.tokenizer_files = {}  # the tokenizer file travels in every checkpoint (data/text.py)
+        if tokenizer.kind in TOKENIZER_FILES and self.rank == 0:
+            self.tokenizer_files[TOKENIZER_FILES[tokenizer.kind]] = storage.read_bytes(cfg.text.tokenizer_path,
+                                                                                        cfg.storage)
         self.n_params = count_parameters(model)
         self.objective = objective_for(cfg.model)
         self.restored = self.rt.latest_checkpoint()
@@ -393,7 +400,7 @@ class Trainer:
         s, cursor = self.stepper, self.cursor
         delay_s = self.tc.fault_checkpoint_delay_s if snapshot.attempts == 1 else 0.0
         return lambda d: checkpoint.save(d, s.model, s.optimizer, s.scaler, snapshot, self.config_yaml, cursor,
-                                         s.ema, fault_delay_s=delay_s)
+                                         s.ema, fault_delay_s=delay_s, extra_files=self.tokenizer_files)
 
     def _end_epoch(self, epoch_start_step: int, resumed_tail: bool) -> None:
         self._judge_bad_input(self.bad.sync(), final=True)

@@ -9,6 +9,7 @@ import torch
 
 from raytrain_speech.config import ModelSpec
 from raytrain_speech.data.batching import Utterance, collate
+from raytrain_speech.data.text import CharTokenizer
 from raytrain_speech.evaluate import artifact, quantize
 from raytrain_speech.evaluate.decode import hypotheses
 from raytrain_speech.models.registry import FAMILIES, build_model
@@ -40,7 +41,7 @@ def test_int8_artifact_round_trips_and_stays_close(name):
 
     payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     assert payload["quantize"] == "int8" and payload["step"] == 7
-    loaded = artifact.build_from_artifact(payload, _Cfg(name), 29)
+    loaded = artifact.build_from_artifact(payload, _Cfg(name), CharTokenizer())
     assert any(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") for m in loaded.modules())
     batch = _batch(FAMILIES[name].input_kind)
     with torch.inference_mode():
@@ -62,7 +63,7 @@ def test_float_export_is_lossless():
     model = build_model(ModelSpec(family="conformer_ctc"), 29).eval()
     payload = torch.load(io.BytesIO(quantize.payload_bytes(quantize.export_model(model, "", 1, "none").payload)),
                          weights_only=True)
-    loaded = artifact.build_from_artifact(payload, _Cfg("conformer_ctc"), 29)
+    loaded = artifact.build_from_artifact(payload, _Cfg("conformer_ctc"), CharTokenizer())
     batch = _batch("log_mel")
     with torch.inference_mode():
         assert torch.equal(model(batch)["log_probs_BTV"], loaded(batch)["log_probs_BTV"])

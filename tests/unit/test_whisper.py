@@ -5,7 +5,7 @@ import torch
 from raytrain_speech.config import ConfigError, from_dict
 from raytrain_speech.data.batching import Utterance, collate
 from raytrain_speech.models.layers import MultiHeadAttention, sinusoids, teacher_forcing
-from raytrain_speech.models.whisper import PRESETS, Whisper, WhisperConfig
+from raytrain_speech.models.whisper import PRESETS, Whisper, WhisperConfig, published_specials
 from raytrain_speech.objectives import seq2seq
 
 VOCAB = 29  # the default char tokenizer: blank, space, a-z, apostrophe
@@ -29,7 +29,9 @@ def _small(**over):
 
 def test_large_v3_parameter_count_on_meta():
     with torch.device("meta"):
-        model = Whisper(from_dict(WhisperConfig, PRESETS["large_v3"], prefix="model.overrides."), VOCAB)
+        cfg = from_dict(WhisperConfig, PRESETS["large_v3"], prefix="model.overrides.")
+        model = Whisper(cfg, cfg.vocab_size, published_specials(cfg))  # Whisper's own tokenizer: 51,866 ids
+    assert model.decoder.embed.num_embeddings == 51_866
     count = sum(p.numel() for p in model.parameters())
     assert count == 1_541_509_120
     assert abs(count - 1.55e9) / 1.55e9 < 0.01
@@ -120,8 +122,8 @@ def test_errors_name_what_is_wrong():
         model(_batch(languages=["en", "de", "xx"]))
     with pytest.raises(ValueError, match="max_source_positions"):
         _small(max_source_positions=20)(_batch(frames=60))
-    with pytest.raises(ConfigError, match="vocab_size"):
-        _small(vocab_size=30)
+    with pytest.raises(ConfigError, match=r"lacks Whisper's special token\(s\) <\|startoftranscript\|>"):
+        Whisper(from_dict(WhisperConfig, {}), 40, {"<|endoftext|>": 39})
     with pytest.raises(ConfigError, match="num_heads"):
         from_dict(WhisperConfig, {"d_model": 100, "num_heads": 3})
 

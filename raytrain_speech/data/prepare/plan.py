@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 from raytrain_speech.config import ConfigError, require
@@ -140,6 +141,10 @@ class PrepareOutcome:
     """Shards an earlier run of the same plan had already written (not rewritten)."""
     skipped_uri: str
     wall_s: float
+    text_rules: str = ""
+    """The text rules transcripts were checked against (text.normalizer, text.tokenizer)."""
+    text_skipped: dict = field(default_factory=dict)
+    """Transcripts the text rules cannot encode, per reason: count and example ids (also listed)."""
 
 
 def check_unique_ids(utterances: list[Utterance], where: str) -> None:
@@ -191,14 +196,23 @@ def _fingerprint(split: str, jobs: list[ShardJob]) -> str:
     return digest.hexdigest()
 
 
-def make_plan(found: list[Utterance], skipped: list[Skip], cfg: PrepareConfig) -> Plan:
+TEXT_REASON = "transcript: "
+"""Reason prefix of utterances whose transcript the text rules (text.*) cannot encode."""
+
+
+def make_plan(found: list[Utterance], skipped: list[Skip], cfg: PrepareConfig,
+              text_problem: Callable[[str], str] | None = None) -> Plan:
     """Drop what cannot be used, number the rest in id order, and cut shards; a pure function of
-    the survey and the config, so the same input always gives the same indices and shards."""
+    the survey, the config and ``text_problem`` (why a transcript cannot be encoded, '' if it can),
+    so the same input always gives the same indices and shards."""
     check_unique_ids(found, cfg.input)
     skipped = list(skipped)
     good = []
     for u in sorted(found, key=lambda u: u.id):
         reason = u.problem or duration_problem(u.duration_s, cfg)
+        if not reason and text_problem is not None:
+            why = text_problem(u.text)
+            reason = f"{TEXT_REASON}{why}" if why else ""
         if reason:
             skipped.append(Skip(u.id, u.source, reason, filtered=not u.problem))
         else:

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from raytrain_speech import storage
-from raytrain_speech.config import ConfigError, StorageConfig, to_dict
+from raytrain_speech.config import ConfigError, StorageConfig, TextConfig, to_dict
 from raytrain_speech.data import shards
 from raytrain_speech.data.prepare.executor import executor
 from raytrain_speech.data.prepare.index import index_webdataset
 from raytrain_speech.data.prepare.layouts import locate, nothing_found, survey
-from raytrain_speech.data.prepare.plan import Plan, PrepareConfig, PrepareOutcome, make_plan
+from raytrain_speech.data.prepare.plan import TEXT_REASON, Plan, PrepareConfig, PrepareOutcome, make_plan
 from raytrain_speech.data.prepare.write import (
     SKIPPED_FILE,
     STATE_FILE,
@@ -30,12 +30,15 @@ from raytrain_speech.data.prepare.write import (
     write_shards,
     write_skipped,
 )
+from raytrain_speech.data.vocab import text_checker
 
 
 def prepare(cfg: PrepareConfig, out_uri: str, storage_cfg: StorageConfig | None = None,
-            log: Callable[[str], None] = print) -> PrepareOutcome:
+            log: Callable[[str], None] = print, text: TextConfig | None = None) -> PrepareOutcome:
     """Convert ``cfg.input`` into split ``cfg.split`` of the shard corpus at ``out_uri``; the manifest
-    is written last, so the split is usable exactly when this returns."""
+    is written last, so the split is usable exactly when this returns. Transcripts the text rules
+    (``text``: the recipe's text section; default TextConfig) cannot encode are left out and listed
+    with their reason, so a run never learns of them from its bad-input count."""
     cfg.validate()
     if cfg.index_only:
         return index_webdataset(cfg, out_uri, storage_cfg, log)
@@ -51,9 +54,12 @@ def prepare(cfg: PrepareConfig, out_uri: str, storage_cfg: StorageConfig | None 
         found, skipped = survey(cfg, located, skipped, storage_cfg, run_all)
         if not found and not skipped:
             nothing_found(input_uri, cfg.layout)
-        plan = make_plan(found, skipped, replace(cfg, input=input_uri))
+        text_problem, rules = text_checker(text or TextConfig(), storage_cfg)
+        plan = make_plan(found, skipped, replace(cfg, input=input_uri), text_problem)
         n_filtered = sum(s.filtered for s in plan.skipped)
-        record.update(skipped=len(plan.skipped) - n_filtered, filtered=n_filtered)
+        text_skips = [s for s in plan.skipped if s.reason.startswith(TEXT_REASON)]
+        record.update(skipped=len(plan.skipped) - n_filtered, filtered=n_filtered, text_rules=rules,
+                      text_skipped=text_summary(text_skips))
         n_good = sum(len(j.utterances) for j in plan.shards)
         log(f"prepare: {n_good} utterances in {len(plan.shards)} shards; {record['skipped']} bad inputs and "
             f"{n_filtered} outside the duration limits left out (surveyed in {time.time() - start:.0f} s)")
@@ -65,7 +71,18 @@ def prepare(cfg: PrepareConfig, out_uri: str, storage_cfg: StorageConfig | None 
         info, written, reused = write_shards(plan, state, out_uri, cfg.split, storage_cfg, run_all, log)
     manifest = merge_manifest(out_uri, cfg.split, info, record, storage_cfg)
     return PrepareOutcome(manifest, cfg.split, record["skipped"], n_filtered, written, reused, skipped_uri,
-                          time.time() - start)
+                          time.time() - start, rules, record["text_skipped"])
+
+
+def text_summary(skips: list) -> dict:
+    """Transcripts left out by the text rules: per reason, a count and up to 3 example ids."""
+    out: dict = {}
+    for s in skips:
+        entry = out.setdefault(s.reason[len(TEXT_REASON):], {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < 3:
+            entry["examples"].append(s.id)
+    return out
 
 
 def _refuse_empty_plan(plan: Plan, input_uri: str, state_uri: str, skipped_uri: str,

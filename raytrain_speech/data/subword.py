@@ -1,0 +1,106 @@
+"""Subword tokenizers from well-kept libraries: SentencePiece models and ``tokenizer.json`` files (no Ray).
+
+Both are built from the file's bytes (read once from local disk or ``s3://`` by the caller), so a
+Ray Data task or a checkpoint loader never needs the original path. ``train_sentencepiece`` learns a
+model from transcripts only (never audio), in memory.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+
+import sentencepiece as spm
+from tokenizers import Tokenizer as HFFile
+
+from raytrain_speech.config import ConfigError
+from raytrain_speech.data.text import TextError
+
+ID_OFFSET = 1
+"""Our id = SentencePiece id + 1: id 0 is the CTC blank, which SentencePiece does not have."""
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model (BPE or unigram) behind our id layout (0 = blank)."""
+
+    kind = "sentencepiece"
+    blank_id = 0
+    specials: dict[str, int] = {}
+    symbols = None
+
+    def __init__(self, data: bytes, name: str = ""):
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(data)
+        except Exception as err:  # the library raises a bare RuntimeError/OSError on a bad file
+            raise ConfigError(f"text.tokenizer_path: {name or 'tokenizer'} is not a SentencePiece model "
+                              f"({err}); give a .model file or use text.tokenizer=hf for tokenizer.json") from None
+        self.vocab_size = self.sp.get_piece_size() + ID_OFFSET
+        self._unk = self.sp.unk_id()
+
+    def encode(self, normalized: str) -> list[int]:
+        ids = self.sp.encode(normalized, out_type=int)
+        if not ids:
+            raise TextError("empty transcript")
+        if self._unk in ids:
+            bad = sorted({c for c in normalized if not c.isspace() and self._unk in self.sp.encode(c, out_type=int)})
+            raise TextError(f"characters the SentencePiece model cannot encode: {''.join(bad)!r} (train the "
+                            "tokenizer on this corpus: raytrain-speech tokenizer train)")
+        return [i + ID_OFFSET for i in ids]
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) - ID_OFFSET for i in ids if int(i) >= ID_OFFSET])
+
+
+class HFTokenizer:
+    """A ``tokenizer.json`` (Hugging Face ``tokenizers``); its own ids, special tokens included."""
+
+    kind = "hf"
+    blank_id = None
+    symbols = None
+
+    def __init__(self, data: bytes, name: str = ""):
+        try:
+            self.tok = HFFile.from_str(data.decode("utf-8"))
+        except Exception as err:  # the library raises its own Exception subclass on bad JSON
+            raise ConfigError(f"text.tokenizer_path: {name or 'tokenizer'} is not a tokenizer.json file "
+                              f"({str(err).splitlines()[0][:200]})") from None
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.specials = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        unk = getattr(self.tok.model, "unk_token", None)
+        self._unk = self.tok.token_to_id(unk) if unk else None
+
+    def encode(self, normalized: str) -> list[int]:
+        ids = self.tok.encode(normalized, add_special_tokens=False).ids
+        if not ids:
+            raise TextError("empty transcript")
+        if self._unk is not None and self._unk in ids:
+            bad = sorted({c for c in normalized if not c.isspace()
+                          and self._unk in self.tok.encode(c, add_special_tokens=False).ids})
+            raise TextError(f"characters the tokenizer.json cannot encode: {''.join(bad)!r}")
+        special = set(self.specials.values())
+        if special.intersection(ids):  # a transcript that spells a special token must not become one
+            raise TextError("transcript contains a special token of the tokenizer "
+                            f"({', '.join(sorted(t for t, i in self.specials.items() if i in ids))})")
+        return ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str = "unigram",
+                        character_coverage: float = 1.0) -> bytes:
+    """A SentencePiece model learned from normalised transcripts; the model file's bytes.
+
+    No bos/eos pieces (models add their own specials); unk is SentencePiece id 0. ``hard_vocab_limit``
+    is off so a small corpus yields a smaller vocabulary instead of an error."""
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(t for t in texts if t), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=character_coverage, bos_id=-1, eos_id=-1, unk_id=0,
+            pad_id=-1, hard_vocab_limit=False, split_digits=True, num_threads=2,
+            input_sentence_size=2_000_000, shuffle_input_sentence=True, minloglevel=2)
+    except RuntimeError as err:
+        raise ConfigError(f"text.vocab_size={vocab_size}: SentencePiece could not train ({err})") from None
+    return model.getvalue()
