@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from raytrain_speech.config import ConfigError, from_dict
+from raytrain_speech import cli
+from raytrain_speech.config import ConfigError, TextConfig, from_dict
 from raytrain_speech.data import audio, shards
 from raytrain_speech.data.prepare import (
     SKIPPED_FILE,
@@ -232,6 +233,31 @@ def test_manifest_layout(tmp_path, records, fmt):
     rows = check_prepared(str(tmp_path / "out"), good, bad)
     assert {r["audio"][:4] for r in rows} == {b"fLaC", b"RIFF", b"OggS"}
     assert out.manifest.source["layout"] == "manifest" and out.manifest.source["input"] == path
+
+
+WRITTEN = ["Hello, World! It's 5 o'clock.", "¿Qué tal, señor Núñez?", "The SHOP is open."]
+
+
+def test_prepare_reports_transcripts_the_text_rules_cannot_encode(tmp_path, records, capsys):
+    """A user's cased, punctuated transcripts with digits and accents: under the default rules (basic
+    normaliser, char a-z') the ones with digits or accents are named at prepare time, per reason with
+    examples, and listed; under text.alphabet=auto every one is kept."""
+    recs = [{**r, "text": WRITTEN[i % len(WRITTEN)]} for i, r in enumerate(records[2:])]
+    path, good, _ = build_manifest_layout(tmp_path / "in", records[:2] + recs, "jsonl")
+    assert cli.main(["prepare", "--layout", "manifest", "--input", path, "--out", str(tmp_path / "strict"),
+                     "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "transcripts checked against text.normalizer=basic, text.tokenizer=char" in printed
+    assert "characters outside the alphabet: '5'" in printed and "characters outside the alphabet: 'éñú'" in printed
+    skipped = [json.loads(line) for line in open(tmp_path / "strict" / "train" / SKIPPED_FILE)]
+    text_skips = {s["id"]: s["reason"] for s in skipped if s["reason"].startswith("transcript: ")}
+    expected = {uid for uid, t in good.items() if t["text"] != WRITTEN[2]}
+    assert set(text_skips) == expected, text_skips
+    source = shards.read_manifest(str(tmp_path / "strict")).source
+    assert sum(r["count"] for r in source["text_skipped"].values()) == len(expected)
+    out = prepare(_cfg(layout="manifest", input=path), str(tmp_path / "auto"), log=_quiet,
+                  text=from_dict(TextConfig, {"alphabet": "auto"}))
+    assert out.text_skipped == {} and out.skipped == 2  # only the corrupt audio and the empty transcript
 
 
 def test_manifest_directory_input_and_headerless_tsv(tmp_path, records):
