@@ -93,7 +93,7 @@ def _eval_both_normalisers(run_dir: str, tmp_path, tag: str) -> dict[str, dict]:
         assert set(res["sets"][0]["by_language"]) == {"en", "es"}, res["sets"][0]["by_language"]
         assert res["bad_utterances"] == 0 and res["utterances"] > 0
         assert f"eval.normalizer={norm}" in res["normalisation"]
-        assert f"| test | es |" in (tmp_path / f"{tag}-{norm}.md").read_text()
+        assert "| test | es |" in (tmp_path / f"{tag}-{norm}.md").read_text()
         out[norm] = res
     # Case and punctuation count as errors under none: never fewer errors than under basic.
     assert out["none"]["cer"] >= out["basic"]["cer"] - 1e-9
