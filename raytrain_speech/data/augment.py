@@ -35,11 +35,20 @@ def _speed_resampler(factor: float) -> torchaudio.transforms.Resample:
 
 
 def speed_perturb(samples_T: np.ndarray, factor: float) -> np.ndarray:
-    """The utterance played ``factor`` times faster (shorter by 1/factor, pitch up by factor)."""
+    """The utterance played ``factor`` times faster (shorter by 1/factor, pitch up by factor).
+
+    torchaudio's sinc kernel, applied here with a single-threaded ``np.einsum`` rather than its
+    ``conv1d``: the conv's result depends on torch's thread count, and the same (seed, epoch, index)
+    must give the same audio in a Ray Data task (1 thread) and in the local backend or a test (N)."""
     if factor == 1.0:
         return samples_T
-    with torch.no_grad():
-        return _speed_resampler(factor)(torch.from_numpy(np.ascontiguousarray(samples_T))).numpy()
+    res = _speed_resampler(factor)
+    orig, new = res.orig_freq // res.gcd, res.new_freq // res.gcd
+    kernel_NK = res.kernel[:, 0, :].double().numpy()
+    padded_T = np.pad(np.asarray(samples_T, np.float64), (res.width, res.width + orig))
+    frames_FK = np.lib.stride_tricks.sliding_window_view(padded_T, kernel_NK.shape[1])[::orig]
+    out = np.einsum("fk,nk->fn", frames_FK, kernel_NK).reshape(-1)
+    return out[: math.ceil(new * len(samples_T) / orig)].astype(np.float32)
 
 
 def mix_noise(samples_T: np.ndarray, noise_T: np.ndarray, snr_db: float, offset: int = 0) -> np.ndarray:

@@ -37,10 +37,14 @@ def digest(seed: int, epoch: int, indices: list[int]) -> str:
 
 
 def test_same_seed_epoch_index_same_audio_in_another_process():
-    """The Ray Data task that augments an utterance after a restart is another process on another node."""
+    """The Ray Data task that augments an utterance after a restart is another process on another node,
+    with another torch thread count (Ray Data tasks run 1; the local backend train.torch_threads)."""
+    import torch
+
     here = digest(7, 2, list(range(12)))
-    code = ("import sys; sys.path.insert(0, '.'); from tests.unit.test_waveform_augment import digest; "
-            "print(digest(7, 2, list(range(12))))")
+    other_threads = 2 if torch.get_num_threads() == 1 else 1
+    code = (f"import sys, torch; torch.set_num_threads({other_threads}); sys.path.insert(0, '.'); "
+            "from tests.unit.test_waveform_augment import digest; print(digest(7, 2, list(range(12))))")
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert there == here
     assert digest(7, 3, list(range(12))) != here  # a new epoch draws anew
