@@ -16,6 +16,7 @@ from raytrain_speech import storage
 from raytrain_speech.config import Config, ConfigError, dump_yaml
 from raytrain_speech.data import vocab
 from raytrain_speech.data.badinput import BAD_INPUTS_FILE, read_bad_inputs, summary_line
+from raytrain_speech.data.text import TOKENIZER_FILES
 from raytrain_speech.storage import StorageError
 from raytrain_speech.train import checkpoint, preflight
 from raytrain_speech.train.metrics import (
@@ -52,6 +53,7 @@ def fit(cfg: Config, progress: bool = True, out=print, callbacks: list | None = 
     preflight.check(cfg)
     start = time.time()
     directory = run_dir(cfg)
+    _tokenizer_from_init(cfg)
     vocab.settle_run_tokenizer(cfg, directory, log=out)  # learned or copied in; its path joins the config
     vocab.check_fits(cfg)
     storage.write_bytes(storage.join(directory, CONFIG_FILE), dump_yaml(cfg).encode(), cfg.storage)
@@ -68,6 +70,20 @@ def fit(cfg: Config, progress: bool = True, out=print, callbacks: list | None = 
             if error:
                 raise TrainingFailed(error)
     return _outcome(cfg, start, ckpt, metrics)
+
+
+def _tokenizer_from_init(cfg: Config) -> None:
+    """A fine-tuning run (train.init_from) whose subword tokenizer is not given takes the one its
+    starting checkpoint carries, so the embedding rows keep their meaning."""
+    t = cfg.text
+    if not cfg.train.init_from or t.tokenizer not in TOKENIZER_FILES or t.tokenizer_path:
+        return
+    try:
+        source = storage.join(checkpoint.resolve_checkpoint(cfg.train.init_from, cfg.storage), TOKENIZER_FILES[t.tokenizer])
+    except StorageError:
+        return  # preflight / finetune report an unusable init_from with their own message
+    if storage.exists(source, cfg.storage):
+        t.tokenizer_path = source
 
 
 def _fit_local(cfg: Config) -> tuple[str | None, dict]:
