@@ -404,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tokenizer", help="tokenizers: `tokenizer train` learns a SentencePiece model from a "
                                          "corpus split's transcripts")
-    p.add_argument("action", choices=["train"])
+    p = p.add_subparsers(dest="action", required=True).add_parser(
+        "train", help="learn a SentencePiece model from a split's transcripts (never its audio)")
     p.add_argument("--data", required=True, help="corpus root (local path or s3://)")
     p.add_argument("--split", default="train", help="split whose transcripts to learn from (default train)")
     p.add_argument("--out", required=True, help="the .model file to write (local path or s3://)")

@@ -39,6 +39,7 @@ class BadInputAccountant:
         self.log.load()  # every rank reads the records of earlier attempts now, before rank 0 writes
         self.new: list[dict] = []
         self.printed = 0
+        self.printed_filtered = 0
         self.filtered = 0
         """Utterances this rank left out by the duration filter in this attempt."""
         self.stale_rows = 0
@@ -49,6 +50,9 @@ class BadInputAccountant:
         cursor.mark([index])
         if is_filtered(reason):
             self.filtered += 1
+            if "target of" in reason and self.printed_filtered < PRINTED_PER_ATTEMPT:  # long targets: named
+                self.printed_filtered += 1
+                log(f"filtered utterance {utt_id}: {reason.removeprefix('filtered: ')}")
             return
         self.new.append({"epoch": cursor.epoch, "index": index, "id": utt_id, "reason": reason})
         self.printed += 1

@@ -130,3 +130,18 @@ def test_whisper_and_conformer_aed_train_on_cased_punctuated_bilingual_transcrip
     _tokenizer_travels(whisper, corpus, tmp_path, capsys)
     aed = _train("conformer_aed_tiny", corpus, runs, 24, "train.init_from=null", "optim.lr_peak=3e-3")
     _eval_both_normalisers(aed, tmp_path, "aed")
+
+
+@pytest.mark.slow
+def test_tokenizer_train_on_ray_reads_every_transcript(ray_local, corpus, tmp_path, capsys):
+    from raytrain_speech.config import TextConfig
+    from raytrain_speech.data.tokenizer import build_tokenizer
+    from raytrain_speech.data.vocab import transcripts
+
+    out = str(tmp_path / "spm.model")
+    assert cli.main(["tokenizer", "train", "--ray", "--data", corpus, "--out", out, "text.tokenizer=sentencepiece",
+                     "text.vocab_size=200", "text.normalizer=none"]) == 0
+    texts = list(transcripts(corpus, "train", None, "none"))
+    assert f"from {len(texts)} train transcripts" in capsys.readouterr().out
+    tok = build_tokenizer(TextConfig(tokenizer="sentencepiece", tokenizer_path=out), open(out, "rb").read())
+    assert all(tok.decode(tok.encode(t)) == t for t in texts)  # cased, punctuated, accented: all encodable

@@ -116,3 +116,49 @@ def test_over_long_targets_are_filtered_with_the_limit_named():
     # 100 feature frames -> 24 encoder frames: 20 distinct tokens fit, 20 with 5 repeats need 25.
     assert ctc.reason(np.arange(1, 21), 100) == ""
     assert "CTC frames" in ctc.reason(np.asarray([1, 1, 2, 2, 3, 3, 4, 4, 5, 5] + list(range(6, 16))), 100)
+
+
+def test_the_preprocessor_filters_an_over_long_target_before_decoding_its_audio():
+    from raytrain_speech.config import FeatureConfig
+    from raytrain_speech.data.preprocess import Preprocessor, is_filtered, to_utterances
+
+    pre = Preprocessor(FeatureConfig(), TextConfig(), limits=TargetLimits(max_tokens=10))
+    out = pre({"index": [0, 1], "id": ["long", "bad"], "audio": [b"not audio", b"not audio"],
+               "duration_s": [1.0, 1.0], "text": ["this transcript is far too long", "short"]})
+    _, bad = to_utterances(out)
+    reasons = {utt_id: reason for _, utt_id, reason in bad}
+    assert is_filtered(reasons["long"]) and "31 tokens is longer than 10" in reasons["long"]
+    assert not is_filtered(reasons["bad"])  # a short target gets to the audio, which is bad input
+
+
+def _text_corpus(root, texts) -> str:
+    """A one-split corpus whose audio is a placeholder: `tokenizer train` must never read it."""
+    from raytrain_speech.data import shards
+
+    rows = [{"index": i, "id": f"u{i}", "audio": b"never read", "sample_rate_hz": 16000, "duration_s": 1.0,
+             "text": t, "language": "es" if "ñ" in t else "en", "speaker": "s"} for i, t in enumerate(texts)]
+    names = []
+    for k in range(0, len(rows), 50):
+        names.append(shards.shard_name("train", k // 50))
+        shards.write_shard(str(root), names[-1], shards.rows_to_table(rows[k:k + 50]))
+    shards.write_manifest(str(root), shards.Manifest(splits={"train": shards.SplitInfo(
+        names, [len(rows[k:k + 50]) for k in range(0, len(rows), 50)], 0.1)}))
+    return str(root)
+
+
+def test_tokenizer_train_cli_learns_a_sentencepiece_model_from_the_transcripts(tmp_path, capsys):
+    from raytrain_speech import cli
+
+    root = _text_corpus(tmp_path / "corpus", [s.capitalize() + "!" for s in SENTENCES])
+    out = str(tmp_path / "spm.model")
+    assert cli.main(["tokenizer", "train", "--data", root, "--out", out, "text.tokenizer=sentencepiece",
+                     "text.vocab_size=80", "text.subword_model=bpe"]) == 0
+    assert "bpe SentencePiece" in capsys.readouterr().out
+    tok = build_tokenizer(TextConfig(tokenizer="sentencepiece", tokenizer_path=out), open(out, "rb").read())
+    assert 40 < tok.vocab_size <= 81
+    # The basic normaliser was applied before learning: no capitals or '!' pieces to encode them with.
+    assert tok.decode(tok.encode("mañana será otro día")) == "mañana será otro día"
+    with pytest.raises(TextError):
+        tok.encode("Mañana!")
+    assert cli.main(["tokenizer", "train", "--data", root, "--out", out]) != 0
+    assert "learns sentencepiece models" in capsys.readouterr().err
