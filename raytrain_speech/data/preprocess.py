@@ -78,15 +78,23 @@ class TargetLimits:
 
     def reason(self, targets: np.ndarray, n_inputs: int) -> str:
         """'' if ``targets`` fit, else the FILTERED reason naming the limit and its key."""
-        n = len(targets)
-        if self.max_tokens is not None and n > self.max_tokens:
-            return f"{FILTERED}target of {n} tokens is longer than {self.max_tokens} (text.max_target_tokens)"
-        if self.ctc_inputs_per_frame is not None:
-            frames = int(n_inputs / self.ctc_inputs_per_frame - self.ctc_frame_slack)
-            needed = n + int(np.count_nonzero(targets[1:] == targets[:-1])) if n else 0
-            if needed > frames:
-                return (f"{FILTERED}target of {n} tokens needs {needed} CTC frames, the encoder has about "
-                        f"{frames} for this audio (a coarser tokenizer, or text.max_target_tokens)")
+        return self.tokens_reason(targets) or self.frames_reason(targets, n_inputs)
+
+    def tokens_reason(self, targets: np.ndarray) -> str:
+        """The token-count limit alone (decided before the audio is decoded)."""
+        if self.max_tokens is not None and len(targets) > self.max_tokens:
+            return f"{FILTERED}target of {len(targets)} tokens is longer than {self.max_tokens} (text.max_target_tokens)"
+        return ""
+
+    def frames_reason(self, targets: np.ndarray, n_inputs: int) -> str:
+        """The CTC limit: tokens plus repeats against the encoder frames of ``n_inputs`` input units."""
+        if self.ctc_inputs_per_frame is None or not len(targets):
+            return ""
+        frames = int(n_inputs / self.ctc_inputs_per_frame - self.ctc_frame_slack)
+        needed = len(targets) + int(np.count_nonzero(targets[1:] == targets[:-1]))
+        if needed > frames:
+            return (f"{FILTERED}target of {len(targets)} tokens needs {needed} CTC frames, the encoder has about "
+                    f"{frames} for this audio (a coarser tokenizer, or text.max_target_tokens)")
         return ""
 
 
@@ -136,10 +144,9 @@ class Preprocessor:
             if self.targets_required:
                 raise audio.AudioError(f"bad transcript: {err}") from None
             targets = np.zeros(0, np.int32)
-        if self.targets_required and self.limits.max_tokens is not None:
-            reason = self.limits.reason(targets, 1 << 62)  # before decoding: the token count alone decides
-            if reason:
-                raise TargetFiltered(reason)
+        reason = self.limits.tokens_reason(targets) if self.targets_required else ""
+        if reason:
+            raise TargetFiltered(reason)
         rate_hz = self.features_cfg.sample_rate_hz
         samples = audio.load(audio_bytes, rate_hz, duration_s)
         if self.augmenter is not None:
@@ -151,10 +158,9 @@ class Preprocessor:
         else:
             out = self.features(samples)
             n_inputs = out.shape[0]
-        if self.targets_required and self.limits.ctc_inputs_per_frame is not None:
-            reason = self.limits.reason(targets, n_inputs)
-            if reason:
-                raise TargetFiltered(reason)
+        reason = self.limits.frames_reason(targets, n_inputs) if self.targets_required else ""
+        if reason:
+            raise TargetFiltered(reason)
         return out, targets, duration_s
 
     def __call__(self, batch: dict, seed: int = 0, epoch: int = 0) -> dict:

@@ -67,6 +67,7 @@ class HFTokenizer:
                               f"({str(err).splitlines()[0][:200]})") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.specials = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        self._special_ids = frozenset(self.specials.values())
         unk = getattr(self.tok.model, "unk_token", None)
         self._unk = self.tok.token_to_id(unk) if unk else None
 
@@ -78,8 +79,7 @@ class HFTokenizer:
             bad = sorted({c for c in normalized if not c.isspace()
                           and self._unk in self.tok.encode(c, add_special_tokens=False).ids})
             raise TextError(f"characters the tokenizer.json cannot encode: {''.join(bad)!r}")
-        special = set(self.specials.values())
-        if special.intersection(ids):  # a transcript that spells a special token must not become one
+        if self._special_ids.intersection(ids):  # a transcript that spells a special token must not become one
             raise TextError("transcript contains a special token of the tokenizer "
                             f"({', '.join(sorted(t for t, i in self.specials.items() if i in ids))})")
         return ids

@@ -149,13 +149,13 @@ def target_limits(spec: ModelSpec, specials: dict[str, int] | None = None,
     out: dict = {}
     if fam.text_output is None:
         return out
-    model = build_meta(spec, 64 if not specials else 1 + max(specials.values()), specials)
     if fam.text_output == "seq2seq":
-        prompt = model.prompt_length() if hasattr(model, "prompt_length") else 1
+        prompt = whisper.prompt_length(specials) if fam.builder is whisper.Whisper else 1  # AED: <sot>
         out["max_tokens"] = resolve(spec).max_target_positions - prompt
     if max_target_tokens is not None:
         out["max_tokens"] = min(out.get("max_tokens", max_target_tokens), max_target_tokens)
-    if fam.objective in ("ctc", "hybrid"):
+    if fam.objective in ("ctc", "hybrid"):  # the encoder's own frame count, from a meta-device model
+        model = build_meta(spec, 64)
         big = 1_000_000
         per_frame = big / float(model.output_lengths(torch.tensor([big]))[0])
         grid = torch.arange(1, 4000)

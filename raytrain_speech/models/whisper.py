@@ -128,6 +128,11 @@ def published_specials(cfg: WhisperConfig) -> dict[str, int]:
     return out
 
 
+def prompt_length(specials: dict[str, int] | None) -> int:
+    """Tokens of the prompt every row starts with: 3, or 4 with a tokenizer file's <|notimestamps|>."""
+    return NUM_FIXED_SPECIALS + int(bool(specials) and "<|notimestamps|>" in specials)
+
+
 class Whisper(Seq2SeqModel):
     """log-mel -> conv stem (2x) -> Transformer encoder -> autoregressive token decoder."""
 
@@ -164,10 +169,6 @@ class Whisper(Seq2SeqModel):
         self.prompt_tail = [specials["<|notimestamps|>"]] if "<|notimestamps|>" in specials else []
         self.special_ids = sorted(specials.values())
         return vocab_size
-
-    def prompt_length(self) -> int:
-        """Tokens of the prompt every row starts with (3, or 4 with Whisper's <|notimestamps|>)."""
-        return NUM_FIXED_SPECIALS + len(self.prompt_tail)
 
     def output_lengths(self, lengths_B: torch.Tensor) -> torch.Tensor:
         """Encoder frames of the stride-2, kernel-3, padding-1 conv: ceil(F / 2)."""
