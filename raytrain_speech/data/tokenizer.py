@@ -38,11 +38,18 @@ def load_tokenizer(cfg: TextConfig, storage_cfg: StorageConfig | None = None) ->
     return _LOADED[key]
 
 
+def tokenizer_file_in(directory: str, cfg: TextConfig, storage_cfg: StorageConfig | None = None) -> bytes | None:
+    """The tokenizer file a checkpoint or export directory carries, else the one ``cfg`` names
+    (None for char, which has no file)."""
+    if cfg.tokenizer not in TOKENIZER_FILES:
+        return None
+    uri = storage.join(directory, TOKENIZER_FILES[cfg.tokenizer])
+    return storage.read_bytes(uri if storage.exists(uri, storage_cfg) else cfg.tokenizer_path, storage_cfg)
+
+
 def tokenizer_in(directory: str, cfg: TextConfig, storage_cfg: StorageConfig | None = None) -> Tokenizer:
     """The tokenizer a checkpoint or export directory carries (its own copy of the file), else the
     one ``cfg`` names: a checkpoint copied away from its run still decodes with its tokenizer."""
     if cfg.tokenizer in TOKENIZER_FILES:
-        uri = storage.join(directory, TOKENIZER_FILES[cfg.tokenizer])
-        if storage.exists(uri, storage_cfg):
-            return build_tokenizer(cfg, storage.read_bytes(uri, storage_cfg))
+        return build_tokenizer(cfg, tokenizer_file_in(directory, cfg, storage_cfg))
     return load_tokenizer(cfg, storage_cfg)

@@ -32,6 +32,7 @@ from torch import nn
 from raytrain_speech import storage
 from raytrain_speech.config import StorageConfig, dump_yaml
 from raytrain_speech.data.text import TOKENIZER_FILES
+from raytrain_speech.data.tokenizer import tokenizer_file_in
 from raytrain_speech.evaluate.artifact import (
     ARTIFACT_FILE,
     FORMAT,
@@ -107,9 +108,7 @@ def export_checkpoint(checkpoint: str, out: str, quantize: str = "int8", storage
     tokenizer_files = {}
     if cfg.text.tokenizer in TOKENIZER_FILES:  # the export carries its tokenizer, as checkpoints do
         name = TOKENIZER_FILES[cfg.text.tokenizer]
-        source = storage.join(ckpt, name)
-        tokenizer_files[name] = storage.read_bytes(
-            source if storage.exists(source, storage_cfg) else cfg.text.tokenizer_path, storage_cfg)
+        tokenizer_files[name] = tokenizer_file_in(ckpt, cfg.text, storage_cfg)
         cfg.text.tokenizer_path = storage.join(out, name)
     config_yaml = dump_yaml(cfg)
     exported = export_model(loaded.model, config_yaml, loaded.step, quantize, source=ckpt)
