@@ -20,9 +20,11 @@ USAGE_ERROR = 2
 def _load(args) -> object:
     """The recipe + overrides, checked section by section and against the model family."""
     from raytrain_speech.config import load_config
+    from raytrain_speech.hf.importer import settle
     from raytrain_speech.models.registry import check_config
 
     cfg = load_config(getattr(args, "config", None), args.overrides)
+    settle(cfg, log=None)  # model.from_hf / train.init_from=hf: fill the architecture first
     check_config(cfg)
     return cfg
 
@@ -214,9 +216,14 @@ def cmd_transcribe(args) -> int:
 
 
 def cmd_export(args) -> int:
+    storage_cfg = _storage_from(args.overrides)
+    if args.format == "hf":
+        from raytrain_speech.hf.exporter import export_hf
+
+        export_hf(args.checkpoint, args.out, storage_cfg, overrides=args.overrides)
+        return 0
     from raytrain_speech.evaluate.quantize import export_checkpoint
 
-    storage_cfg = _storage_from(args.overrides)
     rep = export_checkpoint(args.checkpoint, args.out, args.quantize, storage_cfg, split=args.split,
                             overrides=args.overrides, evaluate=not args.no_eval)
     size = rep["bytes"]
@@ -316,43 +323,25 @@ def cmd_models(args) -> int:
     return 0
 
 
-RAY_TOKENIZER_SHARDS = 32
-"""`tokenizer train` reads transcripts with Ray Data tasks from this many shards up (else in-process)."""
-
-
 def cmd_tokenizer(args) -> int:
-    """Learn a SentencePiece model from a corpus split's transcripts (never the audio): in this process
-    for a small split, with Ray Data tasks (one per shard) for a large one or with --ray."""
+    """Learn a tokenizer from a corpus split's transcripts (never the audio): data/vocab.py."""
     from raytrain_speech import storage
     from raytrain_speech.config import load_config
-    from raytrain_speech.data import corpus, vocab
+    from raytrain_speech.data import vocab
+    from raytrain_speech.data.tokenizer import build_tokenizer
 
     cfg = load_config(args.config, [*args.overrides, f"data.root={args.data}"])
-    t = cfg.text
-    if t.tokenizer != "sentencepiece":
-        raise ConfigError(f"text.tokenizer={t.tokenizer}: `tokenizer train` learns sentencepiece models "
-                          "(pass text.tokenizer=sentencepiece text.vocab_size=N)")
-    storage.check_reachable(cfg.data.root, cfg.storage)
     start = time.time()
-    n_shards = len(corpus.shard_uris(cfg.data.root, args.split, cfg.storage))
-    if args.ray or n_shards >= RAY_TOKENIZER_SHARDS:
-        from raytrain_speech import ray_session
-        from raytrain_speech.data.pipeline import transcripts_on_ray
-
-        ray_session.connect(cfg.run.ray_address, dashboard=False)
-        texts = list(transcripts_on_ray(cfg.data.root, args.split, cfg.storage, t.normalizer))
-    else:
-        texts = list(vocab.transcripts(cfg.data.root, args.split, cfg.storage, t.normalizer))
-    if not texts:
-        raise ConfigError(f"{cfg.data.root}: split {args.split} has no transcripts to learn a tokenizer from")
-    model = vocab.train_tokenizer(t, texts)
-    storage.write_bytes(args.out, model, cfg.storage)
-    from raytrain_speech.data.subword import SentencePieceTokenizer
-
-    tok = SentencePieceTokenizer(model, args.out)
-    print(f"wrote {args.out}: {t.subword_model} SentencePiece, {tok.vocab_size - 1} units (+ blank) from "
-          f"{len(texts)} {args.split} transcripts of {n_shards} shards, text.normalizer={t.normalizer}, "
-          f"in {time.time() - start:.1f} s; train with text.tokenizer=sentencepiece text.tokenizer_path={args.out}")
+    data, n_texts, n_shards = vocab.train_from_split(cfg, args.split, use_ray=args.ray)
+    storage.write_bytes(args.out, data, cfg.storage)
+    t = cfg.text
+    tok = build_tokenizer(t, data)
+    kind = ("byte-level BPE in Whisper's layout" if t.tokenizer == "hf" else f"{t.subword_model} SentencePiece")
+    units = f"{tok.vocab_size - len(tok.specials)} units + {len(tok.specials)} special tokens" \
+        if t.tokenizer == "hf" else f"{tok.vocab_size - 1} units (+ blank)"
+    print(f"wrote {args.out}: {kind}, {units} from {n_texts} {args.split} transcripts of {n_shards} shards, "
+          f"text.normalizer={t.normalizer}, in {time.time() - start:.1f} s; train with "
+          f"text.tokenizer={t.tokenizer} text.tokenizer_path={args.out}")
     return 0
 
 
@@ -402,15 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepare.*, text.* and storage.* settings, e.g. storage.endpoint_url=http://127.0.0.1:9000")
     p.set_defaults(fn=cmd_prepare)
 
-    p = sub.add_parser("tokenizer", help="tokenizers: `tokenizer train` learns a SentencePiece model from a "
-                                         "corpus split's transcripts")
+    p = sub.add_parser("tokenizer", help="tokenizers: `tokenizer train` learns a SentencePiece model (or, with "
+                                         "text.tokenizer=hf, a Whisper-layout BPE) from a corpus split's transcripts")
     p = p.add_subparsers(dest="action", required=True).add_parser(
-        "train", help="learn a SentencePiece model from a split's transcripts (never its audio)")
+        "train", help="learn a SentencePiece model or a Whisper-layout tokenizer.json (text.tokenizer=hf) from a "
+                      "split's transcripts (never its audio)")
     p.add_argument("--data", required=True, help="corpus root (local path or s3://)")
     p.add_argument("--split", default="train", help="split whose transcripts to learn from (default train)")
-    p.add_argument("--out", required=True, help="the .model file to write (local path or s3://)")
-    p.add_argument("--ray", action="store_true", help=f"read with Ray Data tasks even below "
-                                                      f"{RAY_TOKENIZER_SHARDS} shards")
+    p.add_argument("--out", required=True, help="the .model / tokenizer.json file to write (local path or s3://)")
+    p.add_argument("--ray", action="store_true", help="read with Ray Data tasks even below 32 shards")
     with_config(p)
     p.set_defaults(fn=cmd_tokenizer)
 
@@ -426,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("eval", help="WER/CER per test set and language of a checkpoint, run dir or exported artifact")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir or export dir (local or s3://)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir, export dir or hf:DIR (local or s3://)")
     p.add_argument("--split", action="append",
                    help="split to score; repeat for several test sets (default: the config's eval.split)")
     p.add_argument("--data", help="corpus root (default: the checkpoint config's data.root)")
@@ -437,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("transcribe", help="print the text of audio files (word times for CTC models)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir or export dir (local or s3://)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir, export dir or hf:DIR (local or s3://)")
     p.add_argument("--timestamps", action="store_true", help="print start/end seconds of each word (CTC models)")
     p.add_argument("--out", help="write the transcripts (with word times) as JSON here")
     p.add_argument("audio", nargs="+", help="WAV/FLAC/OGG files (any sample rate; local or s3://)")
@@ -445,9 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoding or storage setting, e.g. --set eval.beam_width=5 (repeatable)")
     p.set_defaults(fn=cmd_transcribe)
 
-    p = sub.add_parser("export", help="standalone inference artifact, optionally int8, with size and WER before/after")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (local or s3://)")
+    p = sub.add_parser("export", help="standalone inference artifact, optionally int8, with size and WER before/after; "
+                                      "or --format hf: a directory transformers loads")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir or hf:DIR (local or s3://)")
     p.add_argument("--out", required=True, help="artifact directory to write (local or s3://)")
+    p.add_argument("--format", choices=["artifact", "hf"], default="artifact",
+                   help="artifact: our model.pt (+ int8), any family (default); hf: transformers' "
+                        "from_pretrained layout (config.json, model.safetensors, tokenizer, feature extractor)")
     p.add_argument("--quantize", choices=["int8", "none"], default="int8",
                    help="int8: dynamic int8 Linear layers + int8-stored other matrices (default); none: float")
     p.add_argument("--split", help="split to score before/after (default: the config's eval.split)")

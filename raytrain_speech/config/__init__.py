@@ -58,7 +58,7 @@ class Config:
     def validate(self) -> None:
         """Rules across sections that need no component (each section validates its own fields; the
         model family's rules are ``models.registry.check_config``'s)."""
-        require(not self.augment.enabled or self.features.kind == "log_mel", "augment",
+        require(not self.augment.enabled or self.features.kind != "waveform", "augment",
                 "SpecAugment and span masks act on log-mel frames; waveform models mask inside the model")
 
     def absolutize_local_paths(self) -> Config:
@@ -68,12 +68,15 @@ class Config:
         point somewhere else inside a worker; the driver fixes paths once, before the config ships.
         """
         def fix(path: str | None) -> str | None:
+            if path is not None and path.startswith("hf:"):  # a Hugging Face directory (hf/directory.py)
+                return "hf:" + fix(path[3:])
             return path if path is None or "://" in path else os.path.abspath(os.path.expanduser(path))
 
         self.data.root = fix(self.data.root)
         self.run.storage_path = fix(self.run.storage_path)
         self.train.trained_log_dir = fix(self.train.trained_log_dir)
         self.train.init_from = fix(self.train.init_from)
+        self.model.from_hf = fix(self.model.from_hf)
         return self
 
     @classmethod

@@ -152,8 +152,18 @@ class FeatureConfig:
     """Added to mel power before the log so silence does not give -inf."""
     normalize: Literal["utterance", "none"] = "utterance"
     """Per-utterance zero-mean unit-variance per mel bin, or raw log-mel."""
-    kind: Literal["log_mel", "waveform"] = "log_mel"
-    """log_mel for spectrogram models; waveform for raw-audio models (no front end)."""
+    kind: Literal["log_mel", "whisper_log_mel", "waveform"] = "log_mel"
+    """log_mel for spectrogram models; whisper_log_mel = WhisperFeatureExtractor's front end exactly
+    (Hann, slaney mel, log10, max - 8 clamp, (x + 4) / 4; for published Whisper checkpoints; set
+    normalize=none and window=hann); waveform for raw-audio models (no front end)."""
+    pad_to_s: float | None = None
+    """whisper_log_mel: zero-pad each waveform to this many seconds before the front end, as
+    WhisperFeatureExtractor pads to its 30 s chunk (published Whisper encoders were only ever shown
+    30 s windows); 0 = no padding (faster; the encoder masks the padding it is batched with); null =
+    the checkpoint's chunk with model.from_hf, else no padding."""
+    waveform_normalize: bool = False
+    """waveform: zero-mean unit-variance each utterance's samples before the model (the
+    `do_normalize` of Wav2Vec2FeatureExtractor, which XLS-R / Large checkpoints were trained with)."""
     placement: Literal["data", "worker"] = "data"
     """Where training computes log-mel: data = on CPU inside Ray Data; worker = batched on the
     training device (rows carry waveforms). Validation and eval always compute it in-process.
@@ -174,6 +184,19 @@ class FeatureConfig:
                 "must be positive and at most win_length_ms")
         require(self.n_fft >= self.win_length, "features.n_fft",
                 f"must be >= the window length in samples ({self.win_length})")
+        require(self.pad_to_s is None or self.pad_to_s >= 0, "features.pad_to_s", "must be >= 0 or null")
+        require(self.kind == "whisper_log_mel" or not self.pad_to_s, "features.pad_to_s",
+                "pads only the whisper_log_mel front end (features.kind=whisper_log_mel)")
+        require(self.kind == "waveform" or not self.waveform_normalize, "features.waveform_normalize",
+                "applies to waveform input only (features.kind=waveform)")
+        if self.kind == "whisper_log_mel":
+            require(self.normalize == "none", "features.normalize",
+                    "must be none with whisper_log_mel (it scales its own output as Whisper does)")
+            require(self.window == "hann", "features.window", "must be hann with whisper_log_mel (Whisper's window)")
+            require(self.placement == "data", "features.placement",
+                    "must be data with whisper_log_mel (its max - 8 dB clamp is per utterance, computed on CPU)")
+            require(self.win_length == self.n_fft, "features.win_length_ms",
+                    f"must equal n_fft ({self.n_fft} samples) with whisper_log_mel")
 
     def num_frames(self, num_samples: int) -> int:
         return 1 + num_samples // self.hop_length
@@ -192,10 +215,12 @@ class TextConfig:
     """char: characters the model can emit besides space and the CTC blank (after normalising);
     auto = the training split's characters, resolved at run start into the run's config."""
     tokenizer_path: str | None = None
-    """sentencepiece / hf: the tokenizer file (local or s3://); copied into the run directory. Unset
-    for sentencepiece = trained on the training split at run start (text.vocab_size units)."""
+    """sentencepiece / hf: the tokenizer file (local or s3://); copied into the run directory. Unset =
+    trained on the training split at run start (text.vocab_size units): a SentencePiece model, or for
+    hf a byte-level BPE tokenizer.json with Whisper's special tokens (exports to transformers)."""
     vocab_size: int = 256
-    """sentencepiece trained here: units to learn (an upper bound: a small corpus may give fewer)."""
+    """sentencepiece / hf trained here: units to learn (an upper bound: a small corpus may give fewer;
+    hf: text ids, Whisper's 108 special tokens come on top)."""
     subword_model: Literal["unigram", "bpe"] = "unigram"
     """sentencepiece trained here: the SentencePiece model type."""
     character_coverage: float = 1.0

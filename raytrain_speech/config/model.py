@@ -22,6 +22,10 @@ class ModelSpec:
     """Named size/hyperparameter preset of the family."""
     overrides: dict = field(default_factory=dict)
     """Fields of the family's config that replace the preset's values."""
+    from_hf: str | None = None
+    """A Hugging Face model directory (hf:PATH, local or s3://) whose config.json sets the
+    architecture (into overrides; yours still win), its front end (features.*) and tokenizer;
+    implied by train.init_from=hf:PATH (docs/pretrained.md)."""
 
     def validate(self) -> None:
         require(bool(self.family), "model.family", "must name a family (see `raytrain-speech models`)")

@@ -92,7 +92,10 @@ class TrainConfig:
     = ceil(global / (workers x this)). None = no accumulation."""
     init_from: str | None = None
     """Fine-tuning: a checkpoint (or a run directory: its latest checkpoint) of a pretraining run
-    whose encoder initialises this model. Ignored when the run resumes from its own checkpoint."""
+    whose encoder initialises this model, or hf:PATH, a Hugging Face model directory. Ignored when the run resumes from its own checkpoint."""
+    init_strict: bool = True
+    """Fine-tuning from hf:PATH: a checkpoint tensor that nothing takes, or one of another shape, is
+    an error naming it (false: load what fits and report the rest)."""
     freeze_feature_encoder_steps: int = 0
     """Fine-tuning: keep the pretrained convolutional feature encoder fixed for this many steps."""
     freeze_pretrained_steps: int = 0

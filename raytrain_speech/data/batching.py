@@ -158,5 +158,5 @@ def batch_by_buckets(
 def filler_batch(features: FeatureConfig) -> Batch:
     """A one-row batch for the zero-gradient filler micro-steps of a rank that has not seen data yet in
     this attempt (1 s of silence features or samples, 4 target tokens)."""
-    shape = (100, features.n_mels) if features.kind == "log_mel" else (features.sample_rate_hz,)
+    shape = (100, features.n_mels) if features.kind != "waveform" else (features.sample_rate_hz,)
     return collate([Utterance(-1, "filler", 1.0, np.zeros(shape, np.float32), np.ones(4, np.int64))])

@@ -80,16 +80,53 @@ class DeviceLogMel(torch.nn.Module):
         return feats_BFM * real_BF1, frames_B
 
 
+class WhisperLogMel(torch.nn.Module):
+    """waveform_T -> Whisper's log-mel (F, M), as ``WhisperFeatureExtractor`` computes it: periodic
+    Hann window, |STFT|^2 with the last frame dropped, slaney-normalised slaney-scale mel filters up
+    to 8 kHz, log10 floored at 1e-10, clamped to (max - 8) and scaled by (x + 4) / 4. A published
+    Whisper encoder only works on exactly these numbers; ``pad_to_s`` zero-pads the waveform first
+    as the extractor pads to its 30 s chunk."""
+
+    def __init__(self, cfg: FeatureConfig):
+        super().__init__()
+        self.cfg = cfg
+        fbanks_FM = torchaudio.functional.melscale_fbanks(
+            n_freqs=cfg.n_fft // 2 + 1, f_min=0.0, f_max=8000.0, n_mels=cfg.n_mels,
+            sample_rate=cfg.sample_rate_hz, norm="slaney", mel_scale="slaney")
+        self.register_buffer("filters_MF", fbanks_FM.T.contiguous(), persistent=False)
+        self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
+        self.pad_samples = round((cfg.pad_to_s or 0.0) * cfg.sample_rate_hz)
+
+    def forward(self, samples_T: torch.Tensor) -> torch.Tensor:
+        x_T = samples_T.float()
+        if x_T.shape[0] < self.pad_samples:
+            x_T = torch.nn.functional.pad(x_T, (0, self.pad_samples - x_T.shape[0]))
+        stft = torch.stft(x_T, self.cfg.n_fft, self.cfg.hop_length, window=self.window, return_complex=True)
+        power_KF = (stft[..., :-1].abs() ** 2).contiguous()
+        log_MF = torch.clamp(self.filters_MF @ power_KF, min=1e-10).log10()
+        log_MF = torch.maximum(log_MF, log_MF.max() - 8.0)
+        return ((log_MF + 4.0) / 4.0).T.contiguous()
+
+
+def normalize_waveform(samples_T: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance over the utterance (Wav2Vec2FeatureExtractor's ``do_normalize``,
+    with its 1e-7 inside the square root)."""
+    x = samples_T.astype(np.float32, copy=False)
+    return ((x - x.mean()) / np.sqrt(x.var() + 1e-7)).astype(np.float32)
+
+
 class FeatureExtractor:
     """waveform (numpy, float32, cfg rate) -> float32 features_FM ready for the model."""
 
     def __init__(self, cfg: FeatureConfig):
         self.cfg = cfg
-        self.logmel = LogMel(cfg) if cfg.kind == "log_mel" else None
+        self.logmel = {"log_mel": LogMel, "whisper_log_mel": WhisperLogMel}.get(cfg.kind, lambda _: None)(cfg)
 
     @torch.no_grad()
     def __call__(self, samples_T: np.ndarray) -> np.ndarray:
         if self.logmel is None:
+            if self.cfg.waveform_normalize:
+                return normalize_waveform(samples_T)
             return samples_T.astype(np.float32, copy=False)
         feats_FM = self.logmel(torch.from_numpy(samples_T))
         if self.cfg.normalize == "utterance":

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer as HFFile
 
 from raytrain_speech.config import ConfigError
 from raytrain_speech.data.text import TextError
+from raytrain_speech.models.whisper import WHISPER_LANGUAGES
 
 ID_OFFSET = 1
 """Our id = SentencePiece id + 1: id 0 is the CTC blank, which SentencePiece does not have."""
@@ -104,3 +105,29 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
     except RuntimeError as err:
         raise ConfigError(f"text.vocab_size={vocab_size}: SentencePiece could not train ({err})") from None
     return model.getvalue()
+
+
+def whisper_special_tokens() -> list[str]:
+    """Whisper's special tokens in its tokenizer's order (timestamps left out: nothing here emits them)."""
+    return ["<|endoftext|>", "<|startoftranscript|>", *(f"<|{c}|>" for c in (*WHISPER_LANGUAGES, "yue")),
+            "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
+            "<|notimestamps|>"]
+
+
+def train_whisper_bpe(texts: Iterable[str], vocab_size: int) -> bytes:
+    """A byte-level BPE ``tokenizer.json`` in Whisper's layout (GPT-2 byte alphabet, no prefix space,
+    Whisper's special tokens after the text ids), learned from transcripts: a Whisper trained from
+    scratch on it exports to transformers' WhisperTokenizer like a published one."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFFile(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size <= len(alphabet):
+        raise ConfigError(f"text.vocab_size={vocab_size}: a byte-level BPE needs more than its {len(alphabet)} "
+                          "byte symbols")
+    tok.train_from_iterator((t for t in texts if t), trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=alphabet))
+    tok.add_special_tokens(whisper_special_tokens())
+    return tok.to_str().encode()

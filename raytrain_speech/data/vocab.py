@@ -45,13 +45,44 @@ def learn_alphabet(texts) -> str:
 
 
 def train_tokenizer(cfg: TextConfig, texts) -> bytes:
-    """A SentencePiece model file from ``texts`` (already normalised) with ``cfg``'s settings."""
-    from raytrain_speech.data.subword import train_sentencepiece
+    """A tokenizer file from ``texts`` (already normalised) with ``cfg``'s settings: a SentencePiece
+    model, or (hf) a byte-level BPE tokenizer.json in Whisper's layout."""
+    from raytrain_speech.data.subword import train_sentencepiece, train_whisper_bpe
 
+    if cfg.tokenizer == "hf":
+        return train_whisper_bpe(texts, cfg.vocab_size)
     if cfg.tokenizer != "sentencepiece":
-        raise ConfigError(f"text.tokenizer={cfg.tokenizer}: only sentencepiece tokenizers are trained here "
-                          "(char needs none; an hf tokenizer.json is brought with text.tokenizer_path)")
+        raise ConfigError(f"text.tokenizer={cfg.tokenizer}: char needs no trained tokenizer")
     return train_sentencepiece(texts, cfg.vocab_size, cfg.subword_model, cfg.character_coverage)
+
+
+RAY_TOKENIZER_SHARDS = 32
+"""`tokenizer train` reads transcripts with Ray Data tasks from this many shards up (else in-process)."""
+
+
+def train_from_split(cfg: Config, split: str, use_ray: bool = False) -> tuple[bytes, int, int]:
+    """(tokenizer file, transcripts, shards) learned from ``split``'s transcripts (``raytrain-speech
+    tokenizer train``): read in this process for a small split, with Ray Data tasks (one per shard)
+    from RAY_TOKENIZER_SHARDS up or with ``use_ray``."""
+    from raytrain_speech.data import corpus
+
+    t = cfg.text
+    if t.tokenizer == "char":
+        raise ConfigError("text.tokenizer=char: `tokenizer train` learns sentencepiece models or (hf) Whisper-layout "
+                          "BPE tokenizer.json files (pass text.tokenizer=sentencepiece text.vocab_size=N)")
+    storage.check_reachable(cfg.data.root, cfg.storage)
+    n_shards = len(corpus.shard_uris(cfg.data.root, split, cfg.storage))
+    if use_ray or n_shards >= RAY_TOKENIZER_SHARDS:
+        from raytrain_speech import ray_session
+        from raytrain_speech.data.pipeline import transcripts_on_ray
+
+        ray_session.connect(cfg.run.ray_address, dashboard=False)
+        texts = list(transcripts_on_ray(cfg.data.root, split, cfg.storage, t.normalizer))
+    else:
+        texts = list(transcripts(cfg.data.root, split, cfg.storage, t.normalizer))
+    if not texts:
+        raise ConfigError(f"{cfg.data.root}: split {split} has no transcripts to learn a tokenizer from")
+    return train_tokenizer(t, texts), len(texts), n_shards
 
 
 def settle_run_tokenizer(cfg: Config, run_dir: str, log=print) -> Config:
@@ -78,8 +109,8 @@ def settle_run_tokenizer(cfg: Config, run_dir: str, log=print) -> Config:
     else:
         texts = list(transcripts(cfg.data.root, cfg.data.train_split, s, t.normalizer))
         storage.write_bytes(dest, train_tokenizer(t, texts), s)
-        log(f"[text] trained a {t.subword_model} SentencePiece tokenizer on {len(texts)} "
-            f"{cfg.data.train_split} transcripts -> {dest}")
+        kind = "byte-level BPE (Whisper layout)" if t.tokenizer == "hf" else f"{t.subword_model} SentencePiece"
+        log(f"[text] trained a {kind} tokenizer on {len(texts)} {cfg.data.train_split} transcripts -> {dest}")
     t.tokenizer_path = dest
     return cfg
 

@@ -16,6 +16,8 @@ from raytrain_speech.config import Config, ConfigError, StorageConfig, apply_ove
 from raytrain_speech.data.preprocess import Preprocessor
 from raytrain_speech.data.tokenizer import tokenizer_in
 from raytrain_speech.evaluate import artifact
+from raytrain_speech.hf import directory as hfdir
+from raytrain_speech.hf import importer
 from raytrain_speech.models.registry import build_model, family
 from raytrain_speech.train.checkpoint import read_checkpoint, resolve_checkpoint
 
@@ -47,7 +49,10 @@ def load_model(uri: str, storage_cfg: StorageConfig | None = None, overrides=(),
                weights: str | None = None) -> LoadedModel:
     """A training checkpoint (EMA weights when it has them and ``eval.use_ema``), a run directory (its
     latest checkpoint) or an exported artifact (evaluate/artifact.py), ready for ``model.eval()`` use.
-    ``weights='live'`` forces the live weights of a checkpoint."""
+    ``weights='live'`` forces the live weights of a checkpoint. ``hf:PATH``: a Hugging Face model
+    directory, decoded with its own head and tokenizer (hf/importer.py)."""
+    if hfdir.is_hf(uri):
+        return _load_hf(uri, storage_cfg, overrides, need_text)
     is_artifact = artifact.is_artifact(uri, storage_cfg)
     if is_artifact:
         payload, config_yaml = artifact.read_artifact(uri, storage_cfg)
@@ -76,3 +81,17 @@ def load_model(uri: str, storage_cfg: StorageConfig | None = None, overrides=(),
     return LoadedModel(cfg, model, payload["train_state"]["step"], "ema" if use_ema else "live", pre, text_output,
                        uri)
 
+
+
+def _load_hf(uri: str, storage_cfg: StorageConfig | None, overrides, need_text: bool) -> LoadedModel:
+    """A published checkpoint as it is: its family, front end, tokenizer and every tensor (strict)."""
+    cfg = importer.config_for_eval(uri, storage_cfg, overrides)
+    text_output = family(cfg.model).text_output
+    if need_text and text_output is None:
+        raise ConfigError(f"{uri}: a {cfg.model.family} checkpoint has no text output to score")
+    pre = Preprocessor(cfg.features, cfg.text, tokenizer=tokenizer_in(hfdir.path_of(uri), cfg.text, storage_cfg),
+                       targets_required=False)
+    model = build_model(cfg.model, pre.tokenizer.vocab_size, pre.tokenizer.specials or None)
+    importer.load_weights(model, cfg.model.family, uri, storage_cfg, strict=True, log=None)
+    model.eval()
+    return LoadedModel(cfg, model, 0, "hf", pre, text_output, uri)

@@ -85,7 +85,8 @@ def check_config(cfg) -> None:
     this once the config is loaded."""
     fam = family(cfg.model)
     model_cfg = resolve(cfg.model)
-    require(fam.input_kind == cfg.features.kind, "features.kind",
+    kind = "log_mel" if cfg.features.kind == "whisper_log_mel" else cfg.features.kind
+    require(fam.input_kind == kind, "features.kind",
             f"model family {cfg.model.family} needs {fam.input_kind!r} input")
     if cfg.train.freeze_feature_encoder_steps:
         require(fam.builder.has_feature_encoder, "train.freeze_feature_encoder_steps",

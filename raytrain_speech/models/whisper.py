@@ -140,6 +140,7 @@ class Whisper(Seq2SeqModel):
         super().__init__()
         self.cfg = cfg
         self.own_layout = not specials
+        self.specials: dict[str, int] = dict(specials or {})
         if specials:
             embed_rows = self._use_file_specials(vocab_size, specials)
         else:

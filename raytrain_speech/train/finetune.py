@@ -16,6 +16,9 @@ import yaml
 
 from raytrain_speech import storage
 from raytrain_speech.config import Config, ConfigError, StorageConfig
+from raytrain_speech.hf import directory as hfdir
+from raytrain_speech.hf.importer import load_weights
+from raytrain_speech.hf.importer import preflight as hf_preflight
 from raytrain_speech.models.base import SpeechModel
 from raytrain_speech.models.registry import family
 from raytrain_speech.storage import StorageError
@@ -36,7 +39,11 @@ def plan(model: SpeechModel, cfg: Config, log: bool) -> FreezePlan:
     encoder for ``train.freeze_feature_encoder_steps``."""
     tc = cfg.train
     pretrained: set[str] = set()
-    if tc.init_from:
+    if hfdir.is_hf(tc.init_from):
+        report = load_weights(model, cfg.model.family, tc.init_from, cfg.storage, strict=tc.init_strict,
+                              log=print if log else None)
+        pretrained = {n for n in report.mapped if n in dict(model.named_parameters())}
+    elif tc.init_from:
         pretrained = init_from_pretrained(model, tc.init_from, cfg.storage, log=log)
     frozen = dict.fromkeys(pretrained, tc.freeze_pretrained_steps)
     if tc.freeze_feature_encoder_steps:
@@ -77,6 +84,9 @@ def init_from_pretrained(model: SpeechModel, uri: str, storage_cfg: StorageConfi
 def check_init_from(cfg: Config) -> None:
     """A fine-tuning source that is missing or of a family this model cannot start from fails before
     any worker starts, in one line, instead of in every worker after Ray has started."""
+    if hfdir.is_hf(cfg.train.init_from):  # hf.importer.settle has read its config
+        hf_preflight(cfg)
+        return
     try:
         ckpt = resolve_checkpoint(cfg.train.init_from, cfg.storage)
     except StorageError as err:

@@ -17,6 +17,8 @@ from raytrain_speech.config import Config, ConfigError, dump_yaml
 from raytrain_speech.data import vocab
 from raytrain_speech.data.badinput import BAD_INPUTS_FILE, read_bad_inputs, summary_line
 from raytrain_speech.data.text import TOKENIZER_FILES
+from raytrain_speech.hf import directory as hfdir
+from raytrain_speech.hf.importer import settle as settle_from_hf
 from raytrain_speech.storage import StorageError
 from raytrain_speech.train import checkpoint, preflight
 from raytrain_speech.train.metrics import (
@@ -50,6 +52,7 @@ def fit(cfg: Config, progress: bool = True, out=print, callbacks: list | None = 
     """Check the config and storage, train to ``train.max_steps`` (resuming if the run exists), and
     return the final checkpoint, metrics and run card. ``callbacks``: extra Ray Train callbacks (a
     sweep trial adds Tune's report callback; Ray backend only)."""
+    settle_from_hf(cfg, log=out)
     preflight.check(cfg)
     start = time.time()
     directory = run_dir(cfg)
@@ -76,7 +79,8 @@ def _tokenizer_from_init(cfg: Config) -> None:
     """A fine-tuning run (train.init_from) whose subword tokenizer is not given takes the one its
     starting checkpoint carries, so the embedding rows keep their meaning."""
     t = cfg.text
-    if not cfg.train.init_from or t.tokenizer not in TOKENIZER_FILES or t.tokenizer_path:
+    if (not cfg.train.init_from or hfdir.is_hf(cfg.train.init_from) or t.tokenizer not in TOKENIZER_FILES
+            or t.tokenizer_path):
         return
     try:
         source = storage.join(checkpoint.resolve_checkpoint(cfg.train.init_from, cfg.storage), TOKENIZER_FILES[t.tokenizer])

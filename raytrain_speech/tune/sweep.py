@@ -66,6 +66,7 @@ def check_sweep(base: dict, sweep: SweepConfig):
     Returns the config of a representative trial (first corner), used to size the cluster.
     """
     from raytrain_speech.config import Config
+    from raytrain_speech.hf.importer import settle
     from raytrain_speech.models.registry import check_config
 
     sample = None
@@ -73,6 +74,7 @@ def check_sweep(base: dict, sweep: SweepConfig):
         for value in corner_values(spec):
             try:
                 cfg = Config.from_dict(trial_dict(base, sweep, {key: value}, "check"))
+                settle(cfg, log=None)
                 check_config(cfg)
             except ConfigError as err:
                 raise ConfigError(f"sweep space.{key}={value!r}: {err}") from None
