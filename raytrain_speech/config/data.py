@@ -209,8 +209,9 @@ class TextConfig:
     normalizer: Literal["none", "basic", "english"] = "basic"
     """Target normaliser: none (NFC only: cased, punctuated), basic (any script: lower-case, no
     punctuation or symbols), english (basic + spellings, contractions, numbers as words)."""
-    tokenizer: Literal["char", "sentencepiece", "hf"] = "char"
-    """char (alphabet below), sentencepiece (a .model file), hf (a tokenizer.json, e.g. Whisper's)."""
+    tokenizer: Literal["char", "sentencepiece", "hf", "ctc_vocab"] = "char"
+    """char (alphabet below), sentencepiece (a .model file), hf (a tokenizer.json, e.g. Whisper's),
+    ctc_vocab (a wav2vec 2.0 CTC checkpoint's vocab.json: its characters, '|' between words)."""
     alphabet: str = "abcdefghijklmnopqrstuvwxyz'"
     """char: characters the model can emit besides space and the CTC blank (after normalising);
     auto = the training split's characters, resolved at run start into the run's config."""
@@ -237,9 +238,6 @@ class TextConfig:
         require(0.9 <= self.character_coverage <= 1.0, "text.character_coverage", "must be in [0.9, 1]")
         require(self.max_target_tokens is None or self.max_target_tokens >= 1, "text.max_target_tokens",
                 "must be >= 1 or null")
-        require(self.tokenizer != "hf" or bool(self.tokenizer_path), "text.tokenizer_path",
-                "text.tokenizer=hf needs the tokenizer.json (for Whisper: the file of openai/whisper-large-v3, "
-                "see docs/text.md)")
 
 
 DEFAULT_DURATION_BUCKETS = 24

@@ -8,6 +8,7 @@ model from transcripts only (never audio), in memory.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterable
 
 import sentencepiece as spm
@@ -87,6 +88,64 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class CTCVocabTokenizer:
+    """A ``vocab.json`` of transformers' Wav2Vec2CTCTokenizer (the CTC head of a published wav2vec 2.0 /
+    WavLM checkpoint): one id per character, ``|`` between words, the pad token as the CTC blank.
+
+    Our ids put the blank first (id 0, as every CTC loss here expects) and keep the file's order for
+    the rest; ``file_ids[our id]`` is the file's id, so an imported head's rows are permuted once.
+    A vocabulary with capital letters and no small ones (wav2vec2-base-960h) reads normalised
+    (lower-case) text upper-cased and writes it back lower-case."""
+
+    kind = "ctc_vocab"
+    blank_id = 0
+    symbols = None
+    specials: dict[str, int] = {}
+    PADS = ("<pad>", "[PAD]", "<blank>")
+    NON_TARGETS = ("<s>", "</s>", "<unk>", "[UNK]", "<bos>", "<eos>")
+
+    def __init__(self, data: bytes, name: str = ""):
+        try:
+            vocab = json.loads(data.decode("utf-8"))
+            assert isinstance(vocab, dict) and all(isinstance(i, int) for i in vocab.values())
+        except (ValueError, UnicodeDecodeError, AssertionError):
+            raise ConfigError(f"text.tokenizer_path: {name or 'vocab'} is not a vocab.json of token -> id") from None
+        pads = [t for t in self.PADS if t in vocab]
+        if not pads:
+            raise ConfigError(f"text.tokenizer_path: {name or 'vocab.json'} has no pad token ({', '.join(self.PADS)}) "
+                              "to serve as the CTC blank")
+        by_id = sorted(vocab, key=vocab.get)
+        order = [pads[0], *(t for t in by_id if t != pads[0])]
+        self.tokens = order
+        self.file_ids = [vocab[t] for t in order]
+        self._ids = {t: i for i, t in enumerate(order)}
+        self._skip = {self._ids[t] for t in (*self.PADS, *self.NON_TARGETS) if t in self._ids}
+        self.delimiter = "|" if "|" in vocab else " "
+        letters = [t for t in vocab if len(t) == 1 and t.isalpha()]
+        self.upper = bool(letters) and all(t.isupper() for t in letters)
+        self.vocab_size = len(order)
+
+    def encode(self, normalized: str) -> list[int]:
+        text = normalized.upper() if self.upper else normalized
+        words = text.split()
+        if not words:
+            raise TextError("empty transcript")
+        tokens = list(f"{self.delimiter}".join(words))
+        bad = sorted({c for c in tokens if c not in self._ids or self._ids[c] in self._skip})
+        if bad:
+            raise TextError(f"characters the vocab.json cannot encode: {''.join(bad)!r}")
+        return [self._ids[c] for c in tokens]
+
+    def decode(self, ids) -> str:
+        out = "".join(self.tokens[i] for i in ids if 0 <= i < self.vocab_size and i not in self._skip)
+        out = " ".join(out.replace(self.delimiter, " ").split())
+        return out.lower() if self.upper else out
+
+    def vocab_json(self) -> bytes:
+        """The vocabulary in our order (pad = id 0): what an export writes beside its head."""
+        return json.dumps({t: i for i, t in enumerate(self.tokens)}, ensure_ascii=False, indent=1).encode()
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str = "unigram",

@@ -29,7 +29,7 @@ from raytrain_speech.data.normalize import normalize
 __all__ = ["BLANK_ID", "CharTokenizer", "TextError", "Tokenizer", "encode_transcript", "normalize_text",
            "TOKENIZER_FILES"]
 
-TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
+TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json", "ctc_vocab": "vocab.json"}
 """The name a tokenizer file takes in a run directory, a checkpoint and an export."""
 
 
@@ -90,6 +90,14 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return " ".join("".join(self.symbols[i] for i in ids if 0 < i < len(self.symbols)).split())
+
+    def vocab_json(self) -> bytes:
+        """The alphabet as a Wav2Vec2CTCTokenizer vocab.json (pad = the blank, ``|`` = space): how a
+        CTC export is read by transformers."""
+        import json
+
+        names = ["<pad>", "|", *self.cfg.alphabet]
+        return json.dumps({t: i for i, t in enumerate(names)}, ensure_ascii=False, indent=1).encode()
 
 
 def encode_transcript(raw: str, cfg: TextConfig, tokenizer: Tokenizer) -> list[int]:

@@ -18,6 +18,8 @@ def build_tokenizer(cfg: TextConfig, data: bytes | None = None) -> Tokenizer:
                           f"{TOKENIZER_FILES[cfg.tokenizer]} file; `raytrain-speech tokenizer train` makes one)")
     if cfg.tokenizer == "sentencepiece":
         return subword.SentencePieceTokenizer(data, cfg.tokenizer_path or "")
+    if cfg.tokenizer == "ctc_vocab":
+        return subword.CTCVocabTokenizer(data, cfg.tokenizer_path or "")
     return subword.HFTokenizer(data, cfg.tokenizer_path or "")
 
 

@@ -51,6 +51,9 @@ def train_tokenizer(cfg: TextConfig, texts) -> bytes:
 
     if cfg.tokenizer == "hf":
         return train_whisper_bpe(texts, cfg.vocab_size)
+    if cfg.tokenizer == "ctc_vocab":
+        raise ConfigError("text.tokenizer=ctc_vocab reads a checkpoint's vocab.json: set text.tokenizer_path "
+                          "(or train.init_from=hf:DIR, whose vocab.json is taken)")
     if cfg.tokenizer != "sentencepiece":
         raise ConfigError(f"text.tokenizer={cfg.tokenizer}: char needs no trained tokenizer")
     return train_sentencepiece(texts, cfg.vocab_size, cfg.subword_model, cfg.character_coverage)

@@ -92,6 +92,6 @@ def _load_hf(uri: str, storage_cfg: StorageConfig | None, overrides, need_text: 
     pre = Preprocessor(cfg.features, cfg.text, tokenizer=tokenizer_in(hfdir.path_of(uri), cfg.text, storage_cfg),
                        targets_required=False)
     model = build_model(cfg.model, pre.tokenizer.vocab_size, pre.tokenizer.specials or None)
-    importer.load_weights(model, cfg.model.family, uri, storage_cfg, strict=True, log=None)
+    importer.load_weights(model, cfg.model.family, uri, storage_cfg, strict=True, log=None, tokenizer=pre.tokenizer)
     model.eval()
     return LoadedModel(cfg, model, 0, "hf", pre, text_output, uri)

@@ -12,9 +12,10 @@ from raytrain_speech.config import ConfigError, StorageConfig
 from raytrain_speech.data.text import TOKENIZER_FILES
 from raytrain_speech.data.tokenizer import tokenizer_file_in
 from raytrain_speech.hf import directory as hfdir
+from raytrain_speech.hf import wav2vec2 as hf_wav2vec2
 from raytrain_speech.hf import whisper as hf_whisper
 
-EXPORTERS = {"whisper": hf_whisper}
+EXPORTERS = {"whisper": hf_whisper, "wav2vec2_ctc": hf_wav2vec2, "nar_ctc": hf_wav2vec2}
 """Our family -> the map module that writes its transformers layout."""
 
 
@@ -36,12 +37,14 @@ def export_hf(checkpoint: str, out: str, storage_cfg: StorageConfig | None = Non
                           f"(exported: {', '.join(EXPORTERS)}); the default export (model.pt) works for every family")
     model = loaded.model
     config = module.config_json(model)
-    files = {hfdir.GENERATION: _json(module.generation_json(model)),
-             hfdir.PREPROCESSOR: _json(module.preprocessor_json(cfg.features))}
+    files = {hfdir.PREPROCESSOR: _json(module.preprocessor_json(cfg.features, model))}
+    generation = module.generation_json(model)
+    if generation is not None:
+        files[hfdir.GENERATION] = _json(generation)
+    data = None
     if cfg.text.tokenizer in TOKENIZER_FILES:
-        source = hfdir.path_of(loaded.uri)
-        files[TOKENIZER_FILES[cfg.text.tokenizer]] = tokenizer_file_in(source, cfg.text, storage_cfg)
-    files["tokenizer_config.json"] = _json(module.tokenizer_config_json(model))
+        data = tokenizer_file_in(hfdir.path_of(loaded.uri), cfg.text, storage_cfg)
+    files.update(module.tokenizer_files(loaded.pre.tokenizer, data))
     state = module.export_state(model)
     hfdir.write_directory(out, config, state, files, storage_cfg)
     summary = {"checkpoint": loaded.uri, "out": out, "step": loaded.step, "weights": loaded.weights,

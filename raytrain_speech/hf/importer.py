@@ -17,16 +17,20 @@ from raytrain_speech import storage
 from raytrain_speech.config import Config, ConfigError, StorageConfig
 from raytrain_speech.hf import directory as hfdir
 from raytrain_speech.hf import mapping
+from raytrain_speech.hf import wav2vec2 as hf_wav2vec2
 from raytrain_speech.hf import whisper as hf_whisper
 from raytrain_speech.models.base import SpeechModel
 
 FAMILY_MODULES: dict[str, dict[str, ModuleType]] = {
     "whisper": {"whisper": hf_whisper},
+    "wav2vec2": {"wav2vec2_ctc": hf_wav2vec2, "nar_ctc": hf_wav2vec2, "wav2vec2": hf_wav2vec2},
 }
 """HF ``model_type`` -> {our family that can start from it: its map module}."""
 
-DEFAULT_FAMILY = {"WhisperForConditionalGeneration": "whisper"}
-"""The family a checkpoint is evaluated as (``--checkpoint hf:PATH``), by its architecture."""
+DEFAULT_FAMILY = {"WhisperForConditionalGeneration": ("whisper", {}),
+                  "Wav2Vec2ForCTC": ("wav2vec2_ctc", {"text": {"tokenizer": "ctc_vocab"}})}
+"""The family (and text settings) a checkpoint is decoded as (``--checkpoint hf:PATH``), by its
+architecture."""
 
 
 def module_for(hf: dict, family: str, source: str) -> ModuleType:
@@ -82,18 +86,25 @@ def _settle_tokenizer(cfg: Config, directory: str, module: ModuleType, source: s
             raise ConfigError(f"{source}: no tokenizer.json (Whisper's tokenizer; transformers' "
                               "WhisperTokenizerFast.save_pretrained writes it), or set text.tokenizer_path")
         cfg.text.tokenizer, cfg.text.tokenizer_path = "hf", uri
+    elif cfg.text.tokenizer == "ctc_vocab":  # keep the checkpoint's CTC head and its characters
+        uri = storage.join(directory, "vocab.json")
+        if not storage.exists(uri, cfg.storage):
+            raise ConfigError(f"{source}: no vocab.json for text.tokenizer=ctc_vocab (a pretraining checkpoint "
+                              "has no CTC head: use text.tokenizer=char for a fresh one)")
+        cfg.text.tokenizer_path = uri
 
 
 def load_weights(model: SpeechModel, family: str, uri: str, storage_cfg: StorageConfig | None = None,
-                 strict: bool = True, log=print) -> mapping.ImportReport:
+                 strict: bool = True, log=print, tokenizer=None) -> mapping.ImportReport:
     """Copy the checkpoint at ``hf:PATH`` into ``model`` by ``family``'s map; with ``strict``, a
-    checkpoint tensor nothing takes or one of another shape is a ConfigError naming it."""
+    checkpoint tensor nothing takes or one of another shape is a ConfigError naming it. ``tokenizer``
+    decides whether a CTC head is kept (the checkpoint's vocab.json) and in which row order."""
     directory = hfdir.path_of(uri)
     hf = hfdir.read_json(directory, hfdir.CONFIG, storage_cfg)
     module = module_for(hf, family, uri)
-    theirs = hfdir.read_state(directory, storage_cfg)
+    theirs = module.prepare_state(hfdir.read_state(directory, storage_cfg), tokenizer)
     module.check_values(theirs, uri)
-    report = mapping.apply(model, theirs, module.family_map(model.cfg))
+    report = mapping.apply(model, theirs, module.family_map(model, tokenizer))
     report.check(uri, strict)
     if log:
         log(report.line(uri))
@@ -111,7 +122,8 @@ def config_for_eval(uri: str, storage_cfg: StorageConfig | None, overrides=()) -
     if arch not in DEFAULT_FAMILY:
         raise ConfigError(f"{uri}: config.json architectures {arch!r} has no decoder here "
                           f"(known: {', '.join(DEFAULT_FAMILY)})")
-    cfg = Config.from_dict(apply_overrides({"model": {"family": DEFAULT_FAMILY[arch], "from_hf": uri}},
+    family, sections = DEFAULT_FAMILY[arch]
+    cfg = Config.from_dict(apply_overrides({"model": {"family": family, "from_hf": uri}, **sections},
                                            list(overrides)))
     if storage_cfg is not None:
         cfg.storage = storage_cfg
@@ -132,6 +144,8 @@ def preflight(cfg: Config) -> None:
     tokenizer = load_tokenizer(cfg.text, cfg.storage)
     model = build_meta(cfg.model, tokenizer.vocab_size, tokenizer.specials or None)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    report = mapping.match(own, hfdir.read_shapes(directory, cfg.storage), module.family_map(model.cfg),
-                           {n for n, _ in model.named_parameters()})
+    theirs = hfdir.read_shapes(directory, cfg.storage)
+    if module is hf_wav2vec2 and not any(k.startswith("wav2vec2.") for k in theirs):
+        theirs = {f"wav2vec2.{k}": v for k, v in theirs.items()}
+    report = mapping.match(own, theirs, module.family_map(model, tokenizer), {n for n, _ in model.named_parameters()})
     report.check(uri, cfg.train.init_strict)

@@ -92,9 +92,14 @@ def features_from_preprocessor(pre: dict | None, hf: dict) -> dict:
             "placement": "data"}
 
 
-def family_map(cfg: WhisperConfig) -> FamilyMap:
+def family_map(model: Whisper, tokenizer=None) -> FamilyMap:
+    cfg = model.cfg
     return FamilyMap(tensor_pairs(cfg), zeros=key_biases(cfg),
                      checked=["model.encoder.embed_positions.weight", "proj_out.weight"])
+
+
+def prepare_state(theirs: dict[str, torch.Tensor], tokenizer=None) -> dict[str, torch.Tensor]:
+    return theirs
 
 
 def check_values(theirs: dict[str, torch.Tensor], source: str) -> None:
@@ -162,7 +167,7 @@ def generation_json(model: Whisper) -> dict:
             "forced_decoder_ids": None, "return_timestamps": False}
 
 
-def preprocessor_json(features) -> dict:
+def preprocessor_json(features, model=None) -> dict:
     """WhisperFeatureExtractor's settings for our ``features`` (which must be whisper_log_mel)."""
     if features.kind != "whisper_log_mel":
         raise ConfigError("export --format hf: this Whisper reads features.kind=log_mel (our front end); "
@@ -177,7 +182,11 @@ def preprocessor_json(features) -> dict:
             "padding_side": "right", "padding_value": 0.0, "return_attention_mask": False, "dither": 0.0}
 
 
-def tokenizer_config_json(model: Whisper) -> dict:
-    return {"tokenizer_class": "WhisperTokenizer", "model_max_length": 1024, "errors": "replace",
-            "add_prefix_space": False, "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-            "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+def tokenizer_files(tokenizer, data: bytes) -> dict[str, bytes]:
+    """The run's tokenizer.json and the tokenizer_config.json that makes it a WhisperTokenizer."""
+    import json
+
+    config = {"tokenizer_class": "WhisperTokenizer", "model_max_length": 1024, "errors": "replace",
+              "add_prefix_space": False, "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+              "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    return {"tokenizer.json": data, "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode()}

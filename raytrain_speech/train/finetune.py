@@ -16,6 +16,7 @@ import yaml
 
 from raytrain_speech import storage
 from raytrain_speech.config import Config, ConfigError, StorageConfig
+from raytrain_speech.data.tokenizer import load_tokenizer
 from raytrain_speech.hf import directory as hfdir
 from raytrain_speech.hf.importer import load_weights
 from raytrain_speech.hf.importer import preflight as hf_preflight
@@ -41,7 +42,7 @@ def plan(model: SpeechModel, cfg: Config, log: bool) -> FreezePlan:
     pretrained: set[str] = set()
     if hfdir.is_hf(tc.init_from):
         report = load_weights(model, cfg.model.family, tc.init_from, cfg.storage, strict=tc.init_strict,
-                              log=print if log else None)
+                              log=print if log else None, tokenizer=load_tokenizer(cfg.text, cfg.storage))
         pretrained = {n for n in report.mapped if n in dict(model.named_parameters())}
     elif tc.init_from:
         pretrained = init_from_pretrained(model, tc.init_from, cfg.storage, log=log)

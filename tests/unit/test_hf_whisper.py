@@ -170,7 +170,7 @@ def test_large_v3_maps_every_tensor_on_the_meta_device():
                 "<|notimestamps|>": 50364}
     ours = build_meta(cfg.model, 51866, specials)
     report = mapping.match({k: tuple(v.shape) for k, v in ours.state_dict().items()}, theirs,
-                           hf_whisper.family_map(ours.cfg), {n for n, _ in ours.named_parameters()})
+                           hf_whisper.family_map(ours), {n for n, _ in ours.named_parameters()})
     assert not report.mismatched and not report.missing and not report.unused, report
     hf_params = sum(p.numel() for p in hf_model.parameters())
     ours_params = sum(p.numel() for p in ours.parameters())
