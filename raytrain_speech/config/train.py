@@ -191,8 +191,11 @@ class OptimConfig:
     """Linear warmup from 0 to lr_peak, in optimizer steps."""
     warmup_fraction: float | None = None
     """Warmup as a fraction of total steps; replaces warmup_steps when set."""
-    schedule: Literal["cosine", "polynomial", "constant"] = "cosine"
-    """Decay after warmup."""
+    schedule: Literal["cosine", "polynomial", "constant", "tri_stage"] = "cosine"
+    """Decay after warmup; tri_stage = fairseq's fine-tuning schedule: hold lr_peak for
+    hold_fraction of the steps, then decay exponentially to lr_final."""
+    hold_fraction: float = 0.4
+    """tri_stage: share of all steps held at lr_peak after warmup (fairseq: 0.4 of 0.1/0.4/0.5)."""
     lr_final: float = 1e-6
     """LR at the last step (cosine and polynomial)."""
     poly_power: float = 1.0
@@ -208,6 +211,9 @@ class OptimConfig:
         require(self.warmup_fraction is None or 0 <= self.warmup_fraction < 1, "optim.warmup_fraction",
                 "must be in [0, 1)")
         require(all(0 <= b < 1 for b in self.betas), "optim.betas", "must be in [0, 1)")
+        require(0 <= self.hold_fraction < 1, "optim.hold_fraction", "must be in [0, 1)")
+        require(self.schedule != "tri_stage" or self.lr_final > 0, "optim.lr_final",
+                "must be positive with tri_stage (exponential decay; fairseq: 0.05 x lr_peak)")
         require(self.pretrained_lr_peak is None or self.pretrained_lr_peak > 0, "optim.pretrained_lr_peak",
                 "must be positive or null")
 

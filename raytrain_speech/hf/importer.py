@@ -141,8 +141,12 @@ def preflight(cfg: Config) -> None:
     uri = cfg.train.init_from
     directory = hfdir.path_of(uri)
     module = module_for(hfdir.read_json(directory, hfdir.CONFIG, cfg.storage), cfg.model.family, uri)
-    tokenizer = load_tokenizer(cfg.text, cfg.storage)
-    model = build_meta(cfg.model, tokenizer.vocab_size, tokenizer.specials or None)
+    try:
+        tokenizer = load_tokenizer(cfg.text, cfg.storage)
+    except ConfigError:  # learned when the run starts (alphabet=auto, a tokenizer to train): a fresh head,
+        tokenizer = None  # whose size the map does not compare
+    model = build_meta(cfg.model, tokenizer.vocab_size if tokenizer else 64,
+                       (tokenizer.specials or None) if tokenizer else None)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = hfdir.read_shapes(directory, cfg.storage)
     if module is hf_wav2vec2 and not any(k.startswith("wav2vec2.") for k in theirs):

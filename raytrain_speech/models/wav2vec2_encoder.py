@@ -57,7 +57,8 @@ class Wav2Vec2Config:
     """Zero-mean unit-variance each utterance's valid samples before the CNN (fairseq `normalize`;
     used with the layer_norm extractor)."""
     feature_grad_mult: float = 0.1
-    """Scale of the gradient entering the feature encoder (Base 0.1 keeps the CNN stable; Large 1.0)."""
+    """Scale of the gradient entering the feature encoder (Base 0.1 keeps the CNN stable; Large 1.0;
+    0 = frozen, fairseq's fine-tuning setting: zero gradients, no backward through the CNN)."""
     d_model: int = 768
     """Transformer width."""
     num_layers: int = 12
@@ -419,9 +420,11 @@ class Wav2Vec2Encoder(nn.Module):
             x_BCT = self.feature_extractor(waveform_BS)
             if mult != 1.0 and torch.is_grad_enabled():
                 x_BCT = GradMultiply.apply(x_BCT, mult)
-        else:
-            with torch.no_grad():
+        else:  # a frozen CNN (fairseq feature_grad_mult 0): no backward through it, but every parameter
+            with torch.no_grad():  # still takes part (a zero gradient), as DDP requires of each forward
                 x_BCT = self.feature_extractor(waveform_BS)
+            if torch.is_grad_enabled():
+                x_BCT = x_BCT + 0.0 * sum(p.view(-1)[0] for p in self.feature_extractor.parameters())
         B, _, T = x_BCT.shape
         out_lengths_B = self.output_lengths(lengths_B).clamp(max=T)
         valid_BT = torch.arange(T, device=x_BCT.device)[None, :] < out_lengths_B[:, None]

@@ -53,6 +53,12 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
         return cfg.lr_peak * (step + 1) / warmup
     if cfg.schedule == "constant":
         return cfg.lr_peak
+    if cfg.schedule == "tri_stage":
+        hold_end = warmup + round(cfg.hold_fraction * total_steps)
+        if step < hold_end:
+            return cfg.lr_peak
+        progress = min(1.0, (step - hold_end) / max(1, total_steps - hold_end))
+        return cfg.lr_peak * (cfg.lr_final / cfg.lr_peak) ** progress
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     if cfg.schedule == "cosine":
         return cfg.lr_final + (cfg.lr_peak - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -63,3 +63,13 @@ def test_per_parameter_freeze_lengths():
     assert [lr[(s, id(w0))] for s in (0, 20, 50)] == [0.0, 0.0, 1e-3]
     assert [lr[(s, id(w1))] for s in (0, 20, 50)] == [0.0, 1e-3, 1e-3]
     assert [lr[(s, id(w2))] for s in (0, 20, 50)] == [1e-3, 1e-3, 1e-3]
+
+
+def test_tri_stage_warms_up_holds_then_decays_exponentially_to_the_final_lr():
+    """fairseq's fine-tuning schedule (phase ratios 0.1 / 0.4 / 0.5, final 0.05 x peak)."""
+    cfg = OptimConfig(lr_peak=1e-4, lr_final=5e-6, warmup_fraction=0.1, schedule="tri_stage", hold_fraction=0.4)
+    assert lr_at(9, 100, cfg) == pytest.approx(1e-4)
+    assert lr_at(10, 100, cfg) == lr_at(49, 100, cfg) == pytest.approx(1e-4)
+    mid = lr_at(75, 100, cfg)
+    assert mid == pytest.approx(1e-4 * 0.05 ** 0.5, rel=1e-6)  # geometric halfway between peak and final
+    assert lr_at(100, 100, cfg) == pytest.approx(5e-6)
