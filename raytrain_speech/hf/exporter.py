@@ -13,9 +13,11 @@ from raytrain_speech.data.text import TOKENIZER_FILES
 from raytrain_speech.data.tokenizer import tokenizer_file_in
 from raytrain_speech.hf import directory as hfdir
 from raytrain_speech.hf import wav2vec2 as hf_wav2vec2
+from raytrain_speech.hf import wavlm as hf_wavlm
 from raytrain_speech.hf import whisper as hf_whisper
 
-EXPORTERS = {"whisper": hf_whisper, "wav2vec2_ctc": hf_wav2vec2, "nar_ctc": hf_wav2vec2}
+EXPORTERS = {"whisper": hf_whisper, "wav2vec2_ctc": hf_wav2vec2, "nar_ctc": hf_wav2vec2,
+             "wavlm_waveform_ctc": hf_wavlm}
 """Our family -> the map module that writes its transformers layout."""
 
 

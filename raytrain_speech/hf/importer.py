@@ -18,17 +18,20 @@ from raytrain_speech.config import Config, ConfigError, StorageConfig
 from raytrain_speech.hf import directory as hfdir
 from raytrain_speech.hf import mapping
 from raytrain_speech.hf import wav2vec2 as hf_wav2vec2
+from raytrain_speech.hf import wavlm as hf_wavlm
 from raytrain_speech.hf import whisper as hf_whisper
 from raytrain_speech.models.base import SpeechModel
 
 FAMILY_MODULES: dict[str, dict[str, ModuleType]] = {
     "whisper": {"whisper": hf_whisper},
     "wav2vec2": {"wav2vec2_ctc": hf_wav2vec2, "nar_ctc": hf_wav2vec2, "wav2vec2": hf_wav2vec2},
+    "wavlm": {"wavlm_waveform_ctc": hf_wavlm},
 }
 """HF ``model_type`` -> {our family that can start from it: its map module}."""
 
 DEFAULT_FAMILY = {"WhisperForConditionalGeneration": ("whisper", {}),
-                  "Wav2Vec2ForCTC": ("wav2vec2_ctc", {"text": {"tokenizer": "ctc_vocab"}})}
+                  "Wav2Vec2ForCTC": ("wav2vec2_ctc", {"text": {"tokenizer": "ctc_vocab"}}),
+                  "WavLMForCTC": ("wavlm_waveform_ctc", {"text": {"tokenizer": "ctc_vocab"}})}
 """The family (and text settings) a checkpoint is decoded as (``--checkpoint hf:PATH``), by its
 architecture."""
 
@@ -149,7 +152,7 @@ def preflight(cfg: Config) -> None:
                        (tokenizer.specials or None) if tokenizer else None)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = hfdir.read_shapes(directory, cfg.storage)
-    if module is hf_wav2vec2 and not any(k.startswith("wav2vec2.") for k in theirs):
-        theirs = {f"wav2vec2.{k}": v for k, v in theirs.items()}
+    if module in (hf_wav2vec2, hf_wavlm):
+        theirs = hf_wav2vec2.with_prefix(theirs, module.PREFIX)
     report = mapping.match(own, theirs, module.family_map(model, tokenizer), {n for n, _ in model.named_parameters()})
     report.check(uri, cfg.train.init_strict)

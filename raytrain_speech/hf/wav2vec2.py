@@ -27,7 +27,11 @@ PRETRAINING_HEADS = [("quantizer.codevectors", "quantizer.codevectors"),
 CTC_HEAD = [("head.weight", "lm_head.weight"), ("head.bias", "lm_head.bias")]
 
 
-def encoder_pairs(own_names) -> list[tuple[str, str]]:
+PREFIX = "wav2vec2."
+"""transformers' attribute holding the encoder (WavLM: ``wavlm.``)."""
+
+
+def encoder_pairs(own_names, prefix: str = PREFIX) -> list[tuple[str, str]]:
     """(ours, HF) for every encoder tensor of ours: encoder.X <- wav2vec2.X, the Transformer under
     wav2vec2.encoder, the mask embedding as masked_spec_embed."""
     pairs = []
@@ -36,19 +40,19 @@ def encoder_pairs(own_names) -> list[tuple[str, str]]:
             continue
         rest = name.removeprefix("encoder.")
         if rest == "mask_embedding":
-            pairs.append((name, "wav2vec2.masked_spec_embed"))
+            pairs.append((name, prefix + "masked_spec_embed"))
         elif rest.startswith("transformer."):
-            pairs.append((name, "wav2vec2.encoder." + rest.removeprefix("transformer.")))
+            pairs.append((name, prefix + "encoder." + rest.removeprefix("transformer.")))
         else:
-            pairs.append((name, "wav2vec2." + rest))
+            pairs.append((name, prefix + rest))
     return pairs
 
 
-def with_prefix(theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def with_prefix(theirs: dict, prefix: str = PREFIX) -> dict:
     """A bare ``Wav2Vec2Model`` saves its tensors without the ``wav2vec2.`` prefix; add it."""
-    if any(k.startswith("wav2vec2.") for k in theirs):
+    if any(k.startswith(prefix) for k in theirs):
         return theirs
-    return {f"wav2vec2.{k}": v for k, v in theirs.items()}
+    return {f"{prefix}{k}": v for k, v in theirs.items()}
 
 
 def overrides_from_config(hf: dict, source: str) -> dict:
@@ -80,20 +84,20 @@ def features_from_preprocessor(pre: dict | None, hf: dict) -> dict:
             "waveform_normalize": bool(pre.get("do_normalize", True))}
 
 
-def family_map(model, tokenizer=None) -> FamilyMap:
+def family_map(model, tokenizer=None, prefix: str = PREFIX) -> FamilyMap:
     """Encoder always; pretraining heads into the pretraining model (and left out of a CTC model);
     the CTC head only with a vocab.json tokenizer (text.tokenizer=ctc_vocab: the checkpoint's own)."""
     keep_head = getattr(tokenizer, "kind", None) == "ctc_vocab"
-    pairs = encoder_pairs(model.state_dict())
+    pairs = encoder_pairs(model.state_dict(), prefix)
     if isinstance(model, Wav2Vec2Pretraining):
         return FamilyMap(pairs + PRETRAINING_HEADS, checked=["lm_head.weight", "lm_head.bias"])
     left_out = [hf for _, hf in PRETRAINING_HEADS] + ([] if keep_head else [hf for _, hf in CTC_HEAD])
     return FamilyMap(pairs + (CTC_HEAD if keep_head else []), checked=left_out, fresh_ok=("head.",))
 
 
-def prepare_state(theirs: dict[str, torch.Tensor], tokenizer) -> dict[str, torch.Tensor]:
+def prepare_state(theirs: dict[str, torch.Tensor], tokenizer, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     """The checkpoint under ``wav2vec2.`` names, its CTC head's rows in our tokenizer's order."""
-    theirs = with_prefix(theirs)
+    theirs = with_prefix(theirs, prefix)
     order = getattr(tokenizer, "file_ids", None)
     if order is not None and "lm_head.weight" in theirs:
         rows = theirs["lm_head.weight"].shape[0]
@@ -108,15 +112,15 @@ def check_values(theirs: dict[str, torch.Tensor], source: str) -> None:
     """Nothing is computed instead of stored here."""
 
 
-def export_state(model: Wav2Vec2CTC) -> dict[str, torch.Tensor]:
+def export_state(model: Wav2Vec2CTC, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     if not isinstance(model, Wav2Vec2CTC):
         raise ConfigError("export --format hf: only the CTC model (Wav2Vec2ForCTC) is exported")
-    return rename(model.state_dict(), encoder_pairs(model.state_dict()) + CTC_HEAD)
+    return rename(model.state_dict(), encoder_pairs(model.state_dict(), prefix) + CTC_HEAD)
 
 
-def config_json(model: Wav2Vec2CTC) -> dict:
+def config_json(model: Wav2Vec2CTC, architecture: str = "Wav2Vec2ForCTC", model_type: str = MODEL_TYPE) -> dict:
     c = model.cfg
-    return {"architectures": ["Wav2Vec2ForCTC"], "model_type": MODEL_TYPE, "vocab_size": model.head.out_features,
+    return {"architectures": [architecture], "model_type": model_type, "vocab_size": model.head.out_features,
             "conv_dim": [c.conv_channels] * len(c.conv_kernels), "conv_kernel": list(c.conv_kernels),
             "conv_stride": list(c.conv_strides), "num_feat_extract_layers": len(c.conv_kernels),
             "feat_extract_norm": c.extractor_mode.removesuffix("_norm"), "conv_bias": c.conv_bias,

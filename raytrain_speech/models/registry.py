@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from raytrain_speech.config import ConfigError, ModelSpec, from_dict, require, to_dict
-from raytrain_speech.models import conformer, wav2vec2, wavlm, whisper
+from raytrain_speech.models import conformer, wav2vec2, wavlm, wavlm_waveform, whisper
 from raytrain_speech.objectives import Objective, contrastive, ctc, hybrid, masked, seq2seq
 
 
@@ -75,6 +75,11 @@ FAMILIES: dict[str, Family] = {
                         input_kind="log_mel", text_output="ctc",
                         summary="WavLM encoder fine-tuned with CTC (train.init_from a wavlm run)",
                         init_from_families=("wavlm",)),
+    "wavlm_waveform_ctc": Family(wavlm_waveform.WavLMWaveformConfig, wavlm_waveform.PRESETS,
+                                 wavlm_waveform.WavLMWaveformCTC, objective="ctc", input_kind="waveform",
+                                 text_output="ctc",
+                                 summary="WavLM as published (waveform CNN, gated relative position bias), CTC; "
+                                         "from a WavLM directory (train.init_from=hf:)"),
 }
 
 
