@@ -20,12 +20,12 @@ from raytrain_speech.train.finetune import check_init_from
 def check(cfg: Config) -> None:
     """Raise ConfigError / StorageError (one line each) for anything that would fail every worker."""
     check_config(cfg)
+    if cfg.train.init_from:  # first: a checkpoint that cannot fit says so before any data is looked at
+        check_init_from(cfg)
     storage.check_reachable(cfg.data.root, cfg.storage)
     storage.check_reachable(cfg.run.storage_path, cfg.storage)
     corpus.shard_uris(cfg.data.root, cfg.data.train_split, cfg.storage)
     check_noise(cfg)
-    if cfg.train.init_from:
-        check_init_from(cfg)
 
 
 def check_noise(cfg: Config) -> None:

@@ -108,6 +108,9 @@ def test_whisper_import_finetune_export_reload(ray_local, corpus, tmp_path, caps
     gen = reloaded.generate(feats_hf, language="en", task="transcribe", max_new_tokens=60)[0]
     text = processor.batch_decode(gen[None], skip_special_tokens=True)[0].strip()
     assert text and text in printed, (text, printed)
+    # the exported directory itself decodes the same through --checkpoint hf: (30 s windows, as exported)
+    assert cli.main(["transcribe", "--checkpoint", f"hf:{out}", str(wav)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == printed
 
 
 def test_wav2vec2_pretraining_dir_finetunes_with_a_fresh_head_and_exports(ray_local, corpus, tmp_path, capsys):

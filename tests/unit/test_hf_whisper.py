@@ -212,3 +212,52 @@ def test_settle_fills_the_run_config_from_the_directory(tmp_path):
     cfg.model.family = "conformer_ctc"
     with pytest.raises(ConfigError, match="initialises whisper"):
         importer.settle(cfg, log=None)
+
+
+@pytest.mark.parametrize("layout", ["sharded", "bin"])
+def test_sharded_safetensors_and_pytorch_bin_directories_import_the_same(tmp_path, layout):
+    d, hf_model, _ = _hf_whisper_dir(tmp_path)
+    other = tmp_path / layout
+    if layout == "sharded":
+        hf_model.save_pretrained(other, max_shard_size="200KB")
+        assert (other / "model.safetensors.index.json").exists()
+    else:
+        other.mkdir()
+        torch.save(hf_model.state_dict(), other / "pytorch_model.bin")
+        (other / "config.json").write_text((d / "config.json").read_text())
+    for name in ("tokenizer.json", "preprocessor_config.json", "generation_config.json"):
+        (other / name).write_bytes((d / name).read_bytes())
+    a, b = load_model(f"hf:{d}").model.state_dict(), load_model(f"hf:{other}").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_s3_directory_imports_through_the_s3_wire_protocol(tmp_path, s3_endpoint, s3fs_client):
+    d, _, _ = _hf_whisper_dir(tmp_path)
+    s3fs_client.mkdir("hf-models")
+    s3fs_client.put(str(d), "hf-models/whisper", recursive=True)
+    from raytrain_speech.config import StorageConfig
+
+    remote = load_model("hf:s3://hf-models/whisper", StorageConfig(endpoint_url=s3_endpoint))
+    local = load_model(f"hf:{d}")
+    assert all(torch.equal(v, local.model.state_dict()[k]) for k, v in remote.model.state_dict().items())
+
+
+def test_train_from_a_broken_directory_fails_before_ray_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    d, _, _ = _hf_whisper_dir(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(d / "model.safetensors")
+    state["model.decoder.layers.0.fc1.weight"] = torch.zeros(5, 64)
+    save_file(state, d / "model.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "raytrain_speech.cli", "train", "--config",
+                           "examples/whisper_finetune_tiny.yaml", f"train.init_from=hf:{d}",
+                           f"data.root={tmp_path / 'nowhere'}", f"run.storage_path={tmp_path / 'runs'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "shape mismatch: decoder.layers.0.mlp.0.weight <- model.decoder.layers.0.fc1.weight" \
+        in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "ray" not in proc.stderr.lower().replace("raytrain", "")
