@@ -218,7 +218,7 @@ def cmd_transcribe(args) -> int:
 def cmd_export(args) -> int:
     storage_cfg = _storage_from(args.overrides)
     if args.format == "hf":
-        from raytrain_speech.hf.exporter import export_hf
+        from raytrain_speech.evaluate.hf_export import export_hf
 
         export_hf(args.checkpoint, args.out, storage_cfg, overrides=args.overrides)
         return 0

@@ -11,6 +11,7 @@ from raytrain_speech import storage
 from raytrain_speech.config import ConfigError, StorageConfig
 from raytrain_speech.data.text import TOKENIZER_FILES
 from raytrain_speech.data.tokenizer import tokenizer_file_in
+from raytrain_speech.evaluate.loading import load_model
 from raytrain_speech.hf import directory as hfdir
 from raytrain_speech.hf import wav2vec2 as hf_wav2vec2
 from raytrain_speech.hf import wavlm as hf_wavlm
@@ -29,8 +30,6 @@ def export_hf(checkpoint: str, out: str, storage_cfg: StorageConfig | None = Non
               log=print) -> dict:
     """Write the checkpoint's model (the weights eval decodes with: EMA when the run kept one and
     eval.use_ema) to ``out`` in transformers' layout; a summary of what was written."""
-    from raytrain_speech.evaluate.loading import load_model
-
     loaded = load_model(checkpoint, storage_cfg, overrides, need_text=False)
     cfg = loaded.cfg
     module = EXPORTERS.get(cfg.model.family)
