@@ -17,10 +17,10 @@ transformers = pytest.importorskip("transformers")
 
 from raytrain_speech.config import Config, ConfigError, TextConfig  # noqa: E402
 from raytrain_speech.data.text import CharTokenizer  # noqa: E402
+from raytrain_speech.evaluate.hf_export import export_hf  # noqa: E402
 from raytrain_speech.evaluate.loading import load_model  # noqa: E402
 from raytrain_speech.hf import importer, mapping  # noqa: E402
 from raytrain_speech.hf import wav2vec2 as hf_w2v  # noqa: E402
-from raytrain_speech.evaluate.hf_export import export_hf  # noqa: E402
 from raytrain_speech.models.registry import build_meta, build_model  # noqa: E402
 
 LETTERS = list("etaoinshrdlucmfwypvbgk'")

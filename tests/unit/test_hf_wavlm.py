@@ -14,10 +14,10 @@ transformers = pytest.importorskip("transformers")
 
 from raytrain_speech.config import Config  # noqa: E402
 from raytrain_speech.data.subword import CTCVocabTokenizer  # noqa: E402
+from raytrain_speech.evaluate.hf_export import export_hf  # noqa: E402
 from raytrain_speech.evaluate.loading import load_model  # noqa: E402
 from raytrain_speech.hf import mapping  # noqa: E402
 from raytrain_speech.hf import wavlm as hf_wavlm  # noqa: E402
-from raytrain_speech.evaluate.hf_export import export_hf  # noqa: E402
 from raytrain_speech.models.registry import build_meta  # noqa: E402
 from tests.unit.test_hf_wav2vec2 import _save, _vocab, _wave  # noqa: E402
 

@@ -17,10 +17,10 @@ from raytrain_speech.batch import Batch  # noqa: E402
 from raytrain_speech.config import Config, ConfigError, FeatureConfig  # noqa: E402
 from raytrain_speech.data.features import FeatureExtractor  # noqa: E402
 from raytrain_speech.data.subword import HFTokenizer, train_whisper_bpe  # noqa: E402
+from raytrain_speech.evaluate.hf_export import export_hf  # noqa: E402
 from raytrain_speech.evaluate.loading import load_model  # noqa: E402
 from raytrain_speech.hf import importer, mapping  # noqa: E402
 from raytrain_speech.hf import whisper as hf_whisper  # noqa: E402
-from raytrain_speech.evaluate.hf_export import export_hf  # noqa: E402
 from raytrain_speech.models.registry import build_meta  # noqa: E402
 
 TEXTS = ["the cat sat on the mat", "a quick brown fox", "we went to the market", "hello world"] * 30
