@@ -42,6 +42,7 @@ from raytrain_speech.evaluate.artifact import (
 )
 from raytrain_speech.evaluate.loading import load_model
 from raytrain_speech.evaluate.runner import BatchDecoder, build_search, rows_in_process, score_rows
+from raytrain_speech.hf import directory as hfdir
 from raytrain_speech.train.checkpoint import STATE_FILE, resolve_checkpoint
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -102,13 +103,14 @@ def export_checkpoint(checkpoint: str, out: str, quantize: str = "int8", storage
     export, the int8 artifact, and the training checkpoint it came from) and, for text models, WER/CER
     and decoding time of the float and the exported model on ``split`` (default eval.split), both
     in-process on this CPU with the same search."""
-    ckpt = resolve_checkpoint(checkpoint, storage_cfg)
+    from_hf = hfdir.is_hf(checkpoint)
+    ckpt = checkpoint if from_hf else resolve_checkpoint(checkpoint, storage_cfg)
     loaded = load_model(ckpt, storage_cfg, overrides, need_text=False)
     cfg = loaded.cfg
     tokenizer_files = {}
     if cfg.text.tokenizer in TOKENIZER_FILES:  # the export carries its tokenizer, as checkpoints do
         name = TOKENIZER_FILES[cfg.text.tokenizer]
-        tokenizer_files[name] = tokenizer_file_in(ckpt, cfg.text, storage_cfg)
+        tokenizer_files[name] = tokenizer_file_in(hfdir.path_of(ckpt), cfg.text, storage_cfg)
         cfg.text.tokenizer_path = storage.join(out, name)
     config_yaml = dump_yaml(cfg)
     exported = export_model(loaded.model, config_yaml, loaded.step, quantize, source=ckpt)
@@ -119,7 +121,8 @@ def export_checkpoint(checkpoint: str, out: str, quantize: str = "int8", storage
     report = {
         "checkpoint": ckpt, "artifact": out, "quantize": quantize, "step": loaded.step, "weights": loaded.weights,
         "family": cfg.model.family, "preset": cfg.model.preset,
-        "bytes": {"checkpoint_state": len(storage.read_bytes(storage.join(ckpt, STATE_FILE), storage_cfg)),
+        "bytes": {"checkpoint_state": len(storage.read_bytes(storage.join(hfdir.path_of(ckpt), hfdir.SAFETENSORS
+                                                                          if from_hf else STATE_FILE), storage_cfg)),
                   "float_export": float_bytes, "artifact": len(artifact)},
     }
     report["size_reduction_vs_float"] = 1.0 - len(artifact) / float_bytes

@@ -173,3 +173,19 @@ def test_a_wrong_family_or_vocab_fails_with_one_line(tmp_path):
     with pytest.raises(ConfigError, match="initialises wav2vec2_ctc"):
         importer.settle(cfg, log=None)
 
+
+
+def test_the_model_pt_export_reads_an_hf_directory_too(tmp_path):
+    from raytrain_speech.evaluate.quantize import export_checkpoint
+
+    d = _save(tmp_path, _ctc_model(False, _vocab(False), 0), _vocab(False))
+    report = export_checkpoint(f"hf:{d}", str(tmp_path / "artifact"), "int8", evaluate=False, log=lambda s: None)
+    assert report["family"] == "wav2vec2_ctc" and report["bytes"]["checkpoint_state"] > 0
+    exported = load_model(str(tmp_path / "artifact"))
+    original = load_model(f"hf:{d}")
+    x = torch.from_numpy(original.pre.features(_wave()))[None]
+    with torch.no_grad():
+        a, _ = exported.model.encode(x, torch.tensor([x.shape[1]]))
+        b, _ = original.model.encode(x, torch.tensor([x.shape[1]]))
+    assert (a - b).abs().max() < 0.1 * b.abs().max()  # int8 weights: close, not equal
+    assert exported.pre.tokenizer.vocab_size == original.pre.tokenizer.vocab_size
