@@ -305,7 +305,7 @@ def cmd_models(args) -> int:
 
     names = [args.family] if args.family else list(FAMILIES)
     chars = CharTokenizer().vocab_size
-    print(f"{'family':<15} {'preset':<11} {'parameters':>15} {'vocabulary':>22}  {'objective':<11} {'input':<9} "
+    print(f"{'family':<19} {'preset':<11} {'parameters':>15} {'vocabulary':>22}  {'objective':<11} {'input':<9} "
           "description")
     for name in names:
         fam = family(ModelSpec(family=name))
@@ -318,7 +318,7 @@ def cmd_models(args) -> int:
             else:
                 model = build_meta(spec, chars)
                 vocab = f"{chars} (chars)" if fam.text_output else "-"
-            print(f"{name:<15} {preset:<11} {count_parameters(model):>15,} {vocab:>22}  {fam.objective:<11} "
+            print(f"{name:<19} {preset:<11} {count_parameters(model):>15,} {vocab:>22}  {fam.objective:<11} "
                   f"{fam.input_kind:<9} {fam.summary}")
     return 0
 
