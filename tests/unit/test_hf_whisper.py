@@ -261,3 +261,20 @@ def test_train_from_a_broken_directory_fails_before_ray_with_one_line(tmp_path):
     assert len(lines) == 1 and "shape mismatch: decoder.layers.0.mlp.0.weight <- model.decoder.layers.0.fc1.weight" \
         in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and "ray" not in proc.stderr.lower().replace("raytrain", "")
+
+
+def test_init_strict_false_loads_what_fits_and_reports_the_rest(tmp_path):
+    d, _, tok = _hf_whisper_dir(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(d / "model.safetensors")
+    save_file({**state, "model.decoder.extra_adapter.weight": torch.ones(3)}, d / "model.safetensors")
+    cfg = importer.config_for_eval(f"hf:{d}", None)
+    from raytrain_speech.models.registry import build_model
+
+    model = build_model(cfg.model, tok.vocab_size, tok.specials)
+    with pytest.raises(ConfigError, match=r"unused checkpoint tensor\(s\): model.decoder.extra_adapter.weight"):
+        importer.load_weights(model, "whisper", f"hf:{d}", log=None, tokenizer=tok)
+    report = importer.load_weights(model, "whisper", f"hf:{d}", strict=False, log=None, tokenizer=tok)
+    assert report.unused == ["model.decoder.extra_adapter.weight"] and not report.missing
+    assert torch.equal(model.decoder.embed.weight, state["model.decoder.embed_tokens.weight"])
