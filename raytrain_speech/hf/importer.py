@@ -71,6 +71,7 @@ def settle(cfg: Config, log=print) -> None:
     if cfg.features.kind == "whisper_log_mel" and cfg.features.pad_to_s is None:
         cfg.features.pad_to_s = float((pre or {}).get("chunk_length", 30))
     cfg.features.validate()
+    cfg.validate()  # the cross-section rules again, on the front end the checkpoint brought
     _settle_tokenizer(cfg, directory, module, source)
     if log:
         log(f"[raytrain-speech] model from {source}: {cfg.model.family} {hf.get('model_type')} "
