@@ -350,18 +350,27 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
                 nn.init.zeros_(module.bias)
 
+    def layer_inputs(self, x_BTD: torch.Tensor) -> tuple:
+        """What every block takes besides the frames and the key mask (WavLM: the position bias)."""
+        return ()
+
+    def skips(self, i: int) -> bool:
+        """LayerDrop: whether block ``i`` is skipped in this training forward."""
+        return self.training and self.layer_drop > 0 and float(torch.rand(())) < self.layer_drop
+
     def forward(self, x_BTD: torch.Tensor, attend_B11T: torch.Tensor | None) -> torch.Tensor:
         x_BTD = x_BTD + self.pos_conv_embed(x_BTD)
         if not self.layer_norm_first:
             x_BTD = self.layer_norm(x_BTD)
         x_BTD = self.dropout(x_BTD)
-        for layer in self.layers:
-            if self.training and self.layer_drop > 0 and float(torch.rand(())) < self.layer_drop:
+        extra = self.layer_inputs(x_BTD)
+        for i, layer in enumerate(self.layers):
+            if self.skips(i):
                 # A skipped block still joins the graph with a zero term, so DDP sees a gradient for each of
                 # its parameters (no find_unused_parameters) and ranks may skip different blocks.
                 x_BTD = x_BTD + 0.0 * sum(p.sum() for p in layer.parameters()).to(x_BTD.dtype)
                 continue
-            x_BTD = layer(x_BTD, attend_B11T)
+            x_BTD = layer(x_BTD, attend_B11T, *extra)
         if self.layer_norm_first:
             x_BTD = self.layer_norm(x_BTD)
         return x_BTD

@@ -130,20 +130,11 @@ class WavLMTransformer(w2v.Transformer):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x_BTD: torch.Tensor, attend_B11T: torch.Tensor | None) -> torch.Tensor:
-        x_BTD = x_BTD + self.pos_conv_embed(x_BTD)
-        if not self.layer_norm_first:
-            x_BTD = self.layer_norm(x_BTD)
-        x_BTD = self.dropout(x_BTD)
-        bias_HTS = self.layers[0].attention.bias_HTS(x_BTD.shape[1])
-        for i, layer in enumerate(self.layers):
-            if i > 0 and self.training and self.layer_drop > 0 and float(torch.rand(())) < self.layer_drop:
-                x_BTD = x_BTD + 0.0 * sum(p.sum() for p in layer.parameters()).to(x_BTD.dtype)
-                continue
-            x_BTD = layer(x_BTD, attend_B11T, bias_HTS)
-        if self.layer_norm_first:
-            x_BTD = self.layer_norm(x_BTD)
-        return x_BTD
+    def layer_inputs(self, x_BTD: torch.Tensor) -> tuple:
+        return (self.layers[0].attention.bias_HTS(x_BTD.shape[1]),)
+
+    def skips(self, i: int) -> bool:
+        return i > 0 and super().skips(i)
 
 
 class WavLMWaveformCTC(Wav2Vec2CTC):
