@@ -121,8 +121,9 @@ def export_checkpoint(checkpoint: str, out: str, quantize: str = "int8", storage
     report = {
         "checkpoint": ckpt, "artifact": out, "quantize": quantize, "step": loaded.step, "weights": loaded.weights,
         "family": cfg.model.family, "preset": cfg.model.preset,
-        "bytes": {"checkpoint_state": len(storage.read_bytes(storage.join(hfdir.path_of(ckpt), hfdir.SAFETENSORS
-                                                                          if from_hf else STATE_FILE), storage_cfg)),
+        "bytes": {"checkpoint_state": sum(len(storage.read_bytes(storage.join(hfdir.path_of(ckpt), name), storage_cfg))
+                                          for name in (hfdir.weight_files(hfdir.path_of(ckpt), storage_cfg)
+                                                       if from_hf else [STATE_FILE])),
                   "float_export": float_bytes, "artifact": len(artifact)},
     }
     report["size_reduction_vs_float"] = 1.0 - len(artifact) / float_bytes

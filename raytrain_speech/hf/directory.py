@@ -60,18 +60,27 @@ def read_file(directory: str, name: str, storage_cfg: StorageConfig | None = Non
     return storage.read_bytes(uri, storage_cfg) if storage.exists(uri, storage_cfg) else None
 
 
+def weight_files(directory: str, storage_cfg: StorageConfig | None = None) -> list[str]:
+    """The weight files ``read_state`` reads, by name (index shards, else the single file)."""
+    for index_name in (SAFETENSORS_INDEX, TORCH_BIN_INDEX):
+        index = read_json(directory, index_name, storage_cfg, required=False)
+        if index is not None:
+            return sorted(set(index.get("weight_map", {}).values()))
+    for name in (SAFETENSORS, TORCH_BIN):
+        if storage.exists(storage.join(directory, name), storage_cfg):
+            return [name]
+    raise StorageError(f"hf:{directory}: no weights ({SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_BIN})")
+
+
 def read_shapes(directory: str, storage_cfg: StorageConfig | None = None) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape without reading the weights: safetensors headers (the first bytes of each
     file); a ``pytorch_model.bin`` has no header and is loaded."""
-    index = read_json(directory, SAFETENSORS_INDEX, storage_cfg, required=False)
-    shards = sorted(set(index.get("weight_map", {}).values())) if index else []
-    if not shards and storage.exists(storage.join(directory, SAFETENSORS), storage_cfg):
-        shards = [SAFETENSORS]
-    if not shards:
+    names = weight_files(directory, storage_cfg)
+    if not all(n.endswith(".safetensors") for n in names):
         return {k: tuple(v.shape) for k, v in read_state(directory, storage_cfg).items()}
     shapes: dict[str, tuple[int, ...]] = {}
-    for shard in shards:
-        shapes.update(_safetensors_header(directory, shard, storage_cfg))
+    for name in names:
+        shapes.update(_safetensors_header(directory, name, storage_cfg))
     return shapes
 
 
@@ -91,17 +100,11 @@ def _safetensors_header(directory: str, name: str, storage_cfg) -> dict[str, tup
 def read_state(directory: str, storage_cfg: StorageConfig | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, from safetensors (single or sharded) or, failing that,
     ``pytorch_model.bin`` loaded with ``weights_only=True`` (a pickle cannot run code here)."""
-    for index_name, loader in ((SAFETENSORS_INDEX, _safetensors_file), (TORCH_BIN_INDEX, _torch_file)):
-        index = read_json(directory, index_name, storage_cfg, required=False)
-        if index is not None:
-            state: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(index.get("weight_map", {}).values())):
-                state.update(loader(directory, shard, storage_cfg))
-            return state
-    for name, loader in ((SAFETENSORS, _safetensors_file), (TORCH_BIN, _torch_file)):
-        if storage.exists(storage.join(directory, name), storage_cfg):
-            return loader(directory, name, storage_cfg)
-    raise StorageError(f"hf:{directory}: no weights ({SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_BIN})")
+    state: dict[str, torch.Tensor] = {}
+    for name in weight_files(directory, storage_cfg):
+        loader = _safetensors_file if name.endswith(".safetensors") else _torch_file
+        state.update(loader(directory, name, storage_cfg))
+    return state
 
 
 def _safetensors_file(directory: str, name: str, storage_cfg) -> dict[str, torch.Tensor]:
