@@ -177,8 +177,11 @@ class TrainConfig:
 class OptimConfig:
     """Optimizer and LR schedule."""
 
-    name: Literal["adamw", "adam"] = "adamw"
-    """adamw (decoupled weight decay) or adam (L2 added to the gradient, as fairseq's wav2vec 2.0)."""
+    name: Literal["adamw", "adam", "adam_l2"] = "adamw"
+    """adamw or adam: Adam with decoupled weight decay (fairseq's ``adam`` is this AdamW variant: it
+    shrinks the weights by lr x decay before the moment update, exactly torch.optim.AdamW); adam_l2:
+    classic Adam with the decay added to the gradient (torch.optim.Adam's weight_decay), a much weaker
+    regulariser under Adam's normalisation, for reproducing runs that used it."""
     lr_peak: float = 3e-3
     """LR reached at the end of warmup."""
     betas: tuple[float, float] = (0.9, 0.98)

@@ -42,7 +42,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig, pretrained: set[str] = froz
 def build_optimizer(model: nn.Module, cfg: OptimConfig, pretrained: set[str] = frozenset(),
                     frozen: set[str] | dict[str, int] = frozenset(), frozen_steps: int = 0) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg, pretrained, frozen, frozen_steps)
-    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    # fairseq's "adam" decays decoupled (p -= lr * wd * p, then the Adam update): AdamW's arithmetic.
+    cls = torch.optim.Adam if cfg.name == "adam_l2" else torch.optim.AdamW
     return cls(groups, lr=cfg.lr_peak, betas=cfg.betas, eps=cfg.eps)
 
 
