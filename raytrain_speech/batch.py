@@ -40,6 +40,10 @@ class Batch:
     """Masked-prediction families only: bool over the model's encoder frames, True = masked. Drawn
     by the training loop per utterance from (seed, epoch, index) before the forward pass, so the
     loss normaliser (masked frames over the global batch) is known before backward."""
+    channel_mask_BC: torch.Tensor | None = None
+    """Families with channel (frequency) masking, in training only: bool over the channels of the
+    encoder's input features, True = zeroed in every frame of that row (fairseq's mask_channel_*,
+    SpecAugment's frequency masks); drawn like ``mask_BT``."""
 
     @property
     def size(self) -> int:
@@ -49,7 +53,8 @@ class Batch:
         return replace(self, features_BFM=self.features_BFM.to(device, non_blocking=True),
                        feature_lengths_B=self.feature_lengths_B.to(device), targets_BL=self.targets_BL.to(device),
                        target_lengths_B=self.target_lengths_B.to(device),
-                       mask_BT=None if self.mask_BT is None else self.mask_BT.to(device))
+                       mask_BT=None if self.mask_BT is None else self.mask_BT.to(device),
+                       channel_mask_BC=None if self.channel_mask_BC is None else self.channel_mask_BC.to(device))
 
     @property
     def padding_fraction(self) -> float:

@@ -39,6 +39,20 @@ class SpanMasking:
     """Spans every utterance gets at least."""
 
 
+@dataclass(frozen=True)
+class ChannelMasking:
+    """A family's channel masks over its encoder's input features (``masking.channel_mask``)."""
+
+    prob: float
+    """Share of the channels masked, before overlaps (fairseq's mask_channel_prob, same meaning)."""
+    span_channels: int
+    """Width of each masked block of adjacent channels (fairseq's mask_channel_length)."""
+    min_spans: int
+    """Blocks every utterance gets at least (2 with prob 0: SpecAugment's two frequency masks)."""
+    num_channels: int
+    """Channels of the features the mask applies to."""
+
+
 class SpeechModel(nn.Module):
     """Base class of every family's model (plain torch, single device)."""
 
@@ -64,6 +78,11 @@ class SpeechModel(nn.Module):
     @property
     def span_masking(self) -> SpanMasking | None:
         """The span masks the Trainer draws for this model before every step (None = none)."""
+        return None
+
+    @property
+    def channel_masking(self) -> ChannelMasking | None:
+        """The channel masks the Trainer draws for this model before every training step (None = none)."""
         return None
 
     def set_step(self, step: int) -> None:

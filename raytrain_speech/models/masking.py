@@ -1,7 +1,8 @@
 """Self-supervised span masks over a model's encoder frames (wav2vec 2.0, WavLM, Conformer-MLM, and
-wav2vec 2.0's fine-tuning time masks).
+wav2vec 2.0's fine-tuning time masks), and channel masks over a waveform encoder's input features
+(fairseq's mask_channel_*, SpecAugment's frequency masks for models that read waveforms).
 
-Shapes: B = batch, T = encoder frames.
+Shapes: B = batch, T = encoder frames, C = channels of the encoder's input features.
 
 The masks are drawn from (seed, epoch, index) (``seeding.utterance_rng``) before the forward pass,
 so the Trainer knows the masked-frame count, which is the loss normaliser, over the whole global
@@ -59,3 +60,33 @@ def model_span_mask(model: SpeechModel, batch: Batch, seed: int = 0, epoch: int 
     return frame_span_mask(model.output_lengths(batch.feature_lengths_B), indices, spec.prob,
                            spec.span_frames, seed, epoch, spec.min_spans)
 
+
+
+def channel_mask(num_channels: int, indices: list[int], prob: float, span_channels: int, seed: int, epoch: int,
+                 min_spans: int = 0) -> torch.Tensor:
+    """Channel (frequency) masks: bool (B, C), True = that channel is zeroed in every frame of the row.
+
+    fairseq's ``mask_channel_*`` with its static lengths: ``int(prob x C / span + u)`` blocks of
+    ``span_channels`` adjacent channels (u ~ U[0, 1)), at least ``min_spans``, starts uniform over
+    the positions where a block fits, overlaps allowed (so ``prob`` is the share masked before
+    overlaps, as in fairseq). ``prob=0, min_spans=2`` gives SpecAugment's two frequency masks of a
+    fixed width. Drawn from (seed, epoch, index) with a stream of its own, independent of the span masks.
+    """
+    mask_BC = np.zeros((len(indices), num_channels), dtype=bool)
+    span = min(span_channels, num_channels)
+    for b, index in enumerate(indices):
+        rng = utterance_rng(seed ^ 0xC4A7, epoch, index)
+        count = max(min_spans, int(prob * num_channels / span + rng.random()))
+        for s in rng.integers(0, num_channels - span + 1, size=count):
+            mask_BC[b, s:s + span] = True
+    return torch.from_numpy(mask_BC)
+
+
+def model_channel_mask(model: SpeechModel, batch: Batch, seed: int, epoch: int) -> torch.Tensor:
+    """``channel_mask`` with the family's own settings (its ``channel_masking``), on the batch's device."""
+    spec = model.channel_masking
+    if spec is None:
+        raise ValueError(f"{type(model).__name__} draws no channel masks (its channel_masking is None)")
+    indices = batch.indices or list(range(batch.feature_lengths_B.shape[0]))
+    return channel_mask(spec.num_channels, indices, spec.prob, spec.span_channels, seed, epoch,
+                        spec.min_spans).to(batch.feature_lengths_B.device)

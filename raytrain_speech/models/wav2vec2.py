@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytrain_speech.batch import Batch
-from raytrain_speech.models.base import SpanMasking, SpeechModel, strip_wrapper_prefixes
+from raytrain_speech.models.base import ChannelMasking, SpanMasking, SpeechModel, strip_wrapper_prefixes
 from raytrain_speech.models.masking import model_span_mask
 from raytrain_speech.models.wav2vec2_encoder import (
     PRESETS,
@@ -25,6 +25,13 @@ from raytrain_speech.models.wav2vec2_encoder import (
 
 __all__ = ["PRESETS", "GumbelVectorQuantizer", "Wav2Vec2CTC", "Wav2Vec2Config", "Wav2Vec2Pretraining",
            "sample_negative_indices"]
+
+
+def _channel_masking(cfg: Wav2Vec2Config) -> ChannelMasking | None:
+    """Channel masks over the projected CNN features (both models, training only); None when off."""
+    if cfg.mask_channel_prob <= 0 and cfg.mask_channel_min == 0:
+        return None
+    return ChannelMasking(cfg.mask_channel_prob, cfg.mask_channel_span, cfg.mask_channel_min, cfg.d_model)
 
 
 class GumbelVectorQuantizer(nn.Module):
@@ -107,6 +114,10 @@ class Wav2Vec2Pretraining(SpeechModel):
     def span_masking(self) -> SpanMasking:
         return SpanMasking(self.cfg.mask_prob, self.cfg.span_frames(self.cfg.mask_span_ms), self.cfg.min_masks)
 
+    @property
+    def channel_masking(self) -> ChannelMasking | None:
+        return _channel_masking(self.cfg)
+
     def set_step(self, step: int) -> None:
         self.step = int(step)
 
@@ -135,7 +146,8 @@ class Wav2Vec2Pretraining(SpeechModel):
         mask_BT = batch.mask_BT
         if mask_BT is None:  # unit tests, validation: the same function the loop uses, at (seed 0, epoch 0)
             mask_BT = model_span_mask(self, batch)
-        enc = self.encoder(waveform_BS, lengths_B, mask_BT.to(waveform_BS.device))
+        channels_BC = batch.channel_mask_BC if self.training else None
+        enc = self.encoder(waveform_BS, lengths_B, mask_BT.to(waveform_BS.device), channels_BC)
         mask_BT = fit_mask(mask_BT.to(waveform_BS.device), enc.valid_BT.shape[1]) & enc.valid_BT
         y_NC = self.feature_dropout(enc.features_BTC[mask_BT])
         q_NQ, prob_perplexity, code_perplexity = self.quantizer(y_NC, self.gumbel_temperature)
@@ -181,9 +193,13 @@ class Wav2Vec2CTC(SpeechModel):
     def span_masking(self) -> SpanMasking | None:
         """Fine-tuning time masks (fairseq's mask_prob while fine-tuning); None when off."""
         c = self.cfg
-        if c.finetune_mask_prob <= 0:
+        if c.finetune_mask_prob <= 0 and c.finetune_min_masks == 0:
             return None
         return SpanMasking(c.finetune_mask_prob, c.span_frames(c.finetune_mask_span_ms), c.finetune_min_masks)
+
+    @property
+    def channel_masking(self) -> ChannelMasking | None:
+        return _channel_masking(self.cfg)
 
     def output_lengths(self, lengths_B: torch.Tensor) -> torch.Tensor:
         return self.encoder.output_lengths(lengths_B)
@@ -213,7 +229,8 @@ class Wav2Vec2CTC(SpeechModel):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         mask_BT = batch.mask_BT if (self.training and batch.mask_BT is not None) else None
-        enc = self.encoder(batch.features_BFM, batch.feature_lengths_B, mask_BT)
+        channels_BC = batch.channel_mask_BC if self.training else None
+        enc = self.encoder(batch.features_BFM, batch.feature_lengths_B, mask_BT, channels_BC)
         logits_BTV = self.head(self.dropout(enc.context_BTD))
         return {"log_probs_BTV": logits_BTV.float().log_softmax(dim=-1), "lengths_B": enc.lengths_B}
 

@@ -120,7 +120,16 @@ class Wav2Vec2Config:
     finetune_mask_span_ms: float = 200.0
     """CTC fine-tuning: time-mask span in ms (200 ms = fairseq's 10 frames)."""
     finetune_min_masks: int = 0
-    """CTC fine-tuning: spans forced into every utterance when time masking is on."""
+    """CTC fine-tuning: spans forced into every utterance (with finetune_mask_prob 0: exactly this many,
+    SpecAugment's fixed count of time masks)."""
+    mask_channel_prob: float = 0.0
+    """Training (pretraining and fine-tuning): share of the encoder's input channels (the projected CNN
+    features, width d_model) zeroed per utterance, as fairseq's mask_channel_prob (0 = none)."""
+    mask_channel_span: int = 10
+    """Width in channels of each masked block (fairseq's mask_channel_length; its fine-tuning recipes use 64)."""
+    mask_channel_min: int = 0
+    """Channel blocks every utterance gets at least (2 with mask_channel_prob 0: SpecAugment's two
+    frequency masks)."""
 
     def validate(self) -> None:
         key = "model.overrides."
@@ -139,6 +148,10 @@ class Wav2Vec2Config:
         require(0.0 <= self.finetune_mask_prob < 1.0, key + "finetune_mask_prob", "must be in [0, 1)")
         require(self.mask_span_ms > 0 and self.finetune_mask_span_ms > 0, key + "mask_span_ms", "must be positive")
         require(self.min_masks >= 0 and self.finetune_min_masks >= 0, key + "min_masks", "must be >= 0")
+        require(0.0 <= self.mask_channel_prob < 1.0, key + "mask_channel_prob", "must be in [0, 1)")
+        require(1 <= self.mask_channel_span <= self.d_model, key + "mask_channel_span",
+                f"must be in [1, d_model={self.d_model}]")
+        require(self.mask_channel_min >= 0, key + "mask_channel_min", "must be >= 0")
         require(self.num_negatives >= 1, key + "num_negatives", "must be >= 1")
         require(self.logit_temperature > 0, key + "logit_temperature", "must be positive")
         require(0 < self.gumbel_temperature_end <= self.gumbel_temperature_start,
@@ -420,8 +433,10 @@ class Wav2Vec2Encoder(nn.Module):
         return ((x - mean_B1) / torch.sqrt(var_B1 + 1e-5) * valid_BS).to(waveform_BS.dtype)
 
     def forward(self, waveform_BS: torch.Tensor, lengths_B: torch.Tensor,
-                mask_BT: torch.Tensor | None = None) -> EncoderOutput:
-        """``mask_BT`` (True = masked) replaces those frames' projected features by the mask embedding."""
+                mask_BT: torch.Tensor | None = None, channel_mask_BC: torch.Tensor | None = None) -> EncoderOutput:
+        """``mask_BT`` (True = masked) replaces those frames' projected features by the mask embedding;
+        ``channel_mask_BC`` (True = masked) zeroes those channels of the projected features in every
+        frame (fairseq applies both at the same point: after the projection, time mask first)."""
         if self.cfg.normalize_waveform:
             waveform_BS = self._normalize(waveform_BS, lengths_B)
         mult = self.cfg.feature_grad_mult
@@ -447,6 +462,8 @@ class Wav2Vec2Encoder(nn.Module):
         # in every forward, and the CTC model masks only some batches (or never, finetune_mask_prob 0).
         mask_BT = torch.zeros_like(valid_BT) if mask_BT is None else fit_mask(mask_BT, T) & valid_BT
         x_BTD = torch.where(mask_BT[..., None], self.mask_embedding.to(x_BTD.dtype), x_BTD)
+        if channel_mask_BC is not None:
+            x_BTD = x_BTD.masked_fill(channel_mask_BC.to(x_BTD.device, torch.bool)[:, None, :], 0.0)
         attend_B11T = None
         if not bool(valid_BT.all()):
             # Rows with no valid frame attend to everything (finite garbage instead of NaN); nothing reads them.

@@ -39,7 +39,7 @@ from raytrain_speech.data.shards import read_manifest
 from raytrain_speech.data.text import TOKENIZER_FILES
 from raytrain_speech.data.tokenizer import load_tokenizer
 from raytrain_speech.evaluate.validate import Validator, summarize
-from raytrain_speech.models.masking import model_span_mask
+from raytrain_speech.models.masking import model_channel_mask, model_span_mask
 from raytrain_speech.models.registry import build_model, count_parameters, objective_for
 from raytrain_speech.seeding import epoch_seed
 from raytrain_speech.train import checkpoint, collectives, finetune
@@ -128,7 +128,7 @@ class Trainer:
                                     frozen=plan.frozen_until)
         self.stepper = Stepper(self.rt.prepare_model(model), optimizer, cfg.step, self.objective.loss, self.device)
         self.model = unwrap(self.stepper.model)
-        self.ssl_masks = self.model.span_masking is not None
+        self.ssl_masks = self.model.span_masking is not None or self.model.channel_masking is not None
 
     def _restore(self) -> None:
         cfg, stepper = self.cfg, self.stepper
@@ -239,9 +239,14 @@ class Trainer:
         return replace(batch, features_BFM=feats, feature_lengths_B=frames)
 
     def _with_ssl_mask(self, batch: Batch) -> Batch:
-        """Masked-prediction families: the span mask over encoder frames, drawn before lockstep counts the
-        masked frames (the loss normaliser), from (seed, epoch, index) like all augmentation."""
-        return replace(batch, mask_BT=model_span_mask(self.model, batch, self.tc.seed, self.cursor.epoch))
+        """Masked families: the span mask over encoder frames (drawn before lockstep counts the masked frames,
+        the loss normaliser) and the channel mask, both from (seed, epoch, index) like all augmentation."""
+        seed, epoch = self.tc.seed, self.cursor.epoch
+        if self.model.span_masking is not None:
+            batch = replace(batch, mask_BT=model_span_mask(self.model, batch, seed, epoch))
+        if self.model.channel_masking is not None:
+            batch = replace(batch, channel_mask_BC=model_channel_mask(self.model, batch, seed, epoch))
+        return batch
 
     def _augment(self, batch: Batch) -> Batch:
         features, fraction = mask_batch(batch.features_BFM, batch.feature_lengths_B, batch.indices,

@@ -216,3 +216,59 @@ def test_ctc_loads_the_pretrained_encoder_and_learns(speech):
         opt.step()
         losses.append(float(loss_sum.detach()))
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_channel_masks_follow_fairseq_counts_and_are_reproducible():
+    from raytrain_speech.models.masking import channel_mask
+    idx = list(range(400))
+    mask = channel_mask(256, idx, prob=0.25, span_channels=16, seed=3, epoch=1)
+    assert mask.shape == (400, 256) and mask.dtype == torch.bool
+    # int(0.25 x 256 / 16 + u) = 4 blocks of 16 each: 25% before overlaps, a little less after.
+    share = float(mask.float().mean())
+    assert 0.18 < share <= 0.25
+    runs = torch.diff(mask[0].int(), prepend=torch.zeros(1, dtype=torch.int32)).eq(1).sum()
+    assert 1 <= int(runs) <= 4
+    assert torch.equal(mask, channel_mask(256, idx, 0.25, 16, 3, 1))
+    assert not torch.equal(mask, channel_mask(256, idx, 0.25, 16, 3, 2))  # a new epoch, new masks
+    # SpecAugment's two frequency masks: prob 0, two fixed-width blocks, every row.
+    spec = channel_mask(64, idx, prob=0.0, span_channels=8, seed=0, epoch=0, min_spans=2)
+    per_row = spec.sum(dim=1)
+    assert int(per_row.min()) >= 8 and int(per_row.max()) <= 16
+    assert not channel_mask(64, idx, 0.0, 8, 0, 0).any()
+
+
+def test_channel_masks_zero_the_encoders_input_channels_in_training_only(speech):
+    from raytrain_speech.models.masking import model_channel_mask
+    torch.manual_seed(0)
+    model = Wav2Vec2CTC(_cfg(mask_channel_prob=0.3, mask_channel_span=12, dropout=0.0, attention_dropout=0.0,
+                             activation_dropout=0.0, input_dropout=0.0, layer_drop=0.0), TOK.vocab_size)
+    spec = model.channel_masking
+    assert spec is not None and spec.num_channels == model.cfg.d_model
+    assert Wav2Vec2CTC(_cfg(), TOK.vocab_size).channel_masking is None
+    batch = replace(speech, channel_mask_BC=model_channel_mask(model, speech, seed=0, epoch=0))
+    assert batch.channel_mask_BC.any(dim=1).all()
+    seen = {}
+    model.encoder.transformer.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].detach()))
+    model.train()
+    masked_out = model(batch)["log_probs_BTV"]
+    x_BTD = seen["x"]
+    masked_BD = batch.channel_mask_BC
+    assert x_BTD.masked_select(masked_BD[:, None, :].expand_as(x_BTD)).abs().max() == 0
+    assert x_BTD.masked_select(~masked_BD[:, None, :].expand_as(x_BTD)).abs().max() > 0
+    assert not torch.allclose(masked_out, model(speech)["log_probs_BTV"])
+    model.eval()  # never at validation or eval
+    with torch.no_grad():
+        assert torch.equal(model(batch)["log_probs_BTV"], model(speech)["log_probs_BTV"])
+
+
+def test_specaugment_time_masks_with_a_fixed_count():
+    """finetune_mask_prob 0 with finetune_min_masks 2: exactly two time masks per utterance (SpecAugment's
+    count), instead of no masking."""
+    model = Wav2Vec2CTC(_cfg(finetune_mask_prob=0.0, finetune_min_masks=2, finetune_mask_span_ms=100.0),
+                        TOK.vocab_size)
+    assert model.span_masking is not None and model.span_masking.min_spans == 2
+    lengths = torch.tensor([16000 * 3, 16000 * 2])
+    frames = model.output_lengths(lengths)
+    mask = frame_span_mask(frames, [0, 1], 0.0, model.cfg.span_frames(100.0), seed=0, epoch=0, min_spans=2)
+    per_row = mask.sum(dim=1)
+    assert bool((per_row >= 5).all()) and bool((per_row <= 10).all())  # two 5-frame spans, maybe overlapping
