@@ -93,7 +93,12 @@ def test_wav2vec2_pretrain_then_ctc_finetune(ray_local, corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_nar_ctc_recipe(ray_local, corpus, tmp_path):
+def test_nar_ctc_pretrain_then_finetune(ray_local, corpus, tmp_path):
+    """The write-up's two stages: contrastive pre-training of the raw-waveform encoder with channel
+    masks, then CTC fine-tuning from it with SpecAugment's fixed counts of time and channel masks."""
     runs = str(tmp_path / "runs")
-    _train("nar_ctc_tiny", corpus, runs, 16, "optim.lr_peak=3e-3")
+    metrics = _train("nar_ctc_pretrain_tiny", corpus, runs, 12)
+    assert {"accuracy", "diversity"} <= set(metrics[-1])
+    _train("nar_ctc_tiny", corpus, runs, 16, "optim.lr_peak=3e-3",
+           f"train.init_from={os.path.join(runs, 'nar-ctc-pretrain-tiny')}")
     _eval("nar_ctc_tiny", runs, tmp_path)
