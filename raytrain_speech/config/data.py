@@ -62,6 +62,12 @@ class DataConfig:
     counted as filtered, not bad). None = no lower limit."""
     max_duration_s: float | None = None
     """Training leaves out utterances longer than this (e.g. 30 s for Whisper). None = no upper limit."""
+    crop_s: float | None = None
+    """Training only, self-supervised families: each utterance longer than this is cut to a random
+    window of crop_s seconds, drawn from (seed, epoch, index) after waveform augmentation and before
+    the front end, so features.normalize=utterance normalises per segment (the WavLM write-up's
+    ~16 s segments). A new window every epoch; validation and eval read whole utterances. None = whole
+    utterances."""
     max_bad_fraction: float = 0.05
     """Stop the run with an error when more than this fraction of the training utterances seen so far
     were bad input (corrupt audio, bad transcripts, unreadable shards); judged once
@@ -79,6 +85,7 @@ class DataConfig:
             require(value is None or value >= 0, f"data.{key}", "must be >= 0 or null")
         require(self.min_duration_s is None or self.max_duration_s is None
                 or self.min_duration_s <= self.max_duration_s, "data.min_duration_s", "must be <= data.max_duration_s")
+        require(self.crop_s is None or self.crop_s > 0, "data.crop_s", "must be positive or null")
         require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
         require(self.bad_fraction_min_utterances >= 1, "data.bad_fraction_min_utterances", "must be >= 1")
 

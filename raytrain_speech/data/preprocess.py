@@ -37,6 +37,7 @@ from raytrain_speech.data.batching import Utterance, batch_by_buckets, batch_by_
 from raytrain_speech.data.features import FeatureExtractor, center_pad
 from raytrain_speech.data.text import TextError, Tokenizer, encode_transcript
 from raytrain_speech.data.tokenizer import load_tokenizer
+from raytrain_speech.seeding import utterance_rng
 
 INPUT_COLUMNS = ["index", "id", "audio", "duration_s", "text"]
 OPTIONAL_INPUT_COLUMNS = ["language"]
@@ -118,7 +119,7 @@ class Preprocessor:
     def __init__(self, features: FeatureConfig, text: TextConfig, augmenter: WaveformAugmenter | None = None,
                  frontend_on_worker: bool = False, duration_range_s: tuple[float | None, float | None] = (None, None),
                  tokenizer: Tokenizer | None = None, storage_cfg: StorageConfig | None = None,
-                 limits: TargetLimits | None = None, targets_required: bool = True):
+                 limits: TargetLimits | None = None, targets_required: bool = True, crop_s: float | None = None):
         self.features_cfg, self.text_cfg = features, text
         self.features = FeatureExtractor(features)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(text, storage_cfg)
@@ -127,6 +128,7 @@ class Preprocessor:
         self.augmenter = augmenter
         self.frontend_on_worker = frontend_on_worker and features.kind == "log_mel"
         self.min_s, self.max_s = duration_range_s
+        self.crop_s = crop_s
 
     def _filter_reason(self, duration_s: float) -> str:
         if (self.min_s is not None and duration_s < self.min_s) or (self.max_s is not None and duration_s > self.max_s):
@@ -151,6 +153,8 @@ class Preprocessor:
         samples = audio.load(audio_bytes, rate_hz, duration_s)
         if self.augmenter is not None:
             samples = self.augmenter(samples, seed, epoch, index)
+        if self.crop_s is not None:
+            samples = random_crop(samples, round(self.crop_s * rate_hz), seed, epoch, index)
         duration_s = samples.shape[0] / rate_hz
         if self.frontend_on_worker:
             out = center_pad(samples, self.features_cfg)
@@ -195,6 +199,15 @@ class Preprocessor:
         }
 
 
+def random_crop(samples: np.ndarray, crop_samples: int, seed: int, epoch: int, index: int) -> np.ndarray:
+    """A window of ``crop_samples`` at a start drawn uniformly from (seed, epoch, index); shorter
+    utterances are kept whole (never padded: padding is the batcher's, and it is masked)."""
+    if samples.shape[0] <= crop_samples:
+        return samples
+    start = int(utterance_rng(seed ^ 0xC209, epoch, index).integers(0, samples.shape[0] - crop_samples + 1))
+    return samples[start:start + crop_samples]
+
+
 class TargetFiltered(Exception):
     """A target the model cannot hold: the row is filtered and counted, like the duration filter."""
 
@@ -236,12 +249,13 @@ class TrainingRecipe:
     duration_range_s: tuple[float | None, float | None]
     storage: StorageConfig
     limits: TargetLimits = field(default_factory=TargetLimits)
+    crop_s: float | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> TrainingRecipe:
         return cls(cfg.features, cfg.text, cfg.augment if cfg.augment.waveform_enabled else None,
                    cfg.features.placement == "worker", (cfg.data.min_duration_s, cfg.data.max_duration_s), cfg.storage,
-                   limits_for(cfg))
+                   limits_for(cfg), cfg.data.crop_s)
 
 
 def limits_for(cfg: Config) -> TargetLimits:
@@ -265,7 +279,7 @@ def make_preprocessor(recipe: TrainingRecipe) -> Preprocessor:
                                      sample_rate_hz=recipe.features.sample_rate_hz)
         augmenter = WaveformAugmenter(a, clips)
     return Preprocessor(recipe.features, recipe.text, augmenter, recipe.frontend_on_worker, recipe.duration_range_s,
-                        storage_cfg=recipe.storage, limits=recipe.limits)
+                        storage_cfg=recipe.storage, limits=recipe.limits, crop_s=recipe.crop_s)
 
 
 _PREPROCESSORS: dict[str, Preprocessor] = {}

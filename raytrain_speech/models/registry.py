@@ -102,6 +102,9 @@ def check_config(cfg) -> None:
                            ("run.checkpoint_score_attribute", cfg.run.checkpoint_score_attribute)):
             require(value not in ("valid_wer", "valid_cer"), key,
                     f"{cfg.model.family} is self-supervised (no transcripts out); use valid_loss")
+    require(cfg.data.crop_s is None or fam.text_output is None, "data.crop_s",
+            f"crops audio away from its transcript; only self-supervised families may crop ({cfg.model.family} "
+            "reads transcripts)")
     if hasattr(model_cfg, "n_mels"):
         require(model_cfg.n_mels == cfg.features.n_mels, "features.n_mels",
                 f"is {cfg.features.n_mels} but the model expects {model_cfg.n_mels}")

@@ -60,3 +60,36 @@ def test_worker_placement_ships_center_padded_waveforms_and_augmented_durations(
     samples = -(-16000 * 10 // 11)  # ceil: torchaudio keeps the partial last sample
     assert utt.features_FM.shape == (samples + 400,)  # n_fft // 2 reflected at each end
     assert utt.duration_s == pytest.approx(samples / 16000, abs=1e-4)
+
+
+def test_crop_cuts_a_fresh_window_per_epoch_and_normalises_per_segment():
+    from raytrain_speech.data.preprocess import random_crop
+
+    rng = np.random.default_rng(0)
+    wav = (rng.standard_normal(16000 * 3) * np.linspace(0.01, 1.0, 16000 * 3)).astype(np.float32)  # loudness rises
+    a = random_crop(wav, 8000, seed=1, epoch=0, index=5)
+    assert a.shape == (8000,) and np.array_equal(a, random_crop(wav, 8000, 1, 0, 5))
+    start = int(np.flatnonzero(wav == a[0])[0])
+    assert np.array_equal(wav[start:start + 8000], a)  # a contiguous window, not resampled
+    starts = {int(np.flatnonzero(wav == random_crop(wav, 8000, 1, e, 5)[0])[0]) for e in range(6)}
+    assert len(starts) >= 5  # a new window each epoch
+    assert random_crop(wav[:4000], 8000, 1, 0, 5).shape == (4000,)  # shorter: kept whole, never padded
+
+    batch = {"index": [0, 1], "id": ["u0", "u1"], "audio": [audio.encode_flac(wav, 16000)] * 2,
+             "duration_s": [3.0, 3.0], "text": ["a", "b"]}
+    out = Preprocessor(FeatureConfig(), TextConfig(), crop_s=0.5)(batch, seed=0, epoch=0)
+    assert list(out["duration_s"]) == [0.5, 0.5] and not any(out["error"])
+    for feats in out["features"]:
+        assert feats.shape[0] == 51  # 0.5 s at 10 ms hops, centred
+        assert np.abs(feats.mean(axis=0)).max() < 1e-4  # normalised over the segment, not the utterance
+    whole = Preprocessor(FeatureConfig(), TextConfig())(batch)
+    assert whole["features"][0].shape[0] == 301
+
+
+def test_crop_is_for_self_supervised_families_only():
+    from raytrain_speech.config import ConfigError, load_config
+    from raytrain_speech.models.registry import check_config
+
+    check_config(load_config(None, ["model.family=wavlm", "data.crop_s=16"]))
+    with pytest.raises(ConfigError, match=r"data\.crop_s"):
+        check_config(load_config(None, ["model.family=conformer_ctc", "data.crop_s=16"]))
