@@ -18,6 +18,7 @@ from raytrain_speech.data.tokenizer import tokenizer_in
 from raytrain_speech.evaluate import artifact
 from raytrain_speech.hf import directory as hfdir
 from raytrain_speech.hf import importer
+from raytrain_speech.models.conformer import ConformerCTC, checkpoint_attention
 from raytrain_speech.models.registry import build_model, family
 from raytrain_speech.train.checkpoint import read_checkpoint, resolve_checkpoint
 
@@ -60,6 +61,7 @@ def load_model(uri: str, storage_cfg: StorageConfig | None = None, overrides=(),
         uri = resolve_checkpoint(uri, storage_cfg)
         payload, config_yaml = read_checkpoint(uri, storage_cfg)
     cfg = config_from_yaml(config_yaml, overrides, storage_cfg)
+    _conformer_attention_of(cfg, payload, is_artifact)
     text_output = family(cfg.model).text_output
     if need_text and text_output is None:
         raise ConfigError(f"{uri}: model family {cfg.model.family} is self-supervised and has no text "
@@ -81,6 +83,15 @@ def load_model(uri: str, storage_cfg: StorageConfig | None = None, overrides=(),
     return LoadedModel(cfg, model, payload["train_state"]["step"], "ema" if use_ema else "live", pre, text_output,
                        uri)
 
+
+def _conformer_attention_of(cfg: Config, payload: dict, is_artifact: bool) -> None:
+    """A Conformer checkpoint whose config predates ``attention`` (the default is now rel_pos) is built
+    the way it was trained: position-free, torchaudio's blocks, when its weights have no position biases."""
+    if not issubclass(family(cfg.model).builder, ConformerCTC) or "attention" in cfg.model.overrides:
+        return
+    keys = [*payload["state"], *payload["weight_only_int8"]] if is_artifact else payload["model"]
+    if checkpoint_attention(keys) == "none":
+        cfg.model.overrides["attention"] = "none"
 
 
 def _load_hf(uri: str, storage_cfg: StorageConfig | None, overrides, need_text: bool) -> LoadedModel:

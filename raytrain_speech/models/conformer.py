@@ -3,22 +3,24 @@
 Shapes: B = batch, F = input frames, M = mel bins, T = encoder frames (F/4), D = model width,
 V = vocabulary (CTC blank included).
 
-The conformer blocks are torchaudio's reference implementation, so this module only owns the
-convolutional subsampling, the output head, and the length bookkeeping.
+The conformer blocks are ours (conformer_blocks.py: relative positional self-attention as in the
+paper, torchaudio's parameter names), so this module only owns the convolutional subsampling, the
+output head, and the length bookkeeping.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchaudio
 from torch import nn
 
 from raytrain_speech.batch import BLANK_ID, Batch
 from raytrain_speech.config import require
 from raytrain_speech.models.base import Seq2SeqModel, SpanMasking, SpeechModel
+from raytrain_speech.models.conformer_blocks import ATTENTION_CHOICES, Conformer
 from raytrain_speech.models.layers import TransformerDecoder, padding_mask, stacked_targets, teacher_forcing
 from raytrain_speech.models.masking import model_span_mask
 
@@ -46,17 +48,30 @@ class ConformerCTCConfig:
     """Depthwise convolution kernel in each block."""
     dropout: float = 0.1
     """Dropout inside the blocks."""
+    attention: str = "rel_pos"
+    """Self-attention: rel_pos = Transformer-XL relative positional MHSA as in the Conformer paper, ESPnet
+    and NeMo (adds linear_pos, pos_bias_u, pos_bias_v per block); none = torchaudio's position-free
+    attention and its convolution over padded frames, kept so checkpoints from before rel_pos load and
+    compute exactly what they did."""
 
     def validate(self) -> None:
         require(self.d_model % self.num_heads == 0, "model.overrides.d_model",
                 f"must be divisible by num_heads ({self.num_heads})")
+        require(self.attention in ATTENTION_CHOICES, "model.overrides.attention",
+                f"{self.attention!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
         require(self.conv_kernel_size % 2 == 1, "model.overrides.conv_kernel_size", "must be odd")
 
 
+def checkpoint_attention(state_keys: Iterable[str]) -> str:
+    """The ``attention`` a Conformer-family state dict was trained with. Configs saved before the field
+    existed do not name it and would now resolve to rel_pos; their weights (no position biases) say none."""
+    return "rel_pos" if any(k.endswith("self_attn.pos_bias_u") for k in state_keys) else "none"
+
+
 PRESETS: dict[str, dict] = {
-    # 2.15M parameters: the size calibrated for the 2-core CPU demo.
+    # 2.23M parameters (2.15M with attention=none): the size calibrated for the 2-core CPU demo.
     "tiny": {},
-    # A 10M-parameter variant for a single GPU.
+    # A 13M-parameter variant for a single GPU.
     "small": {"d_model": 256, "num_layers": 8, "ffn_dim": 1024, "conv_kernel_size": 31},
 }
 
@@ -91,10 +106,10 @@ class ConformerCTC(SpeechModel):
         super().__init__()
         self.cfg = cfg
         self.subsampling = Conv2dSubsampling(cfg.n_mels, cfg.subsampling_channels, cfg.d_model)
-        self.encoder = torchaudio.models.Conformer(
+        self.encoder = Conformer(
             input_dim=cfg.d_model, num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim,
             num_layers=cfg.num_layers, depthwise_conv_kernel_size=cfg.conv_kernel_size,
-            dropout=cfg.dropout,
+            dropout=cfg.dropout, attention=cfg.attention, mask_conv_padding=cfg.attention != "none",
         )
         self.head = nn.Linear(cfg.d_model, vocab_size)
 
@@ -107,7 +122,7 @@ class ConformerCTC(SpeechModel):
         return self.encoder(h_BTD, out_lengths_B)
 
     def encoder_blocks(self) -> tuple[nn.ModuleList, bool]:
-        return self.encoder.conformer_layers, True  # torchaudio's blocks are time-first
+        return self.encoder.conformer_layers, False  # ours are batch-first (torchaudio's were time-first)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         h_BTD, out_lengths_B = self.encode(batch.features_BFM, batch.feature_lengths_B)
@@ -137,8 +152,9 @@ class ConformerAEDConfig(ConformerCTCConfig):
 AED_PRESETS: dict[str, dict] = {
     "tiny": {},
     # Conformer-L of Gulati et al. (17 x 512, 8 heads, kernel 32 -> 31: kernels must be odd here) with
-    # ESPnet's 6-layer decoder: 135.9 M parameters with a 512-channel subsampling (Conformer-L alone is
-    # 118.8 M in the paper; the write-up's 1.9/4.2 WER are Conformer-L numbers).
+    # ESPnet's 6-layer decoder: 140.4 M parameters with a 512-channel subsampling (135.9 M with
+    # attention=none; Conformer-L alone is 118.8 M in the paper; the write-up's 1.9/4.2 WER are
+    # Conformer-L numbers).
     "large": {"subsampling_channels": 512, "d_model": 512, "num_layers": 17, "num_heads": 8, "ffn_dim": 2048,
               "conv_kernel_size": 31, "decoder_layers": 6, "decoder_ffn_dim": 2048},
 }
