@@ -120,16 +120,13 @@ class Wav2Vec2Config:
     finetune_mask_span_ms: float = 200.0
     """CTC fine-tuning: time-mask span in ms (200 ms = fairseq's 10 frames)."""
     finetune_min_masks: int = 0
-    """CTC fine-tuning: spans forced into every utterance (with finetune_mask_prob 0: exactly this many,
-    SpecAugment's fixed count of time masks)."""
+    """CTC fine-tuning: spans forced into every utterance (with finetune_mask_prob 0: exactly this many)."""
     mask_channel_prob: float = 0.0
-    """Training (pretraining and fine-tuning): share of the encoder's input channels (the projected CNN
-    features, width d_model) zeroed per utterance, as fairseq's mask_channel_prob (0 = none)."""
+    """Training: share of the projected CNN features' d_model channels zeroed per utterance (fairseq's mask_channel_prob)."""
     mask_channel_span: int = 10
-    """Width in channels of each masked block (fairseq's mask_channel_length; its fine-tuning recipes use 64)."""
+    """Width in channels of each masked block (fairseq's mask_channel_length)."""
     mask_channel_min: int = 0
-    """Channel blocks every utterance gets at least (2 with mask_channel_prob 0: SpecAugment's two
-    frequency masks)."""
+    """Channel blocks every utterance gets at least (2 with prob 0: SpecAugment's two frequency masks)."""
 
     def validate(self) -> None:
         key = "model.overrides."
@@ -435,8 +432,7 @@ class Wav2Vec2Encoder(nn.Module):
     def forward(self, waveform_BS: torch.Tensor, lengths_B: torch.Tensor,
                 mask_BT: torch.Tensor | None = None, channel_mask_BC: torch.Tensor | None = None) -> EncoderOutput:
         """``mask_BT`` (True = masked) replaces those frames' projected features by the mask embedding;
-        ``channel_mask_BC`` (True = masked) zeroes those channels of the projected features in every
-        frame (fairseq applies both at the same point: after the projection, time mask first)."""
+        ``channel_mask_BC`` zeroes those channels in every frame (after it, as fairseq does)."""
         if self.cfg.normalize_waveform:
             waveform_BS = self._normalize(waveform_BS, lengths_B)
         mult = self.cfg.feature_grad_mult
