@@ -248,9 +248,13 @@ def cmd_probe(args) -> int:
     print(f"{'speaker accuracy':<20} {res['pretrained']['speaker_accuracy']:>11.3f} "
           f"{res['random_init']['speaker_accuracy']:>12.3f}   ({res['speakers']} speakers, "
           f"chance {res['chance_accuracy']:.3f})")
-    if "pitch_rmse" in res["pretrained"]:
-        print(f"{'pitch RMSE':<20} {res['pretrained']['pitch_rmse']:>11.2f} {res['random_init']['pitch_rmse']:>12.2f}"
-              f"   (predicting the mean: {res['pitch_rmse_predict_mean']:.2f})")
+    if "phone_error_rate" in res["pretrained"]:
+        print(f"{'PER':<20} {res['pretrained']['phone_error_rate']:>11.3f} {res['random_init']['phone_error_rate']:>12.3f}"
+              f"   ({res['phoneme_probe']['phones']} phones; {res['phoneme_source']})")
+    if "f0_rmse_hz" in res["pretrained"]:
+        print(f"{'F0 RMSE (Hz)':<20} {res['pretrained']['f0_rmse_hz']:>11.2f} {res['random_init']['f0_rmse_hz']:>12.2f}"
+              f"   (predicting the mean: {res['f0_probe']['f0_rmse_hz_predict_mean']:.2f}; "
+              f"{res['f0_probe']['voiced_test_frames']} voiced test frames)")
     if args.out:
         _write_text(args.out, json.dumps(res, indent=2), storage_cfg)
     return 0
@@ -448,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="decoding and storage settings")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("probe", help="linear probes (speaker id, pitch) of a frozen encoder vs a random-init one")
+    p = sub.add_parser("probe", help="linear probes (speaker id, phonemes, F0) of a frozen encoder vs a random-init one")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run dir of an SSL or fine-tuned model")
     p.add_argument("--split", action="append", help="splits whose speakers are probed (default: dev and test)")
     p.add_argument("--data", help="corpus root (default: the checkpoint config's data.root)")

@@ -38,6 +38,9 @@ SCHEMA = pa.schema([
     pa.field("speaker", pa.string()),
 ])
 REQUIRED_COLUMNS = ("index", "id", "audio", "sample_rate_hz", "duration_s", "text")
+PHONEMES = pa.field("phonemes", pa.string())
+"""Optional column after ``SCHEMA``'s: phone symbols separated by whitespace, the phoneme probe's labels
+(``prepare`` copies them from a manifest). Shards written without it are exactly as before it existed."""
 
 
 @dataclass
@@ -76,8 +79,9 @@ class Manifest:
         return cls(splits=splits, source=raw.get("source", {}))
 
 
-def rows_to_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+def rows_to_table(rows: list[dict], phonemes: bool = False) -> pa.Table:
+    """``rows`` as a ``SCHEMA`` table, with the optional ``phonemes`` column when asked."""
+    return pa.Table.from_pylist(rows, schema=SCHEMA.append(PHONEMES) if phonemes else SCHEMA)
 
 
 def shard_name(split: str, number: int) -> str:

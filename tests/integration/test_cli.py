@@ -187,4 +187,7 @@ def _inference_commands(tmp_path):
             speakers |= set(shards.read_shard(uri).column("speaker").to_pylist())
     assert probe["speakers"] == len(speakers) >= 2
     for which in ("pretrained", "random_init"):
-        assert 0 <= probe[which]["speaker_accuracy"] <= 1 and probe[which]["pitch_rmse"] > 0
+        assert 0 <= probe[which]["speaker_accuracy"] <= 1 and probe[which]["f0_rmse_hz"] > 0
+        assert 0 <= probe[which]["phone_error_rate"] < 2
+    assert probe["phoneme_source"].startswith("espeak-ng") and probe["f0_probe"]["voiced_test_frames"] > 0
+    assert "PER" in pr.stdout and "F0 RMSE (Hz)" in pr.stdout

@@ -9,7 +9,7 @@ from raytrain_speech.batch import BLANK_ID
 from raytrain_speech.config import ModelSpec
 from raytrain_speech.data.batching import Utterance
 from raytrain_speech.data.text import CharTokenizer
-from raytrain_speech.evaluate import probe
+from raytrain_speech.evaluate import probe, probe_heads
 from raytrain_speech.evaluate.transcribe import word_times
 from raytrain_speech.models.registry import build_model
 
@@ -31,13 +31,13 @@ def test_speaker_probe_separates_speakers_and_not_noise():
     assert probe.speaker_accuracy(noise, speaker_N, train_N) < 0.4  # chance is 1/8
 
 
-def test_pitch_probe_recovers_a_linear_target():
+def test_ridge_probe_recovers_a_linear_target():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((200, 8))
-    pitch = 50 + x @ rng.standard_normal(8) * 5
+    f0 = 50 + x @ rng.standard_normal(8) * 5
     train = np.arange(200) % 2 == 0
-    assert probe.pitch_rmse(x, pitch, train) < 2.0  # ridge shrinkage on 100 points; the target's sd is ~14
-    assert probe.pitch_rmse(rng.standard_normal((200, 8)), pitch, train) > 5.0
+    assert probe_heads.ridge_rmse(x, f0, train) < 2.0  # ridge shrinkage on 100 points; the target's sd is ~14
+    assert probe_heads.ridge_rmse(rng.standard_normal((200, 8)), f0, train) > 5.0
 
 
 @pytest.mark.parametrize("family", ["wav2vec2", "wavlm", "conformer_mlm", "conformer_ctc"])

@@ -103,8 +103,8 @@ def _find_manifest(uri: str, storage_cfg: StorageConfig | None) -> str:
 
 
 def _tsv_records(lines: list[tuple[int, bytes]]) -> Iterator[tuple[int, dict | None, str]]:
-    """A header row (``path<TAB>text[<TAB>speaker<TAB>language]``, any order, optional ``id``) names the
-    columns; without one every line is ``path<TAB>text``."""
+    """A header row (``path<TAB>text[<TAB>speaker<TAB>language]``, any order, optional ``id`` and
+    ``phonemes``) names the columns; without one every line is ``path<TAB>text``."""
     names = None
     for n, raw in lines:
         if not raw.strip():
@@ -167,7 +167,8 @@ def scan_manifest(uri: str, language: str, storage_cfg: StorageConfig | None = N
         else:
             audio_uri = path if "://" in path else storage.join(base, path)
             found.append(Utterance(uid, text, audio_uri, speaker=_label(record.get("speaker")),
-                                   language=_label(record.get("language")) or language))
+                                   language=_label(record.get("language")) or language,
+                                   phonemes=_label(record.get("phonemes"))))
     return found, skipped
 
 

@@ -85,6 +85,8 @@ class Utterance:
     """The audio file, or the tar that holds it (webdataset)."""
     speaker: str | None = None
     language: str | None = None
+    phonemes: str | None = None
+    """Phone symbols separated by whitespace, when the input gives them (the phoneme probe's labels)."""
     member: str | None = None
     """Name of the audio member inside ``audio_uri`` (webdataset), else None."""
     member_offset: int | None = None
@@ -118,6 +120,9 @@ class ShardJob:
     relpath: str
     first_index: int
     utterances: list[Utterance]
+    phonemes: bool = False
+    """Write a ``phonemes`` column: some utterance of the plan has phonemes (every shard of a split then
+    has the column, so the split has one schema)."""
 
 
 @dataclass
@@ -191,8 +196,9 @@ def _fingerprint(split: str, jobs: list[ShardJob]) -> str:
     for job in jobs:
         digest.update(f"{job.relpath}\n".encode())
         for u in job.utterances:
-            digest.update(json.dumps([u.id, u.source, u.size_bytes, u.sample_rate_hz, round(u.duration_s, 6),
-                                      u.text, u.speaker, u.language]).encode())
+            row = [u.id, u.source, u.size_bytes, u.sample_rate_hz, round(u.duration_s, 6), u.text, u.speaker,
+                   u.language] + ([u.phonemes] if u.phonemes is not None else [])  # old plans keep their prints
+            digest.update(json.dumps(row).encode())
     return digest.hexdigest()
 
 
@@ -219,4 +225,7 @@ def make_plan(found: list[Utterance], skipped: list[Skip], cfg: PrepareConfig,
             good.append(u)
     skipped.sort(key=lambda s: (s.id or "", s.source))
     jobs = cut_shards(good, cfg.split, cfg.shard_target_mb * 2**20, cfg.shard_utterances)
+    if any(u.phonemes for u in good):
+        for job in jobs:
+            job.phonemes = True
     return Plan(jobs, skipped, _fingerprint(cfg.split, jobs))

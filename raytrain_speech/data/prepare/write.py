@@ -64,9 +64,10 @@ def write_shard_job(job: tuple) -> tuple[str, int, float]:
         for f in tars.values():
             f.close()
     rows = [{"index": shard.first_index + i, "id": u.id, "audio": data, "sample_rate_hz": u.sample_rate_hz,
-             "duration_s": u.duration_s, "text": u.text, "language": u.language, "speaker": u.speaker}
+             "duration_s": u.duration_s, "text": u.text, "language": u.language, "speaker": u.speaker,
+             "phonemes": u.phonemes}
             for i, (u, data) in enumerate(zip(shard.utterances, blobs))]
-    shards.write_shard(out_uri, shard.relpath, shards.rows_to_table(rows), storage_cfg)
+    shards.write_shard(out_uri, shard.relpath, shards.rows_to_table(rows, phonemes=shard.phonemes), storage_cfg)
     return shard.relpath, len(rows), sum(u.duration_s for u in shard.utterances)
 
 
