@@ -50,6 +50,12 @@ class EvalConfig:
     """Shallow-fusion weight of the n-gram LM trained on the corpus's train-split transcripts (0 = no LM)."""
     length_bonus: float = 0.0
     """Score added per emitted character (offsets the LM's preference for short outputs)."""
+    refine_iterations: int = 0
+    """Mask-CTC refinement (nar_ctc's decoder): mask the greedy CTC hypothesis's low-confidence tokens and
+    fill them in this many parallel decoder passes (Mask-CTC: 10); 0 = the CTC hypothesis as it is.
+    Needs greedy CTC (beam_width 1, no LM)."""
+    refine_threshold: float = 0.999
+    """CTC token confidence (frame posterior) below which refinement re-predicts a token (Mask-CTC: 0.999)."""
     lm: NGramConfig = field(default_factory=NGramConfig)
     """The fusion LM: unit (char/word), order, smoothing."""
     actors: int = 0
@@ -69,4 +75,9 @@ class EvalConfig:
         require(self.actor_gpus >= 0 and self.actor_cpus > 0, "eval.actor_cpus",
                 "actor_cpus must be > 0 and actor_gpus >= 0")
         require(self.actor_batch_rows >= 1, "eval.actor_batch_rows", "must be >= 1")
+        require(self.refine_iterations >= 0, "eval.refine_iterations", "must be >= 0 (0 = no refinement)")
+        require(0.0 < self.refine_threshold <= 1.0, "eval.refine_threshold", "must be in (0, 1]")
+        require(self.refine_iterations == 0 or (self.beam_width == 1 and self.lm_weight == 0 and
+                                                self.length_bonus == 0), "eval.refine_iterations",
+                "refines the greedy CTC hypothesis; set eval.beam_width=1 eval.lm_weight=0 eval.length_bonus=0")
         self.lm.validate()

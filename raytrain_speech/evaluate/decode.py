@@ -1,5 +1,5 @@
-"""Decoding: CTC greedy, and the dispatch to beam search with shallow LM fusion (evaluate/beam.py) or to
-a family's own decoder.
+"""Decoding: CTC greedy, and the dispatch to beam search with shallow LM fusion (evaluate/beam.py), to
+Mask-CTC refinement of the greedy hypothesis (models/mask_ctc.py), or to a family's own decoder.
 
 Shapes: B = batch, T = encoder frames, V = vocabulary.
 """
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from raytrain_speech.batch import BLANK_ID
+from raytrain_speech.config import ConfigError
 from raytrain_speech.data.text import Tokenizer
 from raytrain_speech.evaluate.beam import attention_beam_search, ctc_beam_batch
 from raytrain_speech.evaluate.lm import NGramLM
@@ -39,6 +40,16 @@ class Search:
     lm_weight: float = 0.0
     length_bonus: float = 0.0
     tokenizer: Tokenizer | None = None
+    refine_iterations: int = 0
+    """Mask-CTC refinement passes over the greedy CTC hypothesis (0 = none; models with a refine decoder)."""
+    refine_threshold: float = 0.999
+    """CTC token confidence below which refinement masks and re-predicts a token."""
+
+    @classmethod
+    def from_eval(cls, eval_cfg, lm: NGramLM | None, tokenizer: Tokenizer | None) -> Search:
+        """The search an ``eval`` config section asks for, with its fusion LM."""
+        return cls(eval_cfg.beam_width, lm, eval_cfg.lm_weight, eval_cfg.length_bonus, tokenizer,
+                   eval_cfg.refine_iterations, eval_cfg.refine_threshold)
 
     @property
     def greedy(self) -> bool:
@@ -50,6 +61,15 @@ def hypotheses(model: torch.nn.Module, batch, out: dict, text_output: str, max_l
     """Token ids per row: best CTC path / prefix beam search, or the attention decoder's greedy / beam search."""
     search = search or Search()
     if text_output == "ctc":
+        if search.refine_iterations:
+            refine = getattr(model, "refine", None)
+            if refine is None or getattr(model, "decoder", None) is None:
+                raise ConfigError(f"eval.refine_iterations: {type(model).__name__} has no refinement decoder "
+                                  "(nar_ctc with model.overrides.decoder_layers > 0 has one); set it to 0")
+            if not search.greedy:
+                raise ConfigError("eval.refine_iterations: refinement starts from the greedy CTC hypothesis; "
+                                  "set eval.beam_width=1 eval.lm_weight=0 eval.length_bonus=0 (or refine_iterations=0)")
+            return refine(out, search.refine_iterations, search.refine_threshold)
         if search.greedy:
             return ctc_greedy(out["log_probs_BTV"], out["lengths_B"])
         return ctc_beam_batch(out["log_probs_BTV"], out["lengths_B"], search.beam_width, search.lm, search.lm_weight,

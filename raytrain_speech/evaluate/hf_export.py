@@ -52,6 +52,12 @@ def export_hf(checkpoint: str, out: str, storage_cfg: StorageConfig | None = Non
                "architecture": config["architectures"][0], "tensors": len(state),
                "parameters": sum(v.numel() for v in state.values()), "files": sorted([*files, hfdir.CONFIG,
                                                                                         hfdir.SAFETENSORS])}
+    decoder = getattr(model, "decoder", None) if cfg.model.family == "nar_ctc" else None
+    if decoder is not None:
+        summary["left_out"] = {"refinement_decoder_parameters": sum(p.numel() for p in decoder.parameters())}
+        if log:
+            log(f"left out nar_ctc's refinement decoder ({summary['left_out']['refinement_decoder_parameters']:,} "
+                "parameters): Wav2Vec2ForCTC has none, so the export decodes as CTC")
     storage.write_bytes(storage.join(out, "export.json"), _json(summary), storage_cfg)
     if log:
         log(f"wrote {out}: {summary['architecture']} ({summary['parameters']:,} parameters, step {loaded.step}, "

@@ -19,6 +19,7 @@ from raytrain_speech.evaluate import artifact
 from raytrain_speech.hf import directory as hfdir
 from raytrain_speech.hf import importer
 from raytrain_speech.models.conformer import ConformerCTC, checkpoint_attention
+from raytrain_speech.models.mask_ctc import MaskCTC
 from raytrain_speech.models.registry import build_model, family
 from raytrain_speech.train.checkpoint import read_checkpoint, resolve_checkpoint
 
@@ -62,6 +63,7 @@ def load_model(uri: str, storage_cfg: StorageConfig | None = None, overrides=(),
         payload, config_yaml = read_checkpoint(uri, storage_cfg)
     cfg = config_from_yaml(config_yaml, overrides, storage_cfg)
     _conformer_attention_of(cfg, payload, is_artifact)
+    _nar_decoder_of(cfg, payload, is_artifact)
     text_output = family(cfg.model).text_output
     if need_text and text_output is None:
         raise ConfigError(f"{uri}: model family {cfg.model.family} is self-supervised and has no text "
@@ -92,6 +94,16 @@ def _conformer_attention_of(cfg: Config, payload: dict, is_artifact: bool) -> No
     keys = [*payload["state"], *payload["weight_only_int8"]] if is_artifact else payload["model"]
     if checkpoint_attention(keys) == "none":
         cfg.model.overrides["attention"] = "none"
+
+
+def _nar_decoder_of(cfg: Config, payload: dict, is_artifact: bool) -> None:
+    """A nar_ctc checkpoint from before the refinement decoder (its config does not name decoder_layers,
+    which now defaults to the preset's) is built without one when its weights have none."""
+    if family(cfg.model).builder is not MaskCTC or "decoder_layers" in cfg.model.overrides:
+        return
+    keys = [*payload["state"], *payload["weight_only_int8"]] if is_artifact else payload["model"]
+    if not any(k.startswith("decoder.") for k in keys):
+        cfg.model.overrides["decoder_layers"] = 0
 
 
 def _load_hf(uri: str, storage_cfg: StorageConfig | None, overrides, need_text: bool) -> LoadedModel:

@@ -57,7 +57,7 @@ def build_search(cfg, tokenizer, log=print, lm: NGramLM | None = None) -> Search
     """Greedy, or beam search with shallow fusion of ``lm`` (trained from the train split when not given)."""
     if lm is None:
         lm = build_lm(cfg, tokenizer, log)
-    return Search(cfg.eval.beam_width, lm, cfg.eval.lm_weight, cfg.eval.length_bonus, tokenizer)
+    return Search.from_eval(cfg.eval, lm, tokenizer)
 
 
 class BatchDecoder:
@@ -78,8 +78,7 @@ class BatchDecoder:
         self.loaded.model.to(self.device)
         cfg = self.loaded.cfg
         lm = NGramLM.from_json(lm_json) if lm_json else None
-        self.search = search or Search(cfg.eval.beam_width, lm, cfg.eval.lm_weight, cfg.eval.length_bonus,
-                                       self.loaded.pre.tokenizer)
+        self.search = search or Search.from_eval(cfg.eval, lm, self.loaded.pre.tokenizer)
 
     def __call__(self, batch: dict) -> dict:
         loaded, cfg = self.loaded, self.loaded.cfg

@@ -92,7 +92,8 @@ def family_map(model, tokenizer=None, prefix: str = PREFIX) -> FamilyMap:
     if isinstance(model, Wav2Vec2Pretraining):
         return FamilyMap(pairs + PRETRAINING_HEADS, checked=["lm_head.weight", "lm_head.bias"])
     left_out = [hf for _, hf in PRETRAINING_HEADS] + ([] if keep_head else [hf for _, hf in CTC_HEAD])
-    return FamilyMap(pairs + (CTC_HEAD if keep_head else []), checked=left_out, fresh_ok=("head.",))
+    # nar_ctc's Mask-CTC refinement decoder has no transformers counterpart: it starts fresh.
+    return FamilyMap(pairs + (CTC_HEAD if keep_head else []), checked=left_out, fresh_ok=("head.", "decoder."))
 
 
 def prepare_state(theirs: dict[str, torch.Tensor], tokenizer, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
@@ -113,6 +114,8 @@ def check_values(theirs: dict[str, torch.Tensor], source: str) -> None:
 
 
 def export_state(model: Wav2Vec2CTC, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
+    """The encoder and CTC head under transformers' names. nar_ctc's refinement decoder is left out:
+    Wav2Vec2ForCTC has no such part, so the export decodes as greedy / beam CTC."""
     if not isinstance(model, Wav2Vec2CTC):
         raise ConfigError("export --format hf: only the CTC model (Wav2Vec2ForCTC) is exported")
     return rename(model.state_dict(), encoder_pairs(model.state_dict(), prefix) + CTC_HEAD)

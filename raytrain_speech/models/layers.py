@@ -110,7 +110,8 @@ class TransformerEncoder(nn.Module):
 
 
 class TransformerDecoderLayer(nn.Module):
-    """Pre-norm block: causal self-attention, cross-attention to the encoder memory, MLP."""
+    """Pre-norm block: self-attention (causal for autoregressive decoders; Mask-CTC's is not), cross-attention
+    to the encoder memory, MLP."""
 
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float = 0.0):
         super().__init__()
@@ -123,9 +124,11 @@ class TransformerDecoderLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x_BLD: torch.Tensor, memory_BSD: torch.Tensor, memory_lengths_B: torch.Tensor | None,
-                ) -> torch.Tensor:
-        # Token padding is on the right, so causality alone keeps real tokens from seeing it.
-        x_BLD = x_BLD + self.drop(self.self_attn(self.self_norm(x_BLD), causal=True))
+                causal: bool = True, lengths_B: torch.Tensor | None = None) -> torch.Tensor:
+        # Token padding is on the right, so causality alone keeps real tokens from seeing it; without
+        # causality the token lengths mask it.
+        self_keys_B = None if causal else lengths_B
+        x_BLD = x_BLD + self.drop(self.self_attn(self.self_norm(x_BLD), key_lengths_B=self_keys_B, causal=causal))
         x_BLD = x_BLD + self.drop(self.cross_attn(self.cross_norm(x_BLD), memory_BSD, memory_lengths_B))
         return x_BLD + self.drop(self.mlp(self.mlp_norm(x_BLD)))
 

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from raytrain_speech.config import ConfigError, ModelSpec, from_dict, require, to_dict
-from raytrain_speech.models import conformer, wav2vec2, wavlm, wavlm_waveform, whisper
+from raytrain_speech.models import conformer, mask_ctc, wav2vec2, wavlm, wavlm_waveform, whisper
 from raytrain_speech.objectives import Objective, contrastive, ctc, hybrid, masked, seq2seq
+from raytrain_speech.objectives import mask_ctc as mask_ctc_objective
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,11 @@ NAR_PRESETS: dict[str, dict] = {
     # The NAR recipe (seed 001) leaves the size open. Its encoder is wav2vec 2.0's: a 7-layer strided
     # conv stack on the raw waveform (320x subsampling, 20 ms frames) and a Transformer, with a CTC head;
     # sharing the architecture means its "pretrain on unlabelled audio" stage is the wav2vec2 family at
-    # the same preset, loaded by train.init_from. Full size: wav2vec 2.0 Base (12 x 768, 94.4 M).
-    "tiny": wav2vec2.PRESETS["tiny"],
-    "base": wav2vec2.PRESETS["base"],
+    # the same preset, loaded by train.init_from. Full size: wav2vec 2.0 Base (12 x 768, 94.4 M). The
+    # "standard Transformer decoder" after it is Mask-CTC's non-autoregressive refinement decoder
+    # (models/mask_ctc.py): 6 blocks at the encoder's width (Mask-CTC's depth), 2 at tiny size.
+    "tiny": {**wav2vec2.PRESETS["tiny"], "decoder_layers": 2},
+    "base": {**wav2vec2.PRESETS["base"], "decoder_layers": 6},
 }
 
 FAMILIES: dict[str, Family] = {
@@ -64,9 +67,10 @@ FAMILIES: dict[str, Family] = {
                            input_kind="waveform", text_output="ctc",
                            summary="wav2vec 2.0 encoder fine-tuned with CTC (train.init_from a wav2vec2 run)",
                            init_from_families=("wav2vec2",)),
-    "nar_ctc": Family(wav2vec2.Wav2Vec2Config, NAR_PRESETS, wav2vec2.Wav2Vec2CTC, objective="ctc",
+    "nar_ctc": Family(mask_ctc.MaskCTCConfig, NAR_PRESETS, mask_ctc.MaskCTC, objective="mask_ctc",
                       input_kind="waveform", text_output="ctc",
-                      summary="non-autoregressive raw-waveform encoder (strided convs + Transformer), CTC",
+                      summary="non-autoregressive raw-waveform encoder (strided convs + Transformer), CTC + "
+                              "Mask-CTC refinement decoder",
                       init_from_families=("wav2vec2",)),
     "wavlm": Family(wavlm.WavLMConfig, wavlm.PRESETS, wavlm.WavLMPretraining, objective="masked",
                     input_kind="log_mel", text_output=None,
@@ -105,6 +109,9 @@ def check_config(cfg) -> None:
     require(cfg.data.crop_s is None or fam.text_output is None, "data.crop_s",
             f"crops audio away from its transcript; only self-supervised families may crop ({cfg.model.family} "
             "reads transcripts)")
+    require(not cfg.eval.refine_iterations or getattr(model_cfg, "decoder_layers", 0) > 0, "eval.refine_iterations",
+            f"needs the Mask-CTC refinement decoder, which only nar_ctc has (model.overrides.decoder_layers > 0); "
+            f"{cfg.model.family} has none, so set it to 0")
     if hasattr(model_cfg, "n_mels"):
         require(model_cfg.n_mels == cfg.features.n_mels, "features.n_mels",
                 f"is {cfg.features.n_mels} but the model expects {model_cfg.n_mels}")
@@ -141,7 +148,7 @@ def build_model(spec: ModelSpec, vocab_size: int, specials: dict[str, int] | Non
 def check_tokenizer(spec: ModelSpec, tokenizer) -> None:
     """ConfigError when a family cannot train on ``tokenizer`` (a CTC loss needs a blank id)."""
     fam = family(spec)
-    needs_blank = fam.objective in ("ctc", "hybrid")
+    needs_blank = fam.objective in ("ctc", "hybrid", "mask_ctc")
     require(not needs_blank or tokenizer.blank_id is not None, "text.tokenizer",
             f"{spec.family} trains with CTC, which needs a blank id; text.tokenizer={tokenizer.kind} has none "
             "(use sentencepiece or char)")
@@ -163,7 +170,7 @@ def target_limits(spec: ModelSpec, specials: dict[str, int] | None = None,
         out["max_tokens"] = resolve(spec).max_target_positions - prompt
     if max_target_tokens is not None:
         out["max_tokens"] = min(out.get("max_tokens", max_target_tokens), max_target_tokens)
-    if fam.objective in ("ctc", "hybrid"):  # the encoder's own frame count, from a meta-device model
+    if fam.objective in ("ctc", "hybrid", "mask_ctc"):  # the encoder's own frame count, from a meta-device model
         model = build_meta(spec, 64)
         big = 1_000_000
         per_frame = big / float(model.output_lengths(torch.tensor([big]))[0])
@@ -174,7 +181,8 @@ def target_limits(spec: ModelSpec, specials: dict[str, int] | None = None,
 
 
 OBJECTIVES = {"ctc": ctc.objective, "hybrid": hybrid.objective, "masked": masked.objective,
-              "seq2seq": seq2seq.objective, "contrastive": contrastive.objective}
+              "seq2seq": seq2seq.objective, "contrastive": contrastive.objective,
+              "mask_ctc": mask_ctc_objective.objective}
 """Objective name (``Family.objective``) -> its constructor from the model's resolved config (which
 carries weights such as the CTC share of a hybrid loss)."""
 
