@@ -47,9 +47,10 @@ def _train(recipe: str, corpus: str, runs: str, steps: int, *extra: str) -> list
     return metrics
 
 
-def _eval(recipe: str, runs: str, tmp_path) -> dict:
-    out = tmp_path / f"{recipe}-eval.json"
-    assert cli.main(["eval", "--checkpoint", os.path.join(runs, recipe.replace("_", "-")), "--out", str(out)]) == 0
+def _eval(recipe: str, runs: str, tmp_path, *extra: str) -> dict:
+    out = tmp_path / f"{recipe}-eval{len(extra)}.json"
+    assert cli.main(["eval", "--checkpoint", os.path.join(runs, recipe.replace("_", "-")), "--out", str(out),
+                     *extra]) == 0
     result = json.loads(out.read_text())
     assert result["utterances"] > 0 and 0.0 <= result["wer"]
     return result
@@ -95,10 +96,14 @@ def test_wav2vec2_pretrain_then_ctc_finetune(ray_local, corpus, tmp_path):
 @pytest.mark.slow
 def test_nar_ctc_pretrain_then_finetune(ray_local, corpus, tmp_path):
     """The write-up's two stages: contrastive pre-training of the raw-waveform encoder with channel
-    masks, then CTC fine-tuning from it with SpecAugment's fixed counts of time and channel masks."""
+    masks, then CTC + Mask-CTC fine-tuning from it with SpecAugment's fixed counts of time and channel
+    masks; scored with beam + LM (the recipe's eval) and with the refinement decoder."""
     runs = str(tmp_path / "runs")
     metrics = _train("nar_ctc_pretrain_tiny", corpus, runs, 12)
     assert {"accuracy", "diversity"} <= set(metrics[-1])
-    _train("nar_ctc_tiny", corpus, runs, 16, "optim.lr_peak=3e-3",
-           f"train.init_from={os.path.join(runs, 'nar-ctc-pretrain-tiny')}")
+    metrics = _train("nar_ctc_tiny", corpus, runs, 16, "optim.lr_peak=3e-3",
+                     f"train.init_from={os.path.join(runs, 'nar-ctc-pretrain-tiny')}")
+    assert {"ctc_loss", "mlm_loss", "mlm_accuracy"} <= set(metrics[-1])
     _eval("nar_ctc_tiny", runs, tmp_path)
+    _eval("nar_ctc_tiny", runs, tmp_path, "eval.refine_iterations=10", "eval.beam_width=1",
+          "eval.lm_weight=0", "eval.length_bonus=0")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -189,3 +190,23 @@ def test_the_model_pt_export_reads_an_hf_directory_too(tmp_path):
         b, _ = original.model.encode(x, torch.tensor([x.shape[1]]))
     assert (a - b).abs().max() < 0.1 * b.abs().max()  # int8 weights: close, not equal
     assert exported.pre.tokenizer.vocab_size == original.pre.tokenizer.vocab_size
+
+
+def test_nar_ctc_starts_its_refinement_decoder_fresh_and_exports_without_it(tmp_path):
+    """transformers has no Mask-CTC decoder: import leaves nar_ctc's fresh (not an error), export drops it."""
+    torch.manual_seed(3)
+    hf_model = transformers.Wav2Vec2ForPreTraining(_small(False, 32)).eval()
+    d = _save(tmp_path, hf_model)
+    cfg = Config()
+    cfg.model.family = "nar_ctc"
+    cfg.model.from_hf = f"hf:{d}"
+    importer.settle(cfg, log=None)
+    model = build_model(cfg.model, CharTokenizer().vocab_size)
+    assert model.decoder is not None
+    report = importer.load_weights(model, "nar_ctc", f"hf:{d}", log=None, tokenizer=CharTokenizer())
+    assert not report.missing and not report.unused
+    assert any(k.startswith("decoder.") for k in report.new) and "head.weight" in report.new
+    state = hf_w2v.export_state(model)
+    assert not any("decoder" in k for k in state) and "lm_head.weight" in state
+    plain = hf_w2v.export_state(build_model(replace(cfg.model, family="wav2vec2_ctc"), CharTokenizer().vocab_size))
+    assert set(state) == set(plain)

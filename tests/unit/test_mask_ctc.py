@@ -8,7 +8,13 @@ from raytrain_speech.batch import BLANK_ID, Batch
 from raytrain_speech.config import Config, ConfigError, ModelSpec, from_dict
 from raytrain_speech.evaluate.decode import Search, hypotheses
 from raytrain_speech.evaluate.loading import _nar_decoder_of
-from raytrain_speech.models.mask_ctc import MaskCTC, MaskCTCConfig, MaskedTokenDecoder, mask_tokens, token_confidences
+from raytrain_speech.models.mask_ctc import (
+    MaskCTC,
+    MaskCTCConfig,
+    MaskedTokenDecoder,
+    mask_tokens,
+    token_confidences,
+)
 from raytrain_speech.models.registry import build_model, check_config, objective_for
 from raytrain_speech.models.wav2vec2 import Wav2Vec2Pretraining
 from raytrain_speech.models.wav2vec2_encoder import PRESETS
