@@ -125,18 +125,25 @@ def read_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> tuple
 
 
 def resolve_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> str:
-    """A checkpoint dir is used as is; a run dir resolves to its latest checkpoint_step* dir."""
+    """A checkpoint dir is used as is. A run dir resolves to its latest *committed* checkpoint (Ray
+    Train's snapshot or the local backend's record, as a resuming run reads them), so ``eval``,
+    ``export`` and ``init_from`` never read a directory whose upload is still in flight. A directory
+    of checkpoints without either record (copied by hand, a Tune trial's) resolves to its newest
+    ``checkpoint_*`` directory that holds a state file."""
     if storage.exists(storage.join(uri, STATE_FILE), storage_cfg):
         return uri
+    committed = latest_committed_dir(uri, storage_cfg)
+    if committed is not None:
+        return committed
     fs, path = storage.resolve(uri, storage_cfg)
     try:
         entries = fs.get_file_info(FileSelector(path, allow_not_found=True))
     except OSError as err:
         raise StorageError(f"{uri}: {err}") from None
-    ckpts = sorted(e.base_name for e in entries if e.base_name.startswith("checkpoint_"))
-    if not ckpts:
-        raise StorageError(f"{uri}: neither a checkpoint nor a run directory with checkpoints")
-    return storage.join(uri, ckpts[-1])
+    for name in sorted((e.base_name for e in entries if e.base_name.startswith("checkpoint_")), reverse=True):
+        if storage.exists(storage.join(uri, name, STATE_FILE), storage_cfg):
+            return storage.join(uri, name)
+    raise StorageError(f"{uri}: neither a checkpoint nor a run directory with checkpoints")
 
 
 LOCAL_RECORD = "local_checkpoints.json"

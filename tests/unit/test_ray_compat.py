@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from raytrain_speech import ray_compat
+from raytrain_speech import ray_compat, storage
 from raytrain_speech.train import checkpoint
 
 
@@ -56,3 +56,22 @@ def test_the_unequal_split_config_is_a_train_data_config():
 
     config = ray_compat.unequal_split_data_config()
     assert isinstance(config, DataConfig) and type(config).configure is not DataConfig.configure
+
+
+def test_a_run_dir_resolves_to_its_committed_checkpoint_not_the_newest_directory(tmp_path):
+    """An upload in flight (a newer checkpoint_* directory, even one with its state file already
+    written) is not what eval / export / init_from read while the records name an older one."""
+    run = str(tmp_path)
+    for step in (10, 20):
+        (tmp_path / checkpoint.dir_name(step)).mkdir()
+        (tmp_path / checkpoint.dir_name(step) / checkpoint.STATE_FILE).write_bytes(b"x")
+    (tmp_path / checkpoint.dir_name(30)).mkdir()  # created, nothing written yet
+    # No record (a hand-copied directory): the newest one holding a state file.
+    assert checkpoint.resolve_checkpoint(run) == f"{run}/{checkpoint.dir_name(20)}"
+    checkpoint.write_local_record(run, [{"dir": checkpoint.dir_name(10), "step": 10}])
+    assert checkpoint.resolve_checkpoint(run) == f"{run}/{checkpoint.dir_name(10)}"
+    (tmp_path / ray_compat.RAY_SNAPSHOT).write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": checkpoint.dir_name(20)}}))
+    assert checkpoint.resolve_checkpoint(run) == f"{run}/{checkpoint.dir_name(20)}"
+    with pytest.raises(storage.StorageError, match="neither a checkpoint"):
+        checkpoint.resolve_checkpoint(str(tmp_path / "empty"))
