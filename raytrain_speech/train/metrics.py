@@ -109,23 +109,41 @@ def run_info(cfg: Config) -> dict:
 
 class RunRecord:
     """Appends rank 0's metrics of every report to ``metrics.jsonl`` and rewrites the run card at every
-    checkpoint (object stores cannot append: the small file is rewritten whole)."""
+    checkpoint (object stores cannot append: the small file is rewritten whole).
 
-    def __init__(self, directory: str, storage_cfg: StorageConfig | None, info: dict):
-        self.directory, self.storage_cfg, self.info = directory, storage_cfg, info
+    The history of earlier attempts is read once, strictly: if storage cannot answer, the new records
+    are held in memory and the read is tried again at the next report, so an outage never rewrites
+    the file from an empty read (which would erase every earlier attempt's records). A failed write
+    is healed by the next one, which writes the whole history again."""
+
+    def __init__(self, directory: str, storage_cfg: StorageConfig | None, info: dict, log=print):
+        self.directory, self.storage_cfg, self.info, self.log = directory, storage_cfg, info, log
         self.records: list[dict] | None = None
+        self.pending: list[dict] = []
+        self._warned = self._card_due = False
 
     def add(self, metrics: dict, checkpoint_path: str | None = None) -> None:
-        if self.records is None:
-            self.records = read_metrics(storage.join(self.directory, METRICS_FILE), self.storage_cfg)
         record = {**metrics, "time": time.time()}
         if checkpoint_path is not None:
             record["checkpoint_path"] = checkpoint_path
-        self.records.append(record)
-        text = "".join(json.dumps(r) + "\n" for r in self.records)
-        storage.write_bytes(storage.join(self.directory, METRICS_FILE), text.encode(), self.storage_cfg)
-        if checkpoint_path is not None:
-            write_run_card(self.directory, self.records, self.info, self.storage_cfg)
+        self.pending.append(record)
+        self._card_due |= checkpoint_path is not None
+        uri = storage.join(self.directory, METRICS_FILE)
+        try:
+            if self.records is None:
+                self.records = read_metrics(uri, self.storage_cfg, strict=True)
+            self.records += self.pending
+            self.pending = []
+            storage.write_bytes(uri, "".join(json.dumps(r) + "\n" for r in self.records).encode(), self.storage_cfg)
+            if self._card_due:  # also for a checkpoint reported during an outage
+                write_run_card(self.directory, self.records, self.info, self.storage_cfg)
+                self._card_due = False
+            self._warned = False
+        except StorageError as err:
+            if not self._warned:
+                self.log(f"[raytrain-speech] run record not written ({err}); training goes on and the "
+                         "records are written when storage answers")
+                self._warned = True
 
 
 def write_run_card(directory: str, records: list[dict], info: dict, storage_cfg: StorageConfig | None) -> dict:
@@ -153,12 +171,16 @@ class TrainedLog:
         self.file.close()
 
 
-def read_metrics(uri: str, storage_cfg: StorageConfig | None = None) -> list[dict]:
+def read_metrics(uri: str, storage_cfg: StorageConfig | None = None, strict: bool = False) -> list[dict]:
+    """The records of a metrics.jsonl ([] when there is none). ``strict``: a storage error is raised
+    instead of read as "no records" (for writers, which would otherwise rewrite the history empty)."""
     try:
         if not storage.exists(uri, storage_cfg):
             return []
         text = storage.read_bytes(uri, storage_cfg).decode()
     except StorageError:
+        if strict:
+            raise
         return []
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
