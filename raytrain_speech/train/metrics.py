@@ -116,7 +116,8 @@ class RunRecord:
     the file from an empty read (which would erase every earlier attempt's records). A failed write
     is healed by the next one, which writes the whole history again."""
 
-    def __init__(self, directory: str, storage_cfg: StorageConfig | None, info: dict, log=print):
+    def __init__(self, directory: str, storage_cfg: StorageConfig | None, info: dict, log=None):
+        # The Ray Train callback holding this is pickled to the controller: keep ``print`` out of it.
         self.directory, self.storage_cfg, self.info, self.log = directory, storage_cfg, info, log
         self.records: list[dict] | None = None
         self.pending: list[dict] = []
@@ -141,7 +142,7 @@ class RunRecord:
             self._warned = False
         except StorageError as err:
             if not self._warned:
-                self.log(f"[raytrain-speech] run record not written ({err}); training goes on and the "
+                (self.log or print)(f"[raytrain-speech] run record not written ({err}); training goes on and the "
                          "records are written when storage answers")
                 self._warned = True
 

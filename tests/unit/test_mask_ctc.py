@@ -113,7 +113,7 @@ def test_forward_and_joint_objective():
     ctc_sum, _, _ = ctc.loss(batch, out)
     mlm_sum, _ = objective.masked_lm_loss(batch, out)
     assert units == 8.0
-    assert float(summed.detach()) == pytest.approx(0.3 * float(ctc_sum) + 0.7 * float(mlm_sum), rel=1e-5)
+    assert float(summed.detach()) == pytest.approx(0.3 * float(ctc_sum.detach()) + 0.7 * float(mlm_sum.detach()), rel=1e-5)
     assert stats["ctc_loss_sum"] == pytest.approx(float(ctc_sum), rel=1e-5)
     summed.backward()
     assert model.decoder.out.weight.grad.abs().sum() > 0 and model.head.weight.grad.abs().sum() > 0
