@@ -9,7 +9,6 @@ matrices as per-row int8 with a scale, dequantized here at load.
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections import OrderedDict
 
@@ -19,6 +18,7 @@ from torch import nn
 from raytrain_speech import storage
 from raytrain_speech.config import StorageConfig
 from raytrain_speech.models.registry import build_model
+from raytrain_speech.train.checkpoint import load_weights_only
 
 ARTIFACT_FILE = "model.pt"
 
@@ -57,8 +57,8 @@ def read_artifact(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[d
     """(payload, config YAML) of an exported artifact directory."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        payload = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, ARTIFACT_FILE), storage_cfg)),
-                             map_location="cpu", weights_only=True)
+        payload = load_weights_only(storage.read_bytes(storage.join(uri, ARTIFACT_FILE), storage_cfg),
+                                    storage.join(uri, ARTIFACT_FILE))
     if payload.get("format") != FORMAT:
         raise storage.StorageError(f"{uri}: {ARTIFACT_FILE} is not a {FORMAT} artifact")
     return payload, payload["config_yaml"]

@@ -93,7 +93,23 @@ def load_cursor(directory: str) -> DataCursor | None:
 
 
 def load(directory: str) -> dict:
-    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    path = os.path.join(directory, STATE_FILE)
+    with open(path, "rb") as f:
+        return load_weights_only(f.read(), path)
+
+
+def load_weights_only(data: bytes, source: str):
+    """``torch.load(weights_only=True)`` of a state file, with a refusal as one line naming the file:
+    a pickle that would construct anything but tensors and plain containers (code, a class of any
+    library) is never unpickled, and a truncated or foreign file says so instead of a stack dump."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for code, RuntimeError / EOFError for a damaged file
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
+                      lines[0] if lines else type(err).__name__)
+        raise StorageError(f"{source}: refused to load: not a plain tensor file ({reason}); it may carry code "
+                           "or be damaged; load only checkpoints written by raytrain-speech") from None
 
 
 def restore(payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -120,8 +136,7 @@ def read_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> tuple
         config_yaml = storage.read_bytes(storage.join(uri, CONFIG_FILE), storage_cfg).decode()
     except StorageError as err:
         raise StorageError(f"not a raytrain-speech checkpoint: {err}") from None
-    payload = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True)
-    return payload, config_yaml
+    return load_weights_only(state_bytes, storage.join(uri, STATE_FILE)), config_yaml
 
 
 def resolve_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> str:
