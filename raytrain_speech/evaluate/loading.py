@@ -86,13 +86,17 @@ def load_model(uri: str, storage_cfg: StorageConfig | None = None, overrides=(),
                        uri)
 
 
+def _tensor_names(payload: dict, is_artifact: bool) -> list[str]:
+    """The model tensor names a checkpoint or an exported artifact holds."""
+    return [*payload["state"], *payload["weight_only_int8"]] if is_artifact else list(payload["model"])
+
+
 def _conformer_attention_of(cfg: Config, payload: dict, is_artifact: bool) -> None:
     """A Conformer checkpoint whose config predates ``attention`` (the default is now rel_pos) is built
     the way it was trained: position-free, torchaudio's blocks, when its weights have no position biases."""
     if not issubclass(family(cfg.model).builder, ConformerCTC) or "attention" in cfg.model.overrides:
         return
-    keys = [*payload["state"], *payload["weight_only_int8"]] if is_artifact else payload["model"]
-    if checkpoint_attention(keys) == "none":
+    if checkpoint_attention(_tensor_names(payload, is_artifact)) == "none":
         cfg.model.overrides["attention"] = "none"
 
 
@@ -101,8 +105,7 @@ def _nar_decoder_of(cfg: Config, payload: dict, is_artifact: bool) -> None:
     which now defaults to the preset's) is built without one when its weights have none."""
     if family(cfg.model).builder is not MaskCTC or "decoder_layers" in cfg.model.overrides:
         return
-    keys = [*payload["state"], *payload["weight_only_int8"]] if is_artifact else payload["model"]
-    if not any(k.startswith("decoder.") for k in keys):
+    if not any(k.startswith("decoder.") for k in _tensor_names(payload, is_artifact)):
         cfg.model.overrides["decoder_layers"] = 0
 
 

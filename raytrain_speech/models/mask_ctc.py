@@ -99,8 +99,7 @@ def mask_tokens(targets_BL: torch.Tensor, lengths_B: torch.Tensor, mask_id: int,
     b, length = targets_BL.shape
     lengths_cpu_B = lengths_B.detach().to("cpu", torch.long)
     valid_BL = torch.arange(length)[None, :] < lengths_cpu_B[:, None]
-    count_B = (torch.rand(b, generator=generator) * lengths_cpu_B).long().clamp(max=lengths_cpu_B - 1) + 1
-    count_B = torch.minimum(count_B, lengths_cpu_B)
+    count_B = torch.minimum((torch.rand(b, generator=generator) * lengths_cpu_B).long() + 1, lengths_cpu_B)
     scores_BL = torch.rand(b, length, generator=generator).masked_fill(~valid_BL, 2.0)
     rank_BL = scores_BL.argsort(dim=1).argsort(dim=1)
     masked_BL = (rank_BL < count_B[:, None]) & valid_BL
@@ -146,11 +145,7 @@ class MaskCTC(Wav2Vec2CTC):
                                               cfg.decoder_dropout)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        mask_BT = batch.mask_BT if (self.training and batch.mask_BT is not None) else None
-        channels_BC = batch.channel_mask_BC if self.training else None
-        enc = self.encoder(batch.features_BFM, batch.feature_lengths_B, mask_BT, channels_BC)
-        logits_BTV = self.head(self.dropout(enc.context_BTD))
-        out = {"log_probs_BTV": logits_BTV.float().log_softmax(dim=-1), "lengths_B": enc.lengths_B}
+        enc, out = self.ctc_forward(batch)
         if self.decoder is None:
             return out
         out["memory_BTD"] = enc.context_BTD

@@ -18,6 +18,7 @@ from raytrain_speech.models.base import ChannelMasking, SpanMasking, SpeechModel
 from raytrain_speech.models.masking import model_span_mask
 from raytrain_speech.models.wav2vec2_encoder import (
     PRESETS,
+    EncoderOutput,
     Wav2Vec2Config,
     Wav2Vec2Encoder,
     fit_mask,
@@ -228,10 +229,14 @@ class Wav2Vec2CTC(SpeechModel):
         return list(result.missing_keys), list(result.unexpected_keys)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.ctc_forward(batch)[1]
+
+    def ctc_forward(self, batch: Batch) -> tuple[EncoderOutput, dict[str, torch.Tensor]]:
+        """The encoder pass (training masks applied) and the CTC outputs: what subclasses build on."""
         mask_BT = batch.mask_BT if (self.training and batch.mask_BT is not None) else None
         channels_BC = batch.channel_mask_BC if self.training else None
         enc = self.encoder(batch.features_BFM, batch.feature_lengths_B, mask_BT, channels_BC)
         logits_BTV = self.head(self.dropout(enc.context_BTD))
-        return {"log_probs_BTV": logits_BTV.float().log_softmax(dim=-1), "lengths_B": enc.lengths_B}
+        return enc, {"log_probs_BTV": logits_BTV.float().log_softmax(dim=-1), "lengths_B": enc.lengths_B}
 
 

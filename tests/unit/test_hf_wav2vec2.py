@@ -62,6 +62,18 @@ def _save(tmp_path, model, vocab=None, name="hf_w2v"):
     return d
 
 
+def _settled_pretraining(tmp_path, family: str, layer_norm: bool, seed: int):
+    """A saved random Wav2Vec2ForPreTraining, and a config of ``family`` settled from its directory."""
+    torch.manual_seed(seed)
+    hf_model = transformers.Wav2Vec2ForPreTraining(_small(layer_norm, 32)).eval()
+    d = _save(tmp_path, hf_model)
+    cfg = Config()
+    cfg.model.family = family
+    cfg.model.from_hf = f"hf:{d}"
+    importer.settle(cfg, log=None)
+    return hf_model, d, cfg
+
+
 def _wave(seconds=1.2, seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(16000 * seconds)) / 16000
@@ -102,13 +114,7 @@ def _ctc_greedy(logits_TV: torch.Tensor) -> list[int]:
 
 
 def test_pretraining_checkpoints_load_into_the_pretraining_model_and_a_fresh_ctc_head(tmp_path):
-    torch.manual_seed(1)
-    hf_model = transformers.Wav2Vec2ForPreTraining(_small(True, 32)).eval()
-    d = _save(tmp_path, hf_model)
-    cfg = Config()
-    cfg.model.family = "wav2vec2"
-    cfg.model.from_hf = f"hf:{d}"
-    importer.settle(cfg, log=None)
+    hf_model, d, cfg = _settled_pretraining(tmp_path, "wav2vec2", layer_norm=True, seed=1)
     model = build_model(cfg.model, 1).eval()
     report = importer.load_weights(model, "wav2vec2", f"hf:{d}", log=None)
     assert not report.new and not report.unused
@@ -194,13 +200,7 @@ def test_the_model_pt_export_reads_an_hf_directory_too(tmp_path):
 
 def test_nar_ctc_starts_its_refinement_decoder_fresh_and_exports_without_it(tmp_path):
     """transformers has no Mask-CTC decoder: import leaves nar_ctc's fresh (not an error), export drops it."""
-    torch.manual_seed(3)
-    hf_model = transformers.Wav2Vec2ForPreTraining(_small(False, 32)).eval()
-    d = _save(tmp_path, hf_model)
-    cfg = Config()
-    cfg.model.family = "nar_ctc"
-    cfg.model.from_hf = f"hf:{d}"
-    importer.settle(cfg, log=None)
+    _, d, cfg = _settled_pretraining(tmp_path, "nar_ctc", layer_norm=False, seed=3)
     model = build_model(cfg.model, CharTokenizer().vocab_size)
     assert model.decoder is not None
     report = importer.load_weights(model, "nar_ctc", f"hf:{d}", log=None, tokenizer=CharTokenizer())
