@@ -60,8 +60,11 @@ class DataConfig:
     min_duration_s: float | None = None
     """Training leaves out utterances shorter than this (from the duration_s column, before decoding;
     counted as filtered, not bad). None = no lower limit."""
-    max_duration_s: float | None = None
-    """Training leaves out utterances longer than this (e.g. 30 s for Whisper). None = no upper limit."""
+    max_duration_s: float | None = 60.0
+    """Training leaves out utterances longer than this (30 s for Whisper), from the duration_s column
+    and again from the audio header before decoding (a mislabelled 3-hour file is never decoded, so it
+    cannot exhaust a worker's memory and be retried). Long-form audio belongs segmented at prepare
+    time. None = no upper limit (each utterance is decoded whole, so size workers for the longest)."""
     crop_s: float | None = None
     """Training only, self-supervised families: each utterance longer than this is cut to a random
     window of crop_s seconds, drawn from (seed, epoch, index) after waveform augmentation and before

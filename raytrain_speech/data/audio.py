@@ -18,16 +18,47 @@ class AudioError(ValueError):
     """An utterance's audio is unusable; the message is the reason (logged with the utterance id)."""
 
 
-def decode(audio_bytes: bytes) -> tuple[np.ndarray, int]:
-    """FLAC/WAV/OGG bytes -> (float32 mono samples in [-1, 1], sample rate in Hz)."""
+def decode(audio_bytes: bytes, expected_rate_hz: int | None = None, expected_duration_s: float | None = None,
+           max_duration_s: float | None = None) -> tuple[np.ndarray, int]:
+    """FLAC/WAV/OGG bytes -> (float32 mono samples in [-1, 1], sample rate in Hz).
+
+    The header is checked before any sample is decoded, so a file that lies about itself costs a
+    header read, not its length in memory: its rate against the shard's ``sample_rate_hz``
+    (``expected_rate_hz``), its length against the shard's ``duration_s`` and ``max_duration_s``
+    (a 3-hour file in a corpus of 10 s utterances is never decoded)."""
     if not audio_bytes:
         raise AudioError("empty audio bytes")
     try:
-        samples, sample_rate_hz = sf.read(io.BytesIO(audio_bytes), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(audio_bytes)) as f:
+            check_header(int(f.samplerate), int(f.frames), expected_rate_hz, expected_duration_s, max_duration_s)
+            samples = f.read(dtype="float32", always_2d=True)
+            sample_rate_hz = int(f.samplerate)
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
         raise AudioError(f"cannot decode audio: {str(err).splitlines()[0]}") from None
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
-    return np.ascontiguousarray(mono, dtype=np.float32), int(sample_rate_hz)
+    return np.ascontiguousarray(mono, dtype=np.float32), sample_rate_hz
+
+
+class AudioTooLong(AudioError):
+    """The header says the file is longer than data.max_duration_s: left out like the duration filter."""
+
+
+def check_header(rate_hz: int, frames: int, expected_rate_hz: int | None, expected_duration_s: float | None,
+                 max_duration_s: float | None) -> None:
+    """What a header can tell before decoding: a wrong rate, a lying duration, a file too long to decode.
+    ``frames`` <= 0 means the format does not say (some OGG streams); the decoded length is checked later."""
+    if expected_rate_hz and rate_hz != expected_rate_hz:
+        raise AudioError(f"sample rate mismatch: the audio header says {rate_hz} Hz but the shard's sample_rate_hz "
+                         f"says {expected_rate_hz} Hz (re-run prepare on this file)")
+    if frames <= 0 or rate_hz <= 0:
+        return
+    header_s = frames / rate_hz
+    if expected_duration_s is not None and header_s > expected_duration_s + max(0.05, 0.02 * expected_duration_s):
+        raise AudioError(f"mislabelled audio: the header says {header_s:.2f} s but duration_s says "
+                         f"{expected_duration_s:.2f} s (re-run prepare on this file)")
+    if max_duration_s is not None and header_s > max_duration_s:
+        raise AudioTooLong(f"audio of {header_s:.2f} s is longer than {max_duration_s:g} s (data.max_duration_s; "
+                           "segment long-form audio at prepare time)")
 
 
 def resample(samples: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
@@ -56,10 +87,11 @@ def check_duration(samples: np.ndarray, sample_rate_hz: int, expected_duration_s
                          f"{expected_duration_s:.2f} s (re-encode the file or re-run prepare)")
 
 
-def load(audio_bytes: bytes, sample_rate_hz: int, expected_duration_s: float | None = None) -> np.ndarray:
-    """Decode + mono + validate (+ duration check) + resample to ``sample_rate_hz``: the one entry
-    point for readers."""
-    samples, source_hz = decode(audio_bytes)
+def load(audio_bytes: bytes, sample_rate_hz: int, expected_duration_s: float | None = None,
+         expected_rate_hz: int | None = None, max_duration_s: float | None = None) -> np.ndarray:
+    """Decode + mono + validate (+ header and duration checks) + resample to ``sample_rate_hz``: the
+    one entry point for readers."""
+    samples, source_hz = decode(audio_bytes, expected_rate_hz, expected_duration_s, max_duration_s)
     validate(samples, source_hz)
     if expected_duration_s is not None:
         check_duration(samples, source_hz, expected_duration_s)

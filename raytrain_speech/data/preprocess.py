@@ -40,7 +40,7 @@ from raytrain_speech.data.tokenizer import load_tokenizer
 from raytrain_speech.seeding import utterance_rng
 
 INPUT_COLUMNS = ["index", "id", "audio", "duration_s", "text"]
-OPTIONAL_INPUT_COLUMNS = ["language"]
+OPTIONAL_INPUT_COLUMNS = ["language", "sample_rate_hz"]
 FILTERED = "filtered: "
 """Reason prefix of rows left out by the duration filter (counted apart from bad input)."""
 
@@ -129,6 +129,8 @@ class Preprocessor:
         self.frontend_on_worker = frontend_on_worker and features.kind == "log_mel"
         self.min_s, self.max_s = duration_range_s
         self.crop_s = crop_s
+        # torch.stft(center=True) reflect-pads by n_fft/2, which needs more samples than the pad.
+        self.min_samples = features.n_fft // 2 + 1 if features.kind in ("log_mel", "whisper_log_mel") else 1
 
     def _filter_reason(self, duration_s: float) -> str:
         if (self.min_s is not None and duration_s < self.min_s) or (self.max_s is not None and duration_s > self.max_s):
@@ -137,9 +139,10 @@ class Preprocessor:
         return ""
 
     def one(self, audio_bytes: bytes, text, index: int = 0, seed: int = 0, epoch: int = 0,
-            duration_s: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+            duration_s: float | None = None, source_rate_hz: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
         """(features or padded waveform, token ids, duration in seconds after augmentation);
-        ``duration_s`` (the shard's column) catches files cut short."""
+        ``duration_s`` and ``source_rate_hz`` (the shard's columns) are checked against the header
+        before decoding and catch files cut short after it."""
         try:
             targets = np.asarray(encode_transcript(_transcript(text), self.text_cfg, self.tokenizer), dtype=np.int32)
         except TextError as err:
@@ -150,12 +153,15 @@ class Preprocessor:
         if reason:
             raise TargetFiltered(reason)
         rate_hz = self.features_cfg.sample_rate_hz
-        samples = audio.load(audio_bytes, rate_hz, duration_s)
+        samples = audio.load(audio_bytes, rate_hz, duration_s, source_rate_hz, self.max_s)
         if self.augmenter is not None:
             samples = self.augmenter(samples, seed, epoch, index)
         if self.crop_s is not None:
             samples = random_crop(samples, round(self.crop_s * rate_hz), seed, epoch, index)
         duration_s = samples.shape[0] / rate_hz
+        if samples.shape[0] < self.min_samples:
+            raise audio.AudioError(f"audio too short: {samples.shape[0]} samples at {rate_hz} Hz, the front end "
+                                   f"needs at least {self.min_samples} (data.min_duration_s leaves such files out)")
         if self.frontend_on_worker:
             out = center_pad(samples, self.features_cfg)
             n_inputs = 1 + (out.shape[0] - self.features_cfg.n_fft) // self.features_cfg.hop_length
@@ -172,13 +178,23 @@ class Preprocessor:
         feats, targets, errors = [], [], []
         durations = np.asarray(batch["duration_s"], dtype=np.float32).copy()
         empty_f = np.zeros((0,) if self.frontend_on_worker else (0, self.features_cfg.n_mels), np.float32)
+        rates = batch.get("sample_rate_hz", [None] * n)
+        read_errors = batch.get("read_error", [""] * n)  # a reader's reason a row has no audio
         for i, (index, audio_bytes, text) in enumerate(zip(batch["index"], batch["audio"], batch["text"])):
-            reason = self._filter_reason(float(durations[i]))
+            reason = read_errors[i] or self._filter_reason(float(durations[i]))
             if not reason:
                 try:
-                    f, t, durations[i] = self.one(audio_bytes, text, int(index), seed, epoch, float(durations[i]))
+                    f, t, durations[i] = self.one(audio_bytes, text, int(index), seed, epoch, float(durations[i]),
+                                                  _rate_or_none(rates[i]))
+                except audio.AudioTooLong as err:
+                    reason = FILTERED + str(err)
                 except (audio.AudioError, TargetFiltered) as err:
                     reason = str(err)
+                except Exception as err:  # noqa: BLE001 - one utterance must never take the run down
+                    # A deterministic error would fail the task on every retry; as a bad-input row it is
+                    # counted, named, and the max_bad_fraction verdict still stops a run where every row
+                    # fails (a bug rather than bad data).
+                    reason = preprocessing_failure(err)
             if reason:
                 f, t = empty_f, np.zeros(0, np.int32)
             feats.append(f)
@@ -206,6 +222,21 @@ def random_crop(samples: np.ndarray, crop_samples: int, seed: int, epoch: int, i
         return samples
     start = int(utterance_rng(seed ^ 0xC209, epoch, index).integers(0, samples.shape[0] - crop_samples + 1))
     return samples[start:start + crop_samples]
+
+
+def _rate_or_none(value) -> int | None:
+    """A ``sample_rate_hz`` cell as an int, or None where a reader had none (null, NaN, 0)."""
+    try:
+        return int(value) or None
+    except (TypeError, ValueError):
+        return None
+
+
+def preprocessing_failure(err: BaseException) -> str:
+    """The bad-input reason for an exception the checks did not anticipate: its type and first line."""
+    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    return f"preprocessing failed: {type(err).__name__}{': ' + first if first else ''} (this utterance's audio " \
+           "or transcript; report it if the file plays)"
 
 
 class TargetFiltered(Exception):
@@ -288,14 +319,11 @@ _PREPROCESSORS: dict[str, Preprocessor] = {}
 def preprocess_training_rows(batch: dict, recipe: TrainingRecipe, seed: int, epoch: int) -> dict:
     """Raw shard rows -> preprocessed rows for training (the function both backends map: inside Ray
     Data tasks, and in the local backend's process). One Preprocessor (mel filterbank, noise clips)
-    is kept per process and recipe. A tar row without audio says why (``read_error``)."""
+    is kept per process and recipe. A row a reader could not read says why (``read_error``)."""
     key = repr(recipe)  # the configs are plain (unhashable) dataclasses; their repr is their value
     if key not in _PREPROCESSORS:
         _PREPROCESSORS[key] = make_preprocessor(recipe)
-    out = _PREPROCESSORS[key](batch, seed, epoch)
-    if "read_error" in batch:  # a tar's row that has no audio: say why, not just "empty audio bytes"
-        out["error"] = np.asarray([r or e for r, e in zip(batch["read_error"], out["error"])], dtype=object)
-    return out
+    return _PREPROCESSORS[key](batch, seed, epoch)
 
 
 def worker_batches(rows: Iterable[dict], max_padded_s: float, batching: BatchingConfig, seed: int,

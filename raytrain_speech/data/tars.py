@@ -65,6 +65,7 @@ ROW_SCHEMA = pa.schema([
     pa.field("duration_s", pa.float32()),
     pa.field("text", pa.string()),
     pa.field("language", pa.string()),
+    pa.field("sample_rate_hz", pa.int32()),
     pa.field("read_error", pa.string()),
 ])
 """What the training chain reads from a tar: the Preprocessor's input columns plus ``read_error``, the

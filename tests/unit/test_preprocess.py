@@ -93,3 +93,70 @@ def test_crop_is_for_self_supervised_families_only():
     check_config(load_config(None, ["model.family=wavlm", "data.crop_s=16"]))
     with pytest.raises(ConfigError, match=r"data\.crop_s"):
         check_config(load_config(None, ["model.family=conformer_ctc", "data.crop_s=16"]))
+
+
+def _wav(n_samples: int, rate_hz: int = 16000) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, (np.sin(np.arange(n_samples) / 7) * 0.2).astype(np.float32), rate_hz, format="WAV",
+             subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_poison_pills_become_named_rows_and_the_good_ones_train():
+    """The issue's pills, one batch: a 16-sample WAV (crashed torch.stft), a file whose header is
+    far longer than its duration_s says, a wrong sample_rate_hz, a header above data.max_duration_s.
+    Each is a row with a reason; none raises; the good row keeps its features."""
+    from raytrain_speech.data.preprocess import is_filtered
+
+    batch = _row_batch(5)
+    batch["id"] = ["good", "tiny", "liar", "rate", "long"]
+    batch["audio"][1] = _wav(16)  # 44-byte header + 32 bytes: 1 ms
+    batch["duration_s"][1] = 0.001
+    batch["audio"][2] = _wav(16000 * 20)  # 20 s of audio labelled 1 s: the header tells before decoding
+    batch["sample_rate_hz"] = [16000, 16000, 16000, 8000, 16000]
+    batch["audio"][4] = _wav(16000 * 3)
+    batch["duration_s"][4] = 3.0
+    utts, bad = to_utterances(Preprocessor(FeatureConfig(), TextConfig(), duration_range_s=(None, 2.5))(batch))
+    assert [u.id for u in utts] == ["good"]
+    reasons = {utt_id: reason for _, utt_id, reason in bad}
+    assert "audio too short: 16 samples" in reasons["tiny"] and "data.min_duration_s" in reasons["tiny"]
+    assert "mislabelled audio: the header says 20.00 s" in reasons["liar"]
+    assert "sample rate mismatch" in reasons["rate"] and "8000" in reasons["rate"]
+    assert is_filtered(reasons["long"]) or "data.max_duration_s" in reasons["long"]
+
+
+def test_header_checks_run_before_any_sample_is_decoded(monkeypatch):
+    """A file whose header is above max_duration_s, or longer than duration_s says, is refused from
+    its header: sf.SoundFile.read (which allocates the whole file) is never called."""
+    import soundfile as sf
+
+    calls = []
+    real_read = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, *a, **k: calls.append(1) or real_read(self, *a, **k))
+    four_s = _wav(16000 * 4)
+    assert audio.load(four_s, 16000, 4.0, 16000, 30.0).shape == (64000,) and calls
+    calls.clear()
+    with pytest.raises(audio.AudioTooLong, match="longer than 3 s"):
+        audio.load(four_s, 16000, None, None, 3.0)
+    with pytest.raises(audio.AudioError, match="mislabelled"):
+        audio.load(four_s, 16000, 1.0)
+    assert not calls
+
+
+def test_an_unexpected_exception_is_a_bad_row_naming_its_type(monkeypatch):
+    """Anything the checks did not anticipate (here: the front end raising) is one row's reason, not
+    a task failure that Ray Data would retry deterministically."""
+    pre = Preprocessor(FeatureConfig(), TextConfig())
+
+    def broken(samples):
+        raise RuntimeError("padding (200, 200) at dimension 2 of input [1, 1, 16]\nsecond line")
+
+    monkeypatch.setattr(pre, "features", broken)
+    utts, bad = to_utterances(pre(_row_batch(2)))
+    assert not utts and len(bad) == 2
+    assert bad[0][2].startswith("preprocessing failed: RuntimeError: padding (200, 200)")
+    assert "second line" not in bad[0][2]
