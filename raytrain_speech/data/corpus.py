@@ -20,7 +20,7 @@ from raytrain_speech.config import StorageConfig
 from raytrain_speech.data import shards, tars
 from raytrain_speech.storage import StorageError
 
-OPTIONAL_COLUMNS = ("language",)
+OPTIONAL_COLUMNS = ("language", "sample_rate_hz")
 """Columns a Parquet shard may lack; a row batch carries them only where the shard has them."""
 
 
@@ -91,9 +91,9 @@ def read_batches(root: str, split: str, storage_cfg: StorageConfig | None = None
     (default: every shard), at most ``rows_per_batch`` rows each; rows whose ``index`` is set in the
     ``consumed`` bitmap are left out before their audio is handed on.
 
-    The columns are those the Ray Data chain reads: for Parquet shards the Preprocessor's input
-    columns (``language`` where the shards have it), for an indexed tar ``tars.ROW_SCHEMA`` (with
-    ``read_error``). Streams: one shard (row group by row group) or one tar is read at a time.
+    The columns are those the Ray Data chain reads, plus ``read_error`` (``tars.ROW_SCHEMA``; for
+    Parquet shards ``language`` and ``sample_rate_hz`` only where the shards have them). Streams:
+    one shard (row group by row group) or one tar is read at a time.
     """
     uris = shard_uris(root, split, storage_cfg) if uris is None else uris
     consumed = consumed if consumed is not None and consumed.any() else None
@@ -102,27 +102,97 @@ def read_batches(root: str, split: str, storage_cfg: StorageConfig | None = None
             for table in tars.read_batches(uri, storage_cfg, consumed, rows_per_batch):
                 yield _numpy(table)
         return
+    firsts = first_index_of(root, split, storage_cfg)
     for uri in uris:
-        yield from _parquet_batches(uri, storage_cfg, consumed, rows_per_batch)
+        for table in parquet_row_tables(uri, firsts[uri], storage_cfg, consumed, rows_per_batch):
+            yield _numpy(table)
 
 
-def _parquet_batches(uri: str, storage_cfg: StorageConfig | None, consumed: np.ndarray | None,
-                     rows_per_batch: int) -> Iterator[dict]:
-    """One Parquet shard's input columns, row group by row group through a random-access file."""
+def first_index_of(root: str, split: str, storage_cfg: StorageConfig | None = None) -> dict[str, int]:
+    """Each Parquet shard URI of the split -> the index of its first utterance (manifest order)."""
+    info = shards.split_info(root, shards.read_manifest(root, storage_cfg), split)
+    return {shards.entry_uri(root, rel): first for rel, first in zip(info.shards, shards.first_indices(info))}
+
+
+def parquet_row_tables(uri: str, first_index: int, storage_cfg: StorageConfig | None = None,
+                       consumed: np.ndarray | None = None, rows_per_batch: int = 32, piece: int = 0,
+                       pieces: int = 1) -> Iterator[pa.Table]:
+    """Piece ``piece`` of ``pieces`` (contiguous row groups) of one Parquet shard as row tables: the
+    input columns plus ``read_error``, the consumed rows left out. Both backends read through this
+    (the Ray Data read task, and ``read_batches``), so neither trusts a shard more than the other.
+
+    A shard is read row group by row group, and a row group that cannot be decoded (a corrupt page
+    under a valid footer) costs only its own rows: they come out with no audio and a ``read_error``
+    naming the shard, the row group and the index range, and the shard's other row groups train. A
+    row whose ``index`` is not the one its position gives (``first_index`` + row number: shards hold
+    consecutive indices) is a duplicate or out-of-range index; it keeps its position's index, so
+    exactly-once accounting stays sound, and is bad input with that reason. Unreachable storage is
+    not bad input: it raises StorageError.
+    """
     fs, path = storage.resolve(uri, storage_cfg)
     try:
-        with fs.open_input_file(path) as f:
-            parquet = pq.ParquetFile(f)
-            columns = row_columns(parquet.schema_arrow.names)
-            for batch in parquet.iter_batches(batch_size=rows_per_batch, columns=columns):
-                if consumed is not None:
-                    batch = batch.filter(pa.array(~consumed[batch.column("index").to_numpy()]))
-                if batch.num_rows:
-                    yield _numpy(pa.Table.from_batches([batch]))
+        f = fs.open_input_file(path)
+        parquet = pq.ParquetFile(f)
     except pa.ArrowInvalid as err:
         raise StorageError(f"{uri}: not a readable Parquet shard ({str(err).splitlines()[0]})") from None
     except OSError as err:  # storage, not bad input
         raise StorageError(storage.describe_error(uri, err)) from None
+    with f:
+        meta = parquet.metadata
+        columns = row_columns(parquet.schema_arrow.names)
+        offsets = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        lo, hi = (meta.num_row_groups * piece) // pieces, (meta.num_row_groups * (piece + 1)) // pieces
+        for group in range(lo, hi):
+            position = np.arange(offsets[group], offsets[group + 1]) + first_index
+            if consumed is not None and consumed[position].all():
+                continue  # a resumed epoch: nothing of this row group is left to read
+            table = _row_group(parquet, f, uri, group, columns, position)
+            if consumed is not None:
+                table = table.filter(pa.array(~consumed[position]))
+            for start in range(0, table.num_rows, rows_per_batch):
+                yield table.slice(start, rows_per_batch)
+
+
+def _row_group(parquet: pq.ParquetFile, f, uri: str, group: int, columns: list[str], position: np.ndarray
+               ) -> pa.Table:
+    """Row group ``group`` with ``read_error`` (and its index checked against ``position``)."""
+    schema = pa.schema([tars.ROW_SCHEMA.field(c) for c in columns + ["read_error"]])
+    try:
+        table = parquet.read_row_group(group, columns=columns)
+    except (pa.ArrowException, OSError) as err:
+        _raise_if_unreachable(f, parquet, group, uri, err)
+        n = len(position)
+        reason = (f"{uri}: row group {group} (indices {int(position[0])}..{int(position[-1])}) cannot be decoded "
+                  f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); re-run prepare for this shard")
+        filler = {"index": position, "id": [f"{uri}#{int(i)}" for i in position], "audio": [b""] * n,
+                  "duration_s": np.zeros(n, np.float32), "text": [""] * n, "language": [None] * n,
+                  "sample_rate_hz": np.zeros(n, np.int32), "read_error": [reason] * n}
+        return pa.table({c: filler[c] for c in schema.names}, schema=schema)
+    errors = [""] * table.num_rows
+    index = table.column("index").to_numpy()
+    misplaced = np.flatnonzero(index != position)
+    if misplaced.size:
+        for k in misplaced:
+            errors[k] = (f"{uri}: row {int(k)} of row group {group} has index {int(index[k])} where its position "
+                         f"gives {int(position[k])} (a duplicated or out-of-range index); re-run prepare")
+        table = table.set_column(table.schema.get_field_index("index"), "index", pa.array(position, pa.int64()))
+    return table.append_column("read_error", pa.array(errors, pa.string())).cast(schema)
+
+
+def _raise_if_unreachable(f, parquet: pq.ParquetFile, group: int, uri: str, err: BaseException) -> None:
+    """A row group that fails to decode is bad input only if its bytes can be read: read them raw
+    (the column chunks' byte range); if that fails too, storage is the problem, not the shard."""
+    rg = parquet.metadata.row_group(group)
+    starts, ends = [], []
+    for c in range(rg.num_columns):
+        col = rg.column(c)
+        start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+        starts.append(start)
+        ends.append(start + col.total_compressed_size)
+    try:
+        f.read_at(max(ends) - min(starts), min(starts))
+    except OSError as raw_err:
+        raise StorageError(storage.describe_error(uri, raw_err)) from err
 
 
 def _numpy(table: pa.Table) -> dict:

@@ -1,6 +1,7 @@
 """The one Ray Data chain: shards in storage -> decoded, augmented, featurized, tokenized rows.
 
-    check shard footers -> read_parquet(readable shard URIs, pyarrow filesystem) -> [drop consumed]
+    check shard footers -> read tasks (pieces of the readable shards, row group by row group; consumed
+      rows left out, corrupt row groups and misplaced indices as named rows: corpus.parquet_row_tables)
       (an indexed WebDataset split instead: one task per tar streaming it, consumed rows left out, tars.py)
       -> map_batches(preprocess_training_rows: duration filter, decode, resample, speed + noise, [log-mel])
       -> (streaming_split by Train)
@@ -24,11 +25,9 @@ import numpy as np
 import ray
 import ray.data
 
-from raytrain_speech import storage
 from raytrain_speech.config import Config
 from raytrain_speech.data import corpus, shards, tars
-from raytrain_speech.data.preprocess import TrainingRecipe, input_columns, preprocess_training_rows
-from raytrain_speech.data.progress import drop_consumed
+from raytrain_speech.data.preprocess import TrainingRecipe, preprocess_training_rows
 
 CLOCK_NAMESPACE = "raytrain_speech"
 
@@ -92,24 +91,34 @@ def source_dataset(cfg: Config, split: str, uris: list[str], consumed: np.ndarra
     consumed = consumed if consumed is not None and consumed.any() else None
     if tars.is_indexed(cfg.data.root, split, cfg.storage):  # WebDataset tars read in place
         return tar_dataset(cfg, uris, consumed, shuffle)
-    return parquet_dataset(cfg, uris, consumed, shuffle)
+    return parquet_dataset(cfg, uris, consumed, shuffle, split)
 
 
 def parquet_dataset(cfg: Config, uris: list[str], consumed: np.ndarray | None = None,
-                    shuffle: bool = False) -> ray.data.Dataset:
-    fs, _ = storage.resolve(cfg.data.root, cfg.storage)
-    paths = [storage.resolve(u, cfg.storage)[1] for u in uris]
-    # Several blocks per shard: Train's unequal streaming split hands out whole blocks, so at the end
+                    shuffle: bool = False, split: str | None = None) -> ray.data.Dataset:
+    """A Parquet split read by our own tasks (``corpus.parquet_row_tables``), not ``read_parquet``:
+    row group by row group, so a corrupt page costs its row group's rows (named bad input) instead of
+    a read task that fails on every retry; the consumed rows left out in the read; indices checked
+    against the manifest. The shard list comes from the manifest, so no pass lists files."""
+    firsts = corpus.first_index_of(cfg.data.root, split or cfg.data.train_split, cfg.storage)
+    # Several pieces per shard: Train's unequal streaming split hands out whole blocks, so at the end
     # of an epoch one rank can hold up to a block more than the others and train alone with filler
-    # steps on the rest; smaller blocks make that tail shorter.
-    ds = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths) * cfg.data.blocks_per_shard)
-    ds = ds.select_columns(input_columns(ds.schema().names))
+    # steps on the rest; smaller pieces make that tail shorter.
+    pieces = cfg.data.blocks_per_shard
+    items = [{"uri": shards.absolute(u), "first_index": firsts[u], "piece": k} for u in uris for k in range(pieces)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     if shuffle:
         ds = ds.randomize_block_order()
-    if consumed is not None:
-        ds = ds.map_batches(drop_consumed, fn_kwargs={"consumed": consumed}, batch_format="numpy",
-                            batch_size=None, num_cpus=0.25)
-    return ds
+    kwargs = {"storage_cfg": cfg.storage, "consumed": consumed, "rows_per_batch": cfg.data.preprocess_batch_rows,
+              "pieces": pieces}
+    return ds.map_batches(_read_parquet, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=0.5)
+
+
+def _read_parquet(batch: dict, storage_cfg, consumed: np.ndarray | None, rows_per_batch: int, pieces: int):
+    """Ray Data task body: the rows of the shard pieces named in the batch."""
+    for uri, first, piece in zip(batch["uri"], batch["first_index"], batch["piece"]):
+        yield from corpus.parquet_row_tables(str(uri), int(first), storage_cfg, consumed, rows_per_batch,
+                                             int(piece), pieces)
 
 
 def tar_dataset(cfg: Config, index_uris: list[str], consumed: np.ndarray | None = None,

@@ -71,12 +71,3 @@ class DataCursor:
             n = meta["num_utterances"]
             consumed = np.unpackbits(z["consumed"])[:n].astype(bool)
         return cls(n, meta["epoch"], consumed)
-
-
-def drop_consumed(batch: dict, consumed: np.ndarray) -> dict:
-    """Ray Data batch function: keep only rows whose ``index`` is not yet consumed (before decoding)."""
-    keep = ~consumed[np.asarray(batch["index"], dtype=np.int64)]
-    if keep.all():
-        return batch
-    return {k: np.asarray(v)[keep] if not isinstance(v, list) else [x for x, k_ in zip(v, keep) if k_]
-            for k, v in batch.items()}

@@ -223,7 +223,7 @@ def check_split(root: str, manifest: Manifest, split: str, cfg: StorageConfig | 
     good, bad = [], []
     for rel, n, first in zip(info.shards, info.utterances, first_indices(info)):
         uri = entry_uri(root, rel)
-        reason = _footer_problem(uri, cfg)
+        reason = _footer_problem(uri, cfg, n)
         if reason:
             bad.append(BadShard(uri, reason, first, n))
         else:
@@ -231,12 +231,15 @@ def check_split(root: str, manifest: Manifest, split: str, cfg: StorageConfig | 
     return good, bad
 
 
-def _footer_problem(uri: str, cfg: StorageConfig | None) -> str:
-    """Why shard ``uri`` cannot be read ("" = it can), from its footer."""
+def _footer_problem(uri: str, cfg: StorageConfig | None, utterances: int | None = None) -> str:
+    """Why shard ``uri`` cannot be read ("" = it can), from its footer: not Parquet, a required
+    column missing, or a row count other than the manifest's ``utterances`` (its indices would then
+    run into the next shard's)."""
     fs, path = storage.resolve(uri, cfg)
     try:
         with fs.open_input_file(path) as f:
-            names = pq.ParquetFile(f).schema_arrow.names
+            parquet = pq.ParquetFile(f)
+            names, rows = parquet.schema_arrow.names, parquet.metadata.num_rows
     except FileNotFoundError:
         return "shard listed in the manifest is missing"
     except pa.ArrowInvalid as err:
@@ -244,4 +247,8 @@ def _footer_problem(uri: str, cfg: StorageConfig | None) -> str:
     except OSError as err:  # unreachable storage is not bad input: fail with the fix
         raise StorageError(storage.describe_error(uri, err)) from None
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
-    return f"shard is missing columns {', '.join(missing)}" if missing else ""
+    if missing:
+        return f"shard is missing columns {', '.join(missing)}"
+    if utterances is not None and rows != utterances:
+        return f"shard holds {rows} rows but the manifest lists {utterances} (re-run prepare)"
+    return ""

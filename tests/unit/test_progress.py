@@ -1,8 +1,7 @@
-import numpy as np
 import pytest
 
 from raytrain_speech.config import TrainConfig
-from raytrain_speech.data.progress import DataCursor, drop_consumed
+from raytrain_speech.data.progress import DataCursor
 from raytrain_speech.train.metrics import run_card
 
 
@@ -21,14 +20,6 @@ def test_cursor_marks_merges_and_round_trips():
         a.merge(nxt)
     with pytest.raises(IndexError):
         a.mark([1000])
-
-
-def test_drop_consumed_keeps_only_unconsumed_rows():
-    consumed = np.zeros(10, bool)
-    consumed[[1, 3, 4]] = True
-    batch = {"index": np.arange(6), "id": np.array([f"u{i}" for i in range(6)], dtype=object)}
-    out = drop_consumed(batch, consumed)
-    assert out["index"].tolist() == [0, 2, 5] and out["id"].tolist() == ["u0", "u2", "u5"]
 
 
 def test_accumulation_keeps_the_global_batch_when_workers_change():

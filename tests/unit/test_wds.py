@@ -95,7 +95,8 @@ def test_reader_rows_match_the_index(tmp_path, records):
         assert r["text"] == truth["text"] and r["duration_s"] == pytest.approx(truth["duration_s"], abs=1e-3)
     # The Ray Data task's batches carry exactly the Preprocessor's columns (+ read_error).
     batches = list(tars.read_batches(corpus.shard_uris(root, "train")[0], rows_per_batch=2))
-    assert batches[0].column_names == ["index", "id", "audio", "duration_s", "text", "language", "read_error"]
+    assert batches[0].column_names == ["index", "id", "audio", "duration_s", "text", "language", "sample_rate_hz",
+                                         "read_error"]
     assert all(b.num_rows <= 2 for b in batches)
     # The in-process readers (validation, eval) see an ordinary shard table.
     table = corpus.read_shard(corpus.shard_uris(root, "train")[1])
