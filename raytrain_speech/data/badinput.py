@@ -2,7 +2,9 @@
 
 One JSON object per line in ``<run dir>/bad_inputs.jsonl``: ``{"epoch", "index", "id", "reason"}`` for
 an utterance, or ``{"epoch", "shard", "first_index", "utterances", "reason"}`` for a shard that could
-not be read at all. Rank 0 rewrites the whole file when new records arrive (object stores cannot
+not be read at all. An utterance left out because its target is longer than the model can hold is
+listed too, with ``"filtered": true``: it is named (a 10,000-character transcript on a 2 s clip is a
+data error worth finding) but, like the duration filter, it does not count as bad input. Rank 0 rewrites the whole file when new records arrive (object stores cannot
 append; the file is small). Records are keyed by (epoch, index), so an utterance seen again after a
 restart (it was rejected after the last checkpoint) is listed once.
 """
@@ -56,8 +58,9 @@ class BadInputLog:
 
     @property
     def count(self) -> int:
-        """Utterances skipped as bad input over the whole run (a shard counts all its utterances)."""
-        return sum(int(r.get("utterances", 1)) for r in self.load().values())
+        """Utterances skipped as bad input over the whole run (a shard counts all its utterances;
+        filtered records do not count)."""
+        return sum(int(r.get("utterances", 1)) for r in self.load().values() if not r.get("filtered"))
 
 
 def _key(record: dict) -> tuple:
@@ -74,7 +77,8 @@ def summarize(records: list[dict]) -> dict[str, int]:
     """Skipped utterances per reason category (a shard counts all its utterances)."""
     counts: Counter[str] = Counter()
     for r in records:
-        counts[category(r["reason"])] += int(r.get("utterances", 1))
+        if not r.get("filtered"):
+            counts[category(r["reason"])] += int(r.get("utterances", 1))
     return dict(counts.most_common())
 
 

@@ -1,7 +1,8 @@
 """The Trainer's bad-input accountant: nothing is lost silently, and too much bad input stops the run.
 
 Every row the preprocessing rejected counts as consumed (it was seen and skipped, not lost) and is
-logged by id and reason; rows outside the duration filter are only counted. Unreadable shards count
+logged by id and reason; rows outside the duration filter are only counted, and rows whose target is
+too long for the model are counted and listed (``"filtered": true``). Unreadable shards count
 all their utterances, once per epoch. At each report the ranks' new records are gathered into the
 run's ``bad_inputs.jsonl`` (data/badinput.py), so every rank agrees on the run's count, and the
 ``data.max_bad_fraction`` verdict stops every rank at the same step.
@@ -50,9 +51,12 @@ class BadInputAccountant:
         cursor.mark([index])
         if is_filtered(reason):
             self.filtered += 1
-            if "target of" in reason and self.printed_filtered < PRINTED_PER_ATTEMPT:  # long targets: named
-                self.printed_filtered += 1
-                log(f"filtered utterance {utt_id}: {reason.removeprefix('filtered: ')}")
+            if "target of" in reason:  # long targets are named in the log (the duration filter's are not)
+                self.new.append({"epoch": cursor.epoch, "index": index, "id": utt_id, "reason": reason,
+                                 "filtered": True})
+                if self.printed_filtered < PRINTED_PER_ATTEMPT:
+                    self.printed_filtered += 1
+                    log(f"filtered utterance {utt_id}: {reason.removeprefix('filtered: ')}")
             return
         self.new.append({"epoch": cursor.epoch, "index": index, "id": utt_id, "reason": reason})
         self.printed += 1
