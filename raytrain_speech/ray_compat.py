@@ -131,3 +131,18 @@ def result_grid_trials(grid) -> list:
         return list(grid._experiment_analysis.trials)
     except AttributeError as err:
         raise _moved("ResultGrid._experiment_analysis.trials", err) from None
+
+
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """The most of each resource the cluster's autoscaler may bring up ({"CPU": ..., "GPU": ...}), or
+    None when the cluster has no autoscaler config (fixed nodes, a local Ray).
+
+    Why private: Ray has no public query of an autoscaled cluster's capacity; Ray Data asks the same
+    way (``ray.data._internal.cluster_autoscaler.util``), through ``ray._private.state`` (2.60)."""
+    try:
+        import ray._private.state as ray_state
+
+        limits = ray_state.state.get_max_resources_from_cluster_config()
+    except (ImportError, AttributeError) as err:
+        raise _moved("ray._private.state.state.get_max_resources_from_cluster_config", err) from None
+    return None if limits is None else {k: float(v) for k, v in limits.items()}

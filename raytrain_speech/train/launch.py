@@ -20,6 +20,7 @@ from raytrain_speech.config import Config
 from raytrain_speech.data.pipeline import build_dataset
 from raytrain_speech.train.checkpoint import latest_committed_cursor
 from raytrain_speech.train.metrics import RunRecord, run_dir, run_info
+from raytrain_speech.train.preflight import check_cpu_room
 from raytrain_speech.train.worker import RESUME_DATASET, TRAIN_DATASET, train_loop_per_worker
 
 
@@ -102,6 +103,7 @@ def fit_ray(cfg: Config, callbacks: list | None = None) -> tuple[str | None, dic
     """Run the TorchTrainer to the end: (final checkpoint URI, rank 0's last metrics, '' or the error
     that ended the run after its failure budget, in one line)."""
     connect(cfg)
+    check_cpu_room(cfg)
     trainer = build_trainer(cfg, callbacks)
     try:
         result = trainer.fit()

@@ -10,7 +10,7 @@ accounting instead, and never stops the run on its own.
 from __future__ import annotations
 
 from raytrain_speech import storage
-from raytrain_speech.config import Config
+from raytrain_speech.config import Config, ConfigError
 from raytrain_speech.data import corpus
 from raytrain_speech.models.registry import check_config
 from raytrain_speech.storage import StorageError
@@ -38,3 +38,41 @@ def check_noise(cfg: Config) -> None:
     except StorageError as err:
         raise StorageError(f"augment.noise_root: {err} (make one with `raytrain-speech synth-noise --out "
                            f"{noise_root}`, or set augment.noise_split)") from None
+
+
+def cpu_room_problem(cluster: dict[str, float], autoscaler_max: dict[str, float] | None, cfg: Config) -> str:
+    """'' or why the training workers would leave no CPU for the data pipeline (one line, the fix).
+
+    Train places as many workers as fit (up to the top of ``run.num_workers``, and no more than the
+    GPUs and ``run.worker_resources`` allow), each reserving ``run.cpus_per_worker``; Ray Data then
+    needs at least one preprocessing task's ``data.preprocess_cpus`` to make any progress. Without it
+    the run does not fail: it waits forever at 0% with nothing in its log, which is what this check
+    prevents. ``cluster`` is ``ray.cluster_resources()``; with an autoscaler, each resource counts at
+    the most it may grow to (``autoscaler_max``)."""
+    run = cfg.run
+    limits = autoscaler_max or {}
+    capacity = {k: max(float(cluster.get(k, 0.0)), float(limits.get(k, 0.0))) for k in {*cluster, *limits}}
+    per_worker = {**({"GPU": 1.0} if run.use_gpu else {}), **{k: float(v) for k, v in run.worker_resources.items()}}
+    workers = run.worker_range[1]
+    for key, amount in per_worker.items():
+        if amount > 0:
+            workers = min(workers, int(capacity.get(key, 0.0) // amount))
+    cpus, training, need = capacity.get("CPU", 0.0), workers * run.cpus_per_worker, cfg.data.preprocess_cpus
+    if cpus - training >= need:
+        return ""
+    grown = " (the autoscaler's maximum)" if float(limits.get("CPU", 0.0)) > float(cluster.get("CPU", 0.0)) else ""
+    return (f"no CPU left for data: the cluster has {cpus:g} CPUs{grown}, {workers} training worker(s) x "
+            f"run.cpus_per_worker={run.cpus_per_worker:g} reserve {training:g}, and the data pipeline needs at "
+            f"least data.preprocess_cpus={need:g}; lower run.cpus_per_worker or run.num_workers, or add CPU "
+            "nodes (the run would otherwise wait for data forever)")
+
+
+def check_cpu_room(cfg: Config) -> None:
+    """``cpu_room_problem`` against the joined cluster (call after connecting); raises ConfigError."""
+    import ray
+
+    from raytrain_speech.ray_compat import autoscaler_max_resources
+
+    problem = cpu_room_problem(ray.cluster_resources(), autoscaler_max_resources(), cfg)
+    if problem:
+        raise ConfigError(problem)
