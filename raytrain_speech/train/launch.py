@@ -16,11 +16,11 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from raytrain_speech import ray_compat, ray_session, storage
-from raytrain_speech.config import Config
+from raytrain_speech.config import Config, ConfigError
 from raytrain_speech.data.pipeline import build_dataset
 from raytrain_speech.train.checkpoint import latest_committed_cursor
 from raytrain_speech.train.metrics import RunRecord, run_dir, run_info
-from raytrain_speech.train.preflight import check_cpu_room
+from raytrain_speech.train.preflight import cpu_room_problem
 from raytrain_speech.train.worker import RESUME_DATASET, TRAIN_DATASET, train_loop_per_worker
 
 
@@ -97,6 +97,14 @@ def resume_dataset(cfg: Config) -> ray.data.Dataset:
     """
     cursor = latest_committed_cursor(run_dir(cfg), cfg.storage)
     return build_dataset(cfg, cfg.data.train_split, None if cursor is None else cursor.consumed)
+
+
+def check_cpu_room(cfg: Config) -> None:
+    """``preflight.cpu_room_problem`` against the joined cluster (after connecting): ConfigError if the
+    training workers would leave no CPU for the data pipeline."""
+    problem = cpu_room_problem(ray.cluster_resources(), ray_compat.autoscaler_max_resources(), cfg)
+    if problem:
+        raise ConfigError(problem)
 
 
 def fit_ray(cfg: Config, callbacks: list | None = None) -> tuple[str | None, dict, str]:

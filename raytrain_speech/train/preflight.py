@@ -10,7 +10,7 @@ accounting instead, and never stops the run on its own.
 from __future__ import annotations
 
 from raytrain_speech import storage
-from raytrain_speech.config import Config, ConfigError
+from raytrain_speech.config import Config
 from raytrain_speech.data import corpus
 from raytrain_speech.models.registry import check_config
 from raytrain_speech.storage import StorageError
@@ -66,13 +66,3 @@ def cpu_room_problem(cluster: dict[str, float], autoscaler_max: dict[str, float]
             f"least data.preprocess_cpus={need:g}; lower run.cpus_per_worker or run.num_workers, or add CPU "
             "nodes (the run would otherwise wait for data forever)")
 
-
-def check_cpu_room(cfg: Config) -> None:
-    """``cpu_room_problem`` against the joined cluster (call after connecting); raises ConfigError."""
-    import ray
-
-    from raytrain_speech.ray_compat import autoscaler_max_resources
-
-    problem = cpu_room_problem(ray.cluster_resources(), autoscaler_max_resources(), cfg)
-    if problem:
-        raise ConfigError(problem)
