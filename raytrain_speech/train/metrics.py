@@ -279,17 +279,28 @@ def run_card(lines: list[dict], run: dict) -> dict:
     ``run`` holds what the metrics do not: name, model family/preset, global batch, whether workers
     hold GPUs.
     """
-    attempts: dict[int, dict] = {}
+    attempts: dict = {}
     for m in lines:
-        a = attempts.setdefault(m.get("attempt", 1), {"attempt": m.get("attempt", 1), "first_step": m["step"],
-                                                      "start_time": m.get("time"), "start_wall_s": None})
+        # One entry per worker-group start: keyed by the attempt's id (lines before ids existed fall
+        # back to the checkpointed attempt count, which two attempts share when the first one ended
+        # before its first checkpoint).
+        key = m.get("attempt_id") or m.get("attempt", 1)
+        a = attempts.setdefault(key, {"first_step": m["step"], "start_time": m.get("time"),
+                                      "start_step": m.get("attempt_start_step")})
         a["last_step"] = m["step"]
         a["end_time"] = m.get("time")
-        for key in ("world_size", "grad_accum", "micro_batch_audio_s", "device"):
-            if key in m:
-                a[key] = m[key]
+        for k in ("world_size", "grad_accum", "micro_batch_audio_s", "device"):
+            if k in m:
+                a[k] = m[k]
     last = lines[-1] if lines else {}
-    history = sorted(attempts.values(), key=lambda a: a["attempt"])
+    history = list(attempts.values())  # in the order the attempts first reported
+    for number, (a, nxt) in enumerate(zip(history, history[1:] + [None]), start=1):
+        a["attempt"] = number
+        start = a["start_step"]
+        a["steps_run"] = a["last_step"] - start if start is not None else None
+        # Steps after the checkpoint the next attempt resumed from were run and then rolled back.
+        resumed = nxt["start_step"] if nxt is not None else None
+        a["steps_rolled_back"] = max(0, a["last_step"] - resumed) if resumed is not None else 0
     worker_hours = 0.0
     for a in history:
         if a.get("start_time") and a.get("end_time"):
@@ -302,7 +313,9 @@ def run_card(lines: list[dict], run: dict) -> dict:
         "hardware": history[-1].get("device") if history else None,
         "accelerators_per_attempt": [a.get("world_size") if run.get("use_gpu") else 0 for a in history],
         "worker_history": [{k: a.get(k) for k in ("attempt", "world_size", "grad_accum", "micro_batch_audio_s",
-                                                  "first_step", "last_step")} for a in history],
+                                                  "first_step", "last_step", "start_step", "steps_run",
+                                                  "steps_rolled_back", "start_time", "end_time")}
+                           for a in history],
         "restarts_survived": max(0, len(history) - 1),
         "train_wall_s": train_wall_s,
         "gpu_hours" if run.get("use_gpu") else "cpu_worker_hours": round(worker_hours, 4),
@@ -327,10 +340,12 @@ def run_card_markdown(card: dict) -> str:
     rows += [(f"final {k}", v) for k, v in card["final"].items()]
     out = [f"# Run card: {card.get('name')}", "", "| | |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in rows]
-    out += ["", "## Workers per attempt", "", "| attempt | workers | grad accumulation | micro-batch audio-s | steps |",
-            "|---|---|---|---|---|"]
+    out += ["", "## Workers per attempt", "",
+            "| attempt | workers | grad accumulation | micro-batch audio-s | steps reported | steps run | rolled back |",
+            "|---|---|---|---|---|---|---|"]
     for a in card["worker_history"]:
         micro = a.get("micro_batch_audio_s")
         out.append(f"| {a['attempt']} | {a.get('world_size')} | {a.get('grad_accum')} | "
-                   f"{micro if micro is None else round(micro, 1)} | {a['first_step']}-{a['last_step']} |")
+                   f"{micro if micro is None else round(micro, 1)} | {a['first_step']}-{a['last_step']} | "
+                   f"{a.get('steps_run')} | {a.get('steps_rolled_back')} |")
     return "\n".join(out) + "\n"

@@ -172,11 +172,15 @@ class Trainer:
         self.validator = None
         if tc.validate_every_steps or cfg.run.checkpoint_score_attribute:
             self.validator = Validator(cfg, cfg.data.valid_split, self.rank, self.world)
+        # Rank 0's id for this attempt: the run card and the trained logs group by it, so an attempt
+        # that ends before its first checkpoint (and so restores the same attempt count as the next
+        # one) is still an attempt of its own.
+        self.attempt_id = collectives.broadcast(uuid.uuid4().hex, self.rank)
+        self.attempt_start_step = self.state.step
         self.trained_log = None
         if tc.trained_log_dir:
-            attempt_id = collectives.broadcast(uuid.uuid4().hex, self.rank)  # rank 0's: logs group by attempt
             self.trained_log = TrainedLog(tc.trained_log_dir, {
-                "attempt_id": attempt_id, "rank": self.rank, "world_size": self.world,
+                "attempt_id": self.attempt_id, "rank": self.rank, "world_size": self.world,
                 "restored_step": self.state.step, "grad_accum": self.accum})
 
     # -- the loop --------------------------------------------------------------------------------------
@@ -370,6 +374,7 @@ class Trainer:
             "step": st.step, "epoch": self.cursor.epoch, "lr": lr, "audio_hours_seen": st.audio_s_seen / 3600,
             "utterances_seen": st.utterances_seen, "train_wall_s": st.train_wall_s, "world_size": self.world,
             "grad_accum": self.accum, "micro_batch_audio_s": self.micro_budget_s, "attempt": st.attempts,
+            "attempt_id": self.attempt_id, "attempt_start_step": self.attempt_start_step,
             "bad_utterances": snapshot.bad_utterances, "filtered_utterances": snapshot.filtered_utterances,
             "skipped_steps": st.skipped_steps, "stop_reason": st.stop_reason, "parameters": self.n_params,
             "device": device_name(self.device), "stopped_early": st.stopped_early, "worker_rss_mb": rss_mb(),

@@ -2,7 +2,7 @@ import pytest
 
 from raytrain_speech.config import TrainConfig
 from raytrain_speech.data.progress import DataCursor
-from raytrain_speech.train.metrics import run_card
+from raytrain_speech.train.metrics import run_card, run_card_markdown
 
 
 def test_cursor_marks_merges_and_round_trips():
@@ -48,6 +48,29 @@ def test_run_card_records_restarts_and_worker_history():
     assert card["gpu_hours"] == pytest.approx((10 * 2 + 36 * 1) / 3600, abs=1e-4)
     assert card["throughput_audio_s_per_s"] == pytest.approx(0.3 * 3600 / 30)
     assert card["final"]["loss"] == 1.5
+
+
+def test_an_attempt_that_ended_before_its_first_checkpoint_keeps_its_own_row():
+    """The autoscale case: attempt 1 (1 worker) runs steps 0..6 and ends before any checkpoint, so
+    attempt 2 (2 workers) restores nothing and carries the same checkpointed attempt count. Both are
+    in the card, and attempt 1's steps show as run and rolled back."""
+    lines = [
+        {"step": 2, "attempt": 1, "attempt_id": "a", "attempt_start_step": 0, "world_size": 1, "grad_accum": 2,
+         "time": 100.0},
+        {"step": 6, "attempt": 1, "attempt_id": "a", "attempt_start_step": 0, "world_size": 1, "grad_accum": 2,
+         "time": 130.0},
+        {"step": 2, "attempt": 1, "attempt_id": "b", "attempt_start_step": 0, "world_size": 2, "grad_accum": 1,
+         "time": 200.0},
+        {"step": 8, "attempt": 1, "attempt_id": "b", "attempt_start_step": 0, "world_size": 2, "grad_accum": 1,
+         "time": 260.0, "train_wall_s": 90.0},
+    ]
+    card = run_card(lines, {"name": "r", "use_gpu": False})
+    history = card["worker_history"]
+    assert [(a["attempt"], a["world_size"]) for a in history] == [(1, 1), (2, 2)]
+    assert [(a["steps_run"], a["steps_rolled_back"]) for a in history] == [(6, 6), (8, 0)]
+    assert card["restarts_survived"] == 1
+    assert card["cpu_worker_hours"] == pytest.approx((30 * 1 + 60 * 2) / 3600, abs=1e-4)
+    assert "| 1 | 1 | 2 |" in run_card_markdown(card) and "| 6 | 6 |" in run_card_markdown(card)
 
 
 def test_utterance_count_global_batch_recomputes_accumulation_per_world_size():
