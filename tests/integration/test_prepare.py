@@ -19,10 +19,13 @@ from raytrain_speech.train.fit import fit
 from raytrain_speech.train.metrics import read_metrics
 from tests.conftest import tiny_config
 from tests.unit.test_prepare import (
+    build_damaged_layout,
     build_librispeech_layout,
     build_manifest_layout,
     build_webdataset_layout,
     check_prepared,
+    check_shard_indices,
+    rendered_records,
     speech_records,
     synthesized_train_rows,
 )
@@ -98,6 +101,23 @@ def test_rerun_resumes_and_writes_only_the_missing_shard(prepared, inputs, s3_en
     assert [rel for rel in listing if after[rel] != before[rel]] == [listing[1]]
     _, good, bad = inputs[layout]
     check_prepared(f"s3://{BUCKET}/{layout}", good, bad, storage_cfg=prepared[0])
+
+
+def test_files_left_out_when_decoded_close_up_the_indices_under_ray(ray_local, tmp_path):
+    """Ray tasks (2 in flight, a shard per utterance) write shards while earlier ones are still being
+    decoded; truncated and NaN files left out there must give exactly the shards a serial run gives."""
+    import pyarrow.parquet as pq
+
+    path, good, bad = build_damaged_layout(tmp_path / "in", rendered_records())
+    outcomes = {}
+    for workers in (0, 2):
+        cfg = from_dict(PrepareConfig, {"layout": "manifest", "input": path, "workers": workers, "shard_utterances": 1})
+        outcomes[workers] = prepare(cfg, str(tmp_path / f"out{workers}"), log=lambda s: None)
+        check_prepared(str(tmp_path / f"out{workers}"), good, bad)
+        check_shard_indices(str(tmp_path / f"out{workers}"))
+    assert outcomes[2].skipped == 3 and outcomes[2].manifest.splits["train"] == outcomes[0].manifest.splits["train"]
+    for rel in outcomes[0].manifest.splits["train"].shards:
+        assert pq.read_table(tmp_path / "out2" / rel).equals(pq.read_table(tmp_path / "out0" / rel)), rel
 
 
 def _train_cfg(s3_endpoint, root):

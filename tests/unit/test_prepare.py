@@ -6,6 +6,7 @@ The layout builders here are shared with tests/integration/test_prepare.py.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import random
 import re
 import tarfile
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
@@ -202,8 +204,7 @@ def check_prepared(root: str, good: dict, bad: dict, split: str = "train", stora
 # ------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module")
-def records():
+def rendered_records() -> list[dict]:
     """Seven real synthesized utterances (a few seconds each), cycling through FLAC, WAV and OGG."""
     from raytrain_speech.config import SynthConfig
     from raytrain_speech.data.synth import make_specs, render
@@ -212,6 +213,11 @@ def records():
     rows = [{"id": s.id, "text": s.text, "speaker": s.speaker.name,
              "audio": audio.encode_flac(render(s, 16000), 16000)} for s in make_specs(cfg)["test"][:7]]
     return speech_records(rows)
+
+
+@pytest.fixture(scope="module")
+def records():
+    return rendered_records()
 
 
 def _cfg(**kw) -> PrepareConfig:
@@ -467,3 +473,164 @@ def test_cli_prepare(tmp_path, records, capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and all(e.startswith("error: ") for e in errors), errors
     assert "missing: not found" in errors[0] and "prepare.layout" in errors[1] and "train.*" in errors[2]
+
+
+# ------------------------------------------------------------------------------ decode check at write time
+
+
+def build_damaged_layout(root, records) -> tuple[str, dict, dict]:
+    """A TSV manifest whose good files (FLAC, WAV, OGG) alternate, in id order, with three whose headers
+    read but whose samples do not: a FLAC cut to a third of its bytes (its header keeps the full length),
+    a WAV whose data chunk is cut (libsndfile trims its own count; the chunk's size field does not), and
+    a float WAV holding a NaN. Returns (manifest, {id: truth}, {bad id: reason fragment})."""
+    flac, wav = next(r for r in records if r["ext"] == "flac"), next(r for r in records if r["ext"] == "wav")
+    samples, rate_hz = audio.decode(records[4]["audio"])
+    samples[len(samples) // 2] = float("nan")
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate_hz, format="WAV", subtype="FLOAT")
+    truncated = "truncated"
+    files = [("u0-good", records[3], None), ("u1-cut", flac, flac["audio"][: len(flac["audio"]) // 3]),
+             ("u2-good", records[1], None), ("u3-cut", wav, wav["audio"][: len(wav["audio"]) // 3]),
+             ("u4-good", records[2], None), ("u5-nan", wav, buf.getvalue()), ("u6-good", records[6], None)]
+    reasons = {"u1-cut": truncated, "u3-cut": truncated, "u5-nan": "audio contains NaN or Inf samples"}
+    os.makedirs(os.path.join(root, "clips"), exist_ok=True)
+    good, bad, lines = {}, {}, ["path\ttext\tspeaker"]
+    for name, rec, damaged in files:
+        uid, rel = f"clips/{name}", f"clips/{name}.{rec['ext']}"
+        with open(os.path.join(root, rel), "wb") as f:
+            f.write(rec["audio"] if damaged is None else damaged)
+        lines.append(f"{rel}\t{rec['text']}\t{rec['speaker']}")
+        if damaged is None:
+            good[uid] = _truth(uid, rec)
+        else:
+            bad[uid] = reasons[name]
+    path = os.path.join(root, "manifest.tsv")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path, good, bad
+
+
+def check_shard_indices(root: str, split: str = "train") -> None:
+    """Each listed shard holds the consecutive indices its manifest position gives, and the training
+    reader takes every row as it is (no read errors)."""
+    from raytrain_speech.data import corpus
+
+    info = shards.read_manifest(root).splits[split]
+    for rel, n, first in zip(info.shards, info.utterances, shards.first_indices(info)):
+        table = shards.read_shard(os.path.join(root, rel))
+        assert n > 0 and table.column("index").to_pylist() == list(range(first, first + n)), rel
+        read = list(corpus.parquet_row_tables(os.path.join(root, rel), first))
+        assert all(e == "" for t in read for e in t.column("read_error").to_pylist()), rel
+
+
+@pytest.mark.parametrize("shard_utterances", [1, 2, None])
+def test_files_that_do_not_decode_in_full_are_listed_not_shipped(tmp_path, records, shard_utterances):
+    """Truncated FLAC and WAV files and a NaN WAV pass the header survey; the writer decodes them, leaves
+    them out with the cause and the fix, and the indices close up over the rest (a shard left empty is
+    not listed)."""
+    path, good, bad = build_damaged_layout(tmp_path / "in", records)
+    lines = []
+    out = prepare(_cfg(layout="manifest", input=path, shard_utterances=shard_utterances), str(tmp_path / "out"),
+                  log=lines.append)
+    assert out.skipped == len(bad) == 3 and out.filtered == 0
+    rows = check_prepared(str(tmp_path / "out"), good, bad)  # ids, indices 0..n-1, bytes, reasons, counts
+    check_shard_indices(str(tmp_path / "out"))
+    skipped = read_skipped(str(tmp_path / "out"))
+    assert re.fullmatch(r"truncated or corrupt audio: decodes for \d+\.\d\d s of the \d+\.\d\d s its header says, "
+                        r"then fails \(flac decoder lost sync\) \(re-encode or re-copy the file\)",
+                        skipped["clips/u1-cut"]["reason"]), skipped["clips/u1-cut"]
+    assert re.fullmatch(r"truncated audio: decodes to \d+\.\d\d s but its header says \d+\.\d\d s "
+                        r"\(re-encode or re-copy the file\)", skipped["clips/u3-cut"]["reason"]), skipped["clips/u3-cut"]
+    assert skipped["clips/u1-cut"]["source"].endswith("clips/u1-cut.flac")
+    assert skipped["clips/u3-cut"]["source"].endswith("clips/u3-cut.wav")
+    info = out.manifest.splits["train"]
+    assert info.num_utterances == len(good) and len(rows) == len(good)
+    assert info.hours == pytest.approx(sum(t["duration_s"] for t in good.values()) / 3600, abs=1e-6)
+    assert out.manifest.source["skipped"] == 3
+    assert any("3 files failed the decode check" in line for line in lines), lines
+    assert not any("renumbering" in line for line in lines)  # one job at a time: each numbered right away
+    if shard_utterances == 1:
+        assert len(info.shards) == len(good) and out.shards_written == 7  # the 3 emptied shards: unlisted
+
+
+def test_decode_check_and_the_readers_tolerance_agree():
+    """The writer's bar for 'materially fewer frames' is audio.check_duration's, either side of it."""
+    from raytrain_speech.data.prepare import probe
+
+    rate_hz, seconds = 16000, 3.1
+    full = probe.duration_tolerance_s(seconds)
+    for short_s, rejected in ((0.9 * full, False), (1.1 * full, True)):
+        samples = np.zeros(int(round((seconds - short_s) * rate_hz)), np.float32)
+        with pytest.raises(audio.AudioError) if rejected else contextlib.nullcontext():
+            audio.check_duration(samples, rate_hz, seconds)
+        buf = io.BytesIO()
+        sf.write(buf, np.zeros(int(seconds * rate_hz), np.float32), rate_hz, format="WAV", subtype="PCM_16")
+        data = buf.getvalue()
+        cut = data[: len(data) - int(round(short_s * rate_hz)) * 2]
+        assert bool(probe.decode_check(cut)[2]) == rejected
+    streamed = bytearray(data)  # a WAV written to a pipe: sizes unknown (0xFFFFFFFF), never "truncated"
+    streamed[40:44] = b"\xff\xff\xff\xff"
+    assert probe.wav_declared_frames(bytes(streamed)) is None and probe.wav_declared_frames(data) == len(data) // 2 - 22
+
+
+def test_shards_written_ahead_are_renumbered_and_a_resume_keeps_the_write_time_skips(tmp_path, records,
+                                                                                  monkeypatch):
+    """Ray hands out several shards before the earlier ones finish, so a file left out of one can move
+    shards already written: an executor that numbers every job up front (the worst case) must end with
+    the same shards as the serial one. A resumed run keeps the files left out in its list and counts."""
+    from contextlib import contextmanager
+
+    from raytrain_speech.data.prepare import executor as executor_module
+    from raytrain_speech.data.prepare import run as run_module
+
+    path, good, bad = build_damaged_layout(tmp_path / "in", records)
+    cfg = _cfg(layout="manifest", input=path, shard_utterances=2)
+    serial = prepare(cfg, str(tmp_path / "serial"), log=_quiet)
+
+    @contextmanager
+    def all_at_once(workers):
+        yield lambda fn, jobs: executor_module.serial_map(fn, list(jobs))
+
+    monkeypatch.setattr(run_module, "executor", all_at_once)
+    lines = []
+    ahead = prepare(cfg, str(tmp_path / "ahead"), log=lines.append)
+    assert any("renumbering 3 shards" in line for line in lines), lines
+    check_prepared(str(tmp_path / "ahead"), good, bad)
+    check_shard_indices(str(tmp_path / "ahead"))
+    assert ahead.manifest.splits["train"] == serial.manifest.splits["train"]
+    for rel in serial.manifest.splits["train"].shards:
+        assert pq.read_table(tmp_path / "ahead" / rel).equals(pq.read_table(tmp_path / "serial" / rel)), rel
+    monkeypatch.undo()
+
+    listing = serial.manifest.splits["train"].shards
+    os.remove(tmp_path / "serial" / listing[-1])  # as if the run had died before its last shard
+    again = prepare(cfg, str(tmp_path / "serial"), log=_quiet)
+    assert (again.shards_written, again.shards_reused, again.skipped) == (1, len(listing) - 1, 3)
+    check_prepared(str(tmp_path / "serial"), good, bad)
+    check_shard_indices(str(tmp_path / "serial"))
+
+
+def test_cli_prepare_counts_files_left_out_when_decoded(tmp_path, records, capsys):
+    path, good, _ = build_damaged_layout(tmp_path / "in", records)
+    assert cli.main(["prepare", "--input", path, "--layout", "manifest", "--out", str(tmp_path / "out"),
+                     "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert f"train: {len(good)} utterances" in printed and "skipped 3 bad inputs" in printed, printed
+
+
+def test_resume_accepts_the_state_of_a_run_before_the_decode_check(tmp_path, records):
+    """State entries written before the decode check have no first_index or skip list: such a run wrote
+    every planned row at its planned index, and a resume takes them so."""
+    path, good, bad = build_manifest_layout(tmp_path / "in", records, "tsv")
+    cfg = _cfg(layout="manifest", input=path, shard_utterances=2)
+    first = prepare(cfg, str(tmp_path / "out"), log=_quiet)
+    state_path = tmp_path / "out" / "train" / STATE_FILE
+    state = json.loads(state_path.read_text())
+    state["shards"] = {k: {"utterances": v["utterances"], "duration_s": v["duration_s"]} for k, v in state["shards"].items()}
+    state_path.write_text(json.dumps(state))
+    os.remove(tmp_path / "out" / first.manifest.splits["train"].shards[1])
+    lines = []
+    again = prepare(cfg, str(tmp_path / "out"), log=lines.append)
+    assert (again.shards_written, again.skipped) == (1, 2) and not any("renumbering" in line for line in lines)
+    check_prepared(str(tmp_path / "out"), good, bad)
+    check_shard_indices(str(tmp_path / "out"))

@@ -1,8 +1,9 @@
 """``raytrain-speech prepare``: an existing corpus (a TSV/JSONL manifest, LibriSpeech, WebDataset tars)
 -> one split of our shard format (docs/shards.md), or with ``--index-only`` an index over the tars.
 
-layouts.py finds the inputs and surveys them (probe.py reads audio headers), plan.py numbers and cuts
-them, write.py writes shards, resume state, skip list and manifest, run.py ties the phases together
+layouts.py finds the inputs and surveys them (probe.py reads audio headers, and decodes each file
+when write.py copies it), plan.py numbers and cuts them, write.py writes shards (leaving out what does
+not decode in full), resume state, skip list and manifest, run.py ties the phases together
 (index.py for ``--index-only``). Ray is imported only by executor.py, and only when ``workers`` is
 not 0: everything else is plain functions.
 """

@@ -6,6 +6,12 @@ order files were listed in, or on which task finished first: utterances are sort
 are dropped *before* numbering, and indices 0..n-1 follow the sorted order. That needs every header
 read before the first shard is cut, hence a plan between the two parallel phases (run.py). The plan's
 fingerprint is what a resumed run is checked against (write.py).
+
+A file whose header reads but whose samples do not decode in full (cut short, corrupt, NaN/Inf) is
+found only by the writer, which reads every byte anyway: it is left out there and the indices after it
+close up (write.py), so the indices are still 0..n-1 in id order over the utterances written, and
+still the same for the same input. The plan's indices and shard counts are what they would be if every
+file decoded.
 """
 
 from __future__ import annotations
@@ -115,7 +121,9 @@ class Skip:
 
 @dataclass
 class ShardJob:
-    """One output shard: its path and utterances, which get indices first_index, first_index+1, ..."""
+    """One output shard: its path and utterances, which get indices first_index, first_index+1, ...; as
+    planned, first_index assumes every earlier file decodes, and the writer's job gets it less the files
+    left out before it (write.py)."""
 
     relpath: str
     first_index: int

@@ -6,7 +6,11 @@ a plan between them::
 
     survey (headers only: a task per batch of files, or per tar) -> plan (driver: drop bad
     inputs, sort, number, cut shards by bytes/count) -> write (one Ray task per shard, copying
-    bytes) -> manifest (last, merged with the splits already there)
+    bytes and decoding each file on the way: one that does not decode in full is left out, and the
+    indices after it close up, write.py) -> manifest (last, merged with the splits already there)
+
+The counts printed and recorded (``skipped`` in the outcome and the manifest's source) include the
+files the writers left out, and ``prepare_skipped.jsonl`` is rewritten with them once writing ends.
 """
 
 from __future__ import annotations
@@ -62,13 +66,22 @@ def prepare(cfg: PrepareConfig, out_uri: str, storage_cfg: StorageConfig | None 
                       text_skipped=text_summary(text_skips))
         n_good = sum(len(j.utterances) for j in plan.shards)
         log(f"prepare: {n_good} utterances in {len(plan.shards)} shards; {record['skipped']} bad inputs and "
-            f"{n_filtered} outside the duration limits left out (surveyed in {time.time() - start:.0f} s)")
+            f"{n_filtered} outside the duration limits left out (surveyed in {time.time() - start:.0f} s; a file "
+            "that fails to decode while written is left out too)")
         state_uri = storage.join(out_uri, cfg.split, STATE_FILE)
         if not plan.shards:
             _refuse_empty_plan(plan, input_uri, state_uri, skipped_uri, storage_cfg)
         state = load_state(state_uri, out_uri, plan, record, storage_cfg)
         write_skipped(skipped_uri, plan.skipped, storage_cfg)  # after the state check: never clobber another plan's
-        info, written, reused = write_shards(plan, state, out_uri, cfg.split, storage_cfg, run_all, log)
+        info, written, reused, lost = write_shards(plan, state, out_uri, cfg.split, storage_cfg, run_all, log)
+    if lost:
+        record["skipped"] += len(lost)
+        write_skipped(skipped_uri, sorted(plan.skipped + lost, key=lambda s: (s.id or "", s.source)), storage_cfg)
+        log(f"prepare: {len(lost)} files failed the decode check (truncated, corrupt, or NaN/Inf samples) and were "
+            f"left out (e.g. {lost[0].source}: {lost[0].reason}); listed in {skipped_uri}")
+    if not info.shards:
+        raise ConfigError(f"{input_uri}: all {n_good} utterances planned were left out when decoded (e.g. "
+                          f"{lost[0].source}: {lost[0].reason}); all listed in {skipped_uri}")
     manifest = merge_manifest(out_uri, cfg.split, info, record, storage_cfg)
     return PrepareOutcome(manifest, cfg.split, record["skipped"], n_filtered, written, reused, skipped_uri,
                           time.time() - start, rules, record["text_skipped"])
