@@ -14,8 +14,9 @@ from raytrain_speech.data.synth import synthesize
 from raytrain_speech.evaluate.runner import evaluate_checkpoint
 from raytrain_speech.train.fit import fit
 from raytrain_speech.train.metrics import read_metrics
-from tests.conftest import TINY_SYNTH, tiny_config
+from tests.conftest import S3_ENV, TINY_SYNTH, tiny_config
 from tests.integration.audit import assert_exactly_once
+from tests.integration.leaks import assert_no_secrets, files_under, objects_under
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "conformer_ctc_tiny.yaml")
 BUCKET = "rts-backends-test"
@@ -36,7 +37,7 @@ sys.exit(rc)
 """
 
 
-def test_local_run_without_ray_then_resumed_under_ray(ray_local, s3_endpoint, s3fs_client, tmp_path):
+def test_local_run_without_ray_then_resumed_under_ray(ray_local, s3_endpoint, s3fs_client, tmp_path, capfd):
     s3fs_client.mkdir(BUCKET)
     runs = f"s3://{BUCKET}/runs"
     run = {"run.storage_path": runs, "run.name": "both", "data.root": f"s3://{BUCKET}/corpus",
@@ -74,3 +75,12 @@ def test_local_run_without_ray_then_resumed_under_ray(ray_local, s3_endpoint, s3
     result = evaluate_checkpoint(last.checkpoint_uri, cfg.storage, split="test")
     assert result["utterances"] == manifest.splits["test"].num_utterances
     assert result["step"] == 45 and 0.0 <= result["cer"] <= 1.5
+
+    # The credentials every process had in its environment are in nothing the run left behind.
+    captured = capfd.readouterr()
+    blobs = {**objects_under(s3fs_client, f"{BUCKET}/runs"), **files_under(str(tmp_path / "trained"))}
+    assert any(k.endswith("state.pt") for k in blobs) and any(k.endswith("run_card.json") for k in blobs)
+    assert_no_secrets({"AWS_ACCESS_KEY_ID": S3_ENV["AWS_ACCESS_KEY_ID"],
+                       "AWS_SECRET_ACCESS_KEY": S3_ENV["AWS_SECRET_ACCESS_KEY"]}, blobs,
+                      {"local run stdout": local.stdout, "local run stderr": local.stderr,
+                       "stdout": captured.out, "stderr": captured.err})

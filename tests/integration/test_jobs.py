@@ -22,8 +22,12 @@ import pytest
 from raytrain_speech.data.synth import synthesize
 from tests.conftest import TINY_SYNTH, tiny_config
 from tests.integration.heads import free_port, short_temp_dir, start_head, stop_head
+from tests.integration.leaks import assert_no_secrets, files_under
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+LEAK_ENV = {"AWS_ACCESS_KEY_ID": f"rts-job-key-{secrets.token_hex(6)}",
+            "AWS_SECRET_ACCESS_KEY": f"rts-job-secret-{secrets.token_hex(12)}"}
+"""Credentials in the head's (and so the job's) environment, for the leak scan: the job never uses them."""
 
 
 def _request(url: str, token: str | None = None, body: dict | None = None) -> int:
@@ -55,7 +59,7 @@ def token_head():
     token = secrets.token_hex(32)
     venv_bin = os.path.dirname(sys.executable)
     # The client side (ray job submit) finds the token in the environment, like a user's shell.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, **LEAK_ENV,
            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
     # Every port of its own: a fixed default (the agent's 52365) held by any other Ray on the machine
     # would leave this head without a job agent.
@@ -74,13 +78,13 @@ def token_head():
             assert head.poll() is None, "ray start --head exited"
             assert time.time() < deadline, f"the head's job agent did not come up (HTTP codes: {codes[-10:]})"
             time.sleep(1)
-        yield url, token, env
+        yield url, token, env, port
     finally:
         stop_head(head, temp)
 
 
 def test_job_submit_with_token_auth_trains_and_checkpoints(token_head, tmp_path):
-    url, token, env = token_head
+    url, token, env, port = token_head
     assert _get(f"{url}/api/jobs/") == 401  # no token: refused
     assert _get(f"{url}/api/jobs/", "not-the-token") == 403  # wrong token: forbidden
     assert _get(f"{url}/api/jobs/", token) == 200
@@ -110,6 +114,11 @@ def test_job_submit_with_token_auth_trains_and_checkpoints(token_head, tmp_path)
     assert "Started a local Ray instance" not in logs  # it joined the head's cluster
     assert (runs / "job" / "checkpoint_step00000006" / "state.pt").exists()
 
+    # The Ray token and the AWS credentials the job's processes had are in nothing it left behind.
+    secrets_ = {"RAY_AUTH_TOKEN": token, "AWS_ACCESS_KEY_ID": LEAK_ENV["AWS_ACCESS_KEY_ID"],
+                "AWS_SECRET_ACCESS_KEY": LEAK_ENV["AWS_SECRET_ACCESS_KEY"]}
+    assert_no_secrets(secrets_, files_under(str(runs)), {"submit output": out, "job logs": logs})
+
 
 def test_submit_helper_refuses_an_empty_command():
     proc = subprocess.run([sys.executable, "jobs/submit.py", "--dry-run", "--"], cwd=ROOT,
@@ -127,3 +136,38 @@ def test_submit_helper_dry_run_prints_the_exact_command_and_warns_on_local_stora
         "job submit --address http://10.0.0.5:8265 --working-dir . --runtime-env jobs/runtime_env_gpu.yaml "
         "-- raytrain-speech train --config examples/conformer_ctc_a100.yaml run.storage_path=runs")
     assert "use s3://" in proc.stderr
+
+
+JOIN = """
+import sys, ray
+try:
+    ray.init(address=sys.argv[1], logging_level="ERROR")
+except Exception as err:
+    print("REFUSED", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+    sys.exit(3)
+print("JOINED", ray.cluster_resources().get("CPU"))
+"""
+
+
+@pytest.mark.slow  # ~55 s: a head of its own, and each refused client retries ~20 s before giving up
+def test_a_client_without_the_token_cannot_join_the_cluster(token_head, tmp_path):
+    """Token auth guards the cluster itself, not only the job API: a driver without the token (no
+    RAY_AUTH_TOKEN, no token file under its HOME) or with a wrong one is refused; with it, it joins."""
+    url, token, env, port = token_head
+    address = f"127.0.0.1:{port}"
+    bare = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    runs = {
+        "no token": {**bare, "HOME": str(tmp_path)},
+        "wrong token": {**bare, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+        "the token": env,
+    }
+    results = {}
+    for name, run_env in runs.items():
+        proc = subprocess.run([sys.executable, "-c", JOIN, address], env=run_env, capture_output=True, text=True,
+                              timeout=120)
+        results[name] = (proc.returncode, proc.stdout.strip(), proc.stderr)
+    assert results["the token"][0] == 0 and results["the token"][1].startswith("JOINED"), results["the token"]
+    for name in ("no token", "wrong token"):
+        code, out, err = results[name]
+        assert code == 3 and out.startswith("REFUSED"), (name, out, err[-2000:])
+        assert "InvalidAuthToken" in err, (name, err[-2000:])  # refused for the token, not unreachable
