@@ -47,6 +47,7 @@ from raytrain_speech.train.optim import lr_at
 from raytrain_speech.train.step import unwrap
 from raytrain_speech.train.trainer import Trainer
 from tests.conftest import tiny_config
+from tests.unit.test_trainer import _RankedLocalRuntime
 
 CKPT_STEP = 3
 """The checkpoint the local runs restore (train.checkpoint_every_steps); the runs go on to step 4."""
@@ -286,22 +287,11 @@ def test_training_leaves_the_global_numpy_and_python_generators_alone(local_run)
 # -- two ranks (gloo, DDP) ------------------------------------------------------------------------------
 
 
-class _RankRuntime(LocalRuntime):
-    """LocalRuntime as one rank of a gloo group: DDP, every other shard, rank 0 reports (as Ray's does)."""
-
-    def __init__(self, cfg, rank: int, world: int):
-        super().__init__(cfg)
-        self.rank, self.world_size = rank, world
-
-    def prepare_model(self, model):
-        return torch.nn.parallel.DistributedDataParallel(model.to(self.device))
+class _RankRuntime(_RankedLocalRuntime):
+    """test_trainer's gloo rank (DDP, rank 0 reports, as Ray's does) with an even share: every other shard."""
 
     def epoch_shards(self):
-        return sorted(super().epoch_shards())[self.rank::self.world_size]
-
-    def report(self, metrics, ckpt):
-        if self.rank == 0:
-            super().report(metrics, ckpt)
+        return sorted(LocalRuntime.epoch_shards(self))[self.rank::self.world_size]
 
 
 DDP_CKPT_STEP = 2
