@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from pyarrow.fs import FileSelector
 from torch import nn
@@ -55,13 +56,32 @@ class TrainState:
     """Why the run stopped before max_steps ('' = it did not): early stopping, or too much bad input."""
 
 
+def rng_state(device: torch.device) -> dict:
+    """This process's torch generators that training draws from (dropout, SSL negatives, mask-CTC
+    masks): the CPU one, and the one of ``device`` when it is a GPU. One rank's entry of a checkpoint's
+    ``rng_per_rank``."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(entry: dict, device: torch.device) -> None:
+    torch.set_rng_state(entry["torch"])
+    if entry.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(entry["cuda"], device)
+
+
 def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
          scaler: torch.amp.GradScaler | None, state: TrainState, config_yaml: str,
          cursor: DataCursor | None = None, ema: EMA | None = None, fault_delay_s: float = 0.0,
-         extra_files: dict[str, bytes] | None = None) -> None:
+         extra_files: dict[str, bytes] | None = None, rng_per_rank: list[dict] | None = None) -> None:
     """Write the checkpoint directory; ``extra_files`` (name -> bytes: the run's tokenizer file) go
     beside the state, so the checkpoint decodes on its own; ``fault_delay_s`` (tests only) stalls
-    between its files."""
+    between its files.
+
+    ``rng_per_rank`` is every rank's ``rng_state`` in rank order (gathered by the Trainer at the
+    checkpoint's report), so that each rank resumes its own dropout stream; without it (one process,
+    a checkpoint written outside training) it is this process's. ``torch_rng``/``cuda_rng`` keep rank 0's
+    in the layout older readers expect."""
     payload = {
         "model": unwrap(model).state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
@@ -70,7 +90,10 @@ def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | No
         "train_state": asdict(state),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "rng_per_rank": rng_per_rank if rng_per_rank is not None else [rng_state(torch.device("cpu"))],
     }
+    if rng_per_rank:
+        payload["torch_rng"] = rng_per_rank[0]["torch"]
     torch.save(payload, os.path.join(directory, STATE_FILE))
     if fault_delay_s:
         time.sleep(fault_delay_s)
@@ -113,7 +136,10 @@ def load_weights_only(data: bytes, source: str):
 
 
 def restore(payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-            scaler: torch.amp.GradScaler | None, ema: EMA | None = None) -> TrainState:
+            scaler: torch.amp.GradScaler | None, ema: EMA | None = None, rank: int = 0,
+            device: torch.device | None = None) -> TrainState:
+    """Load a checkpoint's state into a freshly built model/optimizer/scaler/EMA, and give this process
+    rank ``rank``'s RNG streams (``restore_rng``)."""
     unwrap(model).load_state_dict(payload["model"])
     if ema is not None and payload.get("ema") is not None:
         ema.load_state_dict(payload["ema"])
@@ -121,12 +147,32 @@ def restore(payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer | 
         optimizer.load_state_dict(payload["optimizer"])
     if scaler is not None and payload.get("scaler") is not None:
         scaler.load_state_dict(payload["scaler"])
+    state = TrainState(**payload["train_state"])
+    if not restore_rng(payload, rank, device or torch.device("cpu")):
+        # A rank the saving world did not have: streams of its own (not a copy of another rank's, which
+        # would draw the same dropout masks), derived from the step and the rank so a rerun agrees.
+        torch.manual_seed(int(np.random.SeedSequence([state.step, rank]).generate_state(1)[0]))
+    return state
+
+
+def restore_rng(payload: dict, rank: int, device: torch.device) -> bool:
+    """Give this process the RNG streams rank ``rank`` saved; False when the checkpoint holds none for
+    that rank (a resume at a larger world size: the caller seeds the new rank's streams itself).
+
+    A resume at the same world size is then bit-deterministic on every rank. Checkpoints written
+    before per-rank states existed hold rank 0's only, which every rank gets, as it did then."""
+    per_rank = payload.get("rng_per_rank")
+    if per_rank:
+        if rank >= len(per_rank):
+            return False
+        set_rng_state(per_rank[rank], device)
+        return True
     if payload.get("torch_rng") is not None:
         torch.set_rng_state(payload["torch_rng"])
     if payload.get("cuda_rng") is not None and torch.cuda.is_available():
         if len(payload["cuda_rng"]) == torch.cuda.device_count():  # same GPUs per node; else keep fresh
             torch.cuda.set_rng_state_all(payload["cuda_rng"])
-    return TrainState(**payload["train_state"])
+    return True
 
 
 def read_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[dict, str]:

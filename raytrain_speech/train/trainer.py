@@ -137,7 +137,7 @@ class Trainer:
             self.state, self.cursor = TrainState(), DataCursor(n_train, 0)
         else:
             self.state = checkpoint.restore(self.restored.payload, stepper.model, stepper.optimizer, stepper.scaler,
-                                            stepper.ema)
+                                            stepper.ema, rank=self.rank, device=self.device)
             self.cursor = self.restored.cursor or DataCursor(n_train, self.state.epoch)
         self.state.attempts += 1
         self.state.world_sizes.append(self.world)
@@ -394,7 +394,10 @@ class Trainer:
         if checkpoint_now:
             self.cursor.consumed = collectives.merge_consumed(self.cursor.consumed, self.device)
             metrics["epoch_utterances_done"] = self.cursor.count
-            ckpt = CheckpointWrite(checkpoint.dir_name(snapshot.step), self._saver(snapshot) if self.rank == 0 else None,
+            # Every rank's RNG streams (a collective), so each resumes its own dropout stream.
+            rngs = collectives.all_gather(checkpoint.rng_state(self.device), self.world)
+            ckpt = CheckpointWrite(checkpoint.dir_name(snapshot.step),
+                                   self._saver(snapshot, rngs) if self.rank == 0 else None,
                                    sync=sync_upload or self.tc.checkpoint_upload == "sync")
             self.last_ckpt_step = snapshot.step
         self.rt.report(metrics, ckpt)
@@ -405,12 +408,13 @@ class Trainer:
         else:
             self.clock.report_blocked_s += blocked
 
-    def _saver(self, snapshot: TrainState) -> Callable[[str], None]:
+    def _saver(self, snapshot: TrainState, rngs: list[dict]) -> Callable[[str], None]:
         """Rank 0's checkpoint writer for this report (the fault-injection delay on the first attempt only)."""
         s, cursor = self.stepper, self.cursor
         delay_s = self.tc.fault_checkpoint_delay_s if snapshot.attempts == 1 else 0.0
         return lambda d: checkpoint.save(d, s.model, s.optimizer, s.scaler, snapshot, self.config_yaml, cursor,
-                                         s.ema, fault_delay_s=delay_s, extra_files=self.tokenizer_files)
+                                         s.ema, fault_delay_s=delay_s, extra_files=self.tokenizer_files,
+                                         rng_per_rank=rngs)
 
     def _end_epoch(self, epoch_start_step: int, resumed_tail: bool) -> None:
         self._judge_bad_input(self.bad.sync(), final=True)

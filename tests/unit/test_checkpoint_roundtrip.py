@@ -313,9 +313,7 @@ def _rank_main(rank: int, world: int, port: int, cfg_dict: dict, out_dir: str) -
         dist.barrier()  # rank 0 has committed the checkpoint (Ray's report is a barrier too)
         restored = Trainer(cfg, _RankRuntime(cfg, rank, world))
         out["restored"] = capture(restored)
-        # Both take the next step with the RNG the checkpoint restored (see the xfail below for why the
-        # live rank 1 is not given its own): what is compared is the rest of the state.
-        _step_both(live, restored, group, totals, out["restored"]["rng.torch"])
+        _step_both(live, restored, group, totals, out["live"]["rng.torch"])
         out.update(live_next=capture(live), restored_next=capture(restored))
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -348,8 +346,8 @@ def test_every_rank_restores_the_state_rank_0_saved_bit_equal(ddp_run):
     # Under DDP the ranks agree on everything but per-rank state; rank 0's is what the checkpoint holds.
     assert_bit_equal({k: v for k, v in live0.items() if not _rank_local(k)},
                      {k: v for k, v in live1.items() if not _rank_local(k)})
-    for r in ddp_run["ranks"]:
-        assert_bit_equal(as_restored(live0, report, 2), r["restored"])
+    for r in ddp_run["ranks"]:  # each rank's own RNG streams (the checkpoint holds every rank's)
+        assert_bit_equal({**as_restored(live0, report, 2), "rng.torch": r["live"]["rng.torch"]}, r["restored"])
 
 
 @pytest.mark.slow  # two gloo ranks in subprocesses: ~20 s
@@ -366,10 +364,50 @@ def test_the_step_after_a_restore_is_bit_equal_on_every_rank(ddp_run):
 
 
 @pytest.mark.slow  # two gloo ranks in subprocesses: ~20 s
-@pytest.mark.xfail(strict=True, reason="checkpoint.save stores rank 0's torch (and CUDA) RNG state only, and "
-                   "restore gives it to every rank, so rank 1's dropout stream after a resume is not the one "
-                   "it had: a DDP resume is not bit-deterministic (fixing it needs per-rank RNG states, "
-                   "gathered in Trainer._report)")
 def test_each_rank_resumes_its_own_rng_stream(ddp_run):
-    r1 = ddp_run["ranks"][1]
-    assert not _differs(r1["live"]["rng.torch"], r1["restored"]["rng.torch"])
+    (r0, r1) = ddp_run["ranks"]
+    # The ranks' streams differ by then (dropout over batches of different shapes), so restoring rank 0's
+    # on rank 1 would be caught.
+    assert _differs(r0["live"]["rng.torch"], r1["live"]["rng.torch"])
+    for r in (r0, r1):
+        assert not _differs(r["live"]["rng.torch"], r["restored"]["rng.torch"])
+        assert not _differs(r["live_next"]["rng.torch"], r["restored_next"]["rng.torch"])
+
+
+def _tiny_state(tmp_path, rng_per_rank=None) -> dict:
+    model = torch.nn.Linear(2, 2)
+    checkpoint.save(str(tmp_path), model, None, None, checkpoint.TrainState(step=7), "{}", rng_per_rank=rng_per_rank)
+    return checkpoint.load(str(tmp_path))
+
+
+def test_a_resume_at_another_world_size_gives_every_rank_a_stream_of_its_own(tmp_path):
+    """Save at 2 ranks, resume at 3: ranks 0 and 1 get theirs back, rank 2 (which the saving world did not
+    have) gets one derived from the step and its rank, the same on a rerun and unlike either saved one."""
+    cpu = torch.device("cpu")
+    saved = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        saved.append(checkpoint.rng_state(cpu))
+    payload = _tiny_state(tmp_path, saved)
+    after = {}
+    for rank in range(3):
+        torch.manual_seed(99)
+        checkpoint.restore(payload, torch.nn.Linear(2, 2), None, None, rank=rank, device=cpu)
+        after[rank] = torch.get_rng_state()
+    assert not _differs(after[0], saved[0]["torch"]) and not _differs(after[1], saved[1]["torch"])
+    assert _differs(after[2], saved[0]["torch"]) and _differs(after[2], saved[1]["torch"])
+    torch.manual_seed(5)
+    checkpoint.restore(payload, torch.nn.Linear(2, 2), None, None, rank=2, device=cpu)
+    assert not _differs(torch.get_rng_state(), after[2])
+
+
+def test_a_checkpoint_without_per_rank_streams_gives_every_rank_rank_0s(tmp_path):
+    """Checkpoints written before per-rank RNG states restore as they did then."""
+    torch.manual_seed(3)
+    payload = _tiny_state(tmp_path)
+    rank0 = payload["torch_rng"]
+    del payload["rng_per_rank"]
+    for rank in (0, 1):
+        torch.manual_seed(99)
+        checkpoint.restore(payload, torch.nn.Linear(2, 2), None, None, rank=rank, device=torch.device("cpu"))
+        assert not _differs(torch.get_rng_state(), rank0)
