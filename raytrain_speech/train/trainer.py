@@ -365,8 +365,9 @@ class Trainer:
         """Collective: this report's metrics (rank 0's are kept) and the state a checkpoint would save."""
         w, st = self.window, self.state
         extra_keys = [f"{k}_sum" for k in self.objective.extra_stats]
-        loss_sum, tokens, filtered, *extra = collectives.all_reduce_sum(
-            [w.loss_sum, w.tokens, self.bad.filtered, *(w.extra_sums.get(k, 0.0) for k in extra_keys)], self.device)
+        loss_sum, tokens, filtered, stale, *extra = collectives.all_reduce_sum(
+            [w.loss_sum, w.tokens, self.bad.filtered, self.bad.stale_rows,
+             *(w.extra_sums.get(k, 0.0) for k in extra_keys)], self.device)
         bad = self.bad.sync()
         self._judge_bad_input(bad, final=False)
         snapshot = replace(st, bad_utterances=bad, filtered_utterances=st.filtered_utterances + int(filtered))
@@ -376,7 +377,7 @@ class Trainer:
             "grad_accum": self.accum, "micro_batch_audio_s": self.micro_budget_s, "attempt": st.attempts,
             "attempt_id": self.attempt_id, "attempt_start_step": self.attempt_start_step,
             "bad_utterances": snapshot.bad_utterances, "filtered_utterances": snapshot.filtered_utterances,
-            "skipped_steps": st.skipped_steps, "stop_reason": st.stop_reason, "parameters": self.n_params,
+            "skipped_steps": st.skipped_steps, "stale_rows": int(stale), "stop_reason": st.stop_reason, "parameters": self.n_params,
             "device": device_name(self.device), "stopped_early": st.stopped_early, "worker_rss_mb": rss_mb(),
             **self.clock.metrics(now), **w.summary(loss_sum, tokens, dict(zip(extra_keys, extra))),
         }

@@ -47,18 +47,34 @@ def surviving_steps(attempts: list[dict]) -> dict[int, dict]:
     return out
 
 
-def assert_exactly_once(log_dir: str, num_utterances: int, final_step: int) -> list[dict]:
+def assert_exactly_once(log_dir: str, num_utterances: int, final_step: int,
+                        complete_epochs: int | None = None) -> list[dict]:
+    """Every surviving step once, no utterance twice in an epoch, and none missing from a completed
+    epoch. Completed = every epoch before the last one logged, or, with ``complete_epochs`` (the run
+    stopped by ``train.max_epochs``, or a test that needs its faulted epoch finished), exactly that many
+    leading epochs; a test whose run turns out shorter fails instead of checking less."""
     attempts = read_attempts(log_dir)
     steps = surviving_steps(attempts)
     assert sorted(steps) == list(range(1, final_step + 1)), f"step numbers: {sorted(steps)[:5]}...{sorted(steps)[-5:]}"
     by_epoch: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
     for rec in steps.values():
         by_epoch[rec["epoch"]].update(rec["indices"])
-    last_epoch = max(by_epoch)
+    complete = max(by_epoch) if complete_epochs is None else complete_epochs
+    assert complete_epochs is None or max(by_epoch) + 1 >= complete_epochs, (
+        f"the run logged epochs {sorted(by_epoch)}; {complete_epochs} complete epoch(s) were expected")
     for epoch, counts in by_epoch.items():
         repeated = [i for i, c in counts.items() if c > 1]
         assert not repeated, f"epoch {epoch}: {len(repeated)} utterances trained twice, e.g. {repeated[:5]}"
-        if epoch < last_epoch:
+        if epoch < complete:
             missing = set(range(num_utterances)) - set(counts)
             assert not missing, f"epoch {epoch}: {len(missing)} utterances never trained, e.g. {sorted(missing)[:5]}"
     return attempts
+
+
+def assert_no_stale_rows(metrics: list[dict]) -> None:
+    """No rank was handed a row its restored cursor had already consumed: the resumed epoch's
+    consumed utterances were left out before decoding, so the second line of defence
+    (``drop_stale``) never had to act. Every report carries its attempt's count so far."""
+    assert metrics and all("stale_rows" in m for m in metrics), "reports without a stale_rows count"
+    stale = {m["attempt_id"]: m["stale_rows"] for m in metrics}
+    assert not any(stale.values()), f"already-consumed rows reached the workers: {stale}"

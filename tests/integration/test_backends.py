@@ -15,7 +15,7 @@ from raytrain_speech.evaluate.runner import evaluate_checkpoint
 from raytrain_speech.train.fit import fit
 from raytrain_speech.train.metrics import read_metrics
 from tests.conftest import S3_ENV, TINY_SYNTH, tiny_config
-from tests.integration.audit import assert_exactly_once
+from tests.integration.audit import assert_exactly_once, assert_no_stale_rows
 from tests.integration.leaks import assert_no_secrets, files_under, objects_under
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "conformer_ctc_tiny.yaml")
@@ -64,6 +64,7 @@ def test_local_run_without_ray_then_resumed_under_ray(ray_local, s3_endpoint, s3
     assert [r["world_size"] for r in records] == [1] * 6 + [2] * 2
     losses = [r["loss"] for r in records]
     assert losses[-1] < 0.9 * losses[0], losses  # past the initial CTC loss, onto the blank plateau
+    assert_no_stale_rows(records)
     attempts = assert_exactly_once(str(tmp_path / "trained"), manifest.splits["train"].num_utterances, 40)
     assert [(a["restored_step"], a["world_size"]) for a in attempts] == [(0, 1), (30, 2)]
 

@@ -14,7 +14,7 @@ from raytrain_speech.data.synth import synthesize
 from raytrain_speech.train.fit import fit
 from raytrain_speech.train.metrics import read_metrics
 from tests.conftest import tiny_config
-from tests.integration.audit import assert_exactly_once, read_attempts
+from tests.integration.audit import assert_exactly_once, assert_no_stale_rows, read_attempts
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +70,12 @@ def test_sigkill_one_worker_resumes_exactly_once(ray_local, tmp_path, corpus):
     assert killed, "the fault was never injected"
     assert outcome.metrics["step"] == 20
     # ~14 steps an epoch: epoch 0, which the restart cut in two, is complete and checked in full.
-    attempts = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=20)
+    attempts = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=20, complete_epochs=1)
     assert len(attempts) == 2
     assert attempts[1]["restored_step"] == 6  # the last checkpoint before the kill at step >= 9
     assert killed["pid"] not in attempts[1]["pids"].values()
     metrics = read_metrics(str(tmp_path / "runs" / "sigkill" / "metrics.jsonl"))
+    assert_no_stale_rows(metrics)
     before, after = loss_continuity(metrics)
     assert abs(after - before) < 0.35 * before, (before, after)
     assert outcome.run_card["restarts_survived"] == 1
@@ -118,9 +119,10 @@ def test_driver_killed_then_same_command_resumes(tmp_path, corpus):
     time.sleep(2)
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    attempts = assert_exactly_once(str(log_dir), n_train, final_step=30)
+    attempts = assert_exactly_once(str(log_dir), n_train, final_step=30, complete_epochs=1)
     assert [a["restored_step"] for a in attempts] == [0, 6]
     metrics = read_metrics(str(tmp_path / "runs" / "driverkill" / "metrics.jsonl"))
+    assert_no_stale_rows(metrics)
     assert metrics[-1]["step"] == 30 and metrics[-1]["attempt"] == 2
     before, after = loss_continuity(metrics)
     assert abs(after - before) < 0.35 * before, (before, after)
@@ -134,6 +136,7 @@ def test_worker_killed_while_writing_a_checkpoint_restores_the_last_complete_one
     killed = kill_when(str(tmp_path / "trained"), at_step=12, rank=0, delay_s=1.5)
     outcome = fit(cfg, progress=False)
     assert killed and killed["step"] == 12
-    attempts = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=24)
+    attempts = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=24, complete_epochs=1)
     assert [a["restored_step"] for a in attempts] == [0, 6]  # the half-written step-12 checkpoint was never used
+    assert_no_stale_rows(read_metrics(str(tmp_path / "runs" / "ckptkill" / "metrics.jsonl")))
     assert outcome.checkpoint_uri.endswith("checkpoint_step00000024")

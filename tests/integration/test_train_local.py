@@ -12,6 +12,7 @@ from raytrain_speech.train.checkpoint import read_checkpoint
 from raytrain_speech.train.fit import fit
 from raytrain_speech.train.metrics import read_metrics
 from tests.conftest import BACKENDS, backend_overrides, tiny_config
+from tests.integration.audit import assert_exactly_once, assert_no_stale_rows
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -21,7 +22,7 @@ def test_max_epochs_ends_with_a_final_checkpoint(request, backend, tmp_path):
         "train.max_steps": 10000, "train.max_epochs": 1, "train.log_every_steps": 2,
         "train.checkpoint_every_steps": 1000, "train.global_batch_audio_s": 60,
         "augment.speed_factors": "[0.9, 1.0, 1.1]", "augment.noise_root": str(tmp_path / "noise"),
-        "features.placement": "worker",
+        "features.placement": "worker", "train.trained_log_dir": str(tmp_path / "trained"),
     })
     manifest = synthesize(cfg.synth, cfg.data.root, log=lambda s: None)
     write_noise_set(NoiseSetConfig(clips=4, clip_duration_s=2.0, kinds=("pink", "hum")), str(tmp_path / "noise"),
@@ -30,11 +31,13 @@ def test_max_epochs_ends_with_a_final_checkpoint(request, backend, tmp_path):
     payload, config_yaml = read_checkpoint(outcome.checkpoint_uri)
     state = payload["train_state"]
     n_train = manifest.splits["train"].num_utterances
-    # one pass: no utterance twice, and only the ragged tail of the epoch left out
-    assert 0.6 * n_train <= state["utterances_seen"] <= n_train
+    # One whole pass: every utterance trained once (ranks that run dry step fillers; nothing is dropped).
+    assert state["utterances_seen"] == n_train
+    assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=state["step"], complete_epochs=1)
     assert state["epoch"] == 1 and state["world_sizes"] == [2 if backend == "ray" else 1]
     assert "max_epochs: 1" in config_yaml
     metrics = read_metrics(str(tmp_path / "runs" / "epochs" / "metrics.jsonl"))
     assert metrics[-1]["checkpoint"] and metrics[-1]["step"] == state["step"]
     assert all(m["loss"] == m["loss"] for m in metrics if "loss" in m)  # finite with noise, speed, device mel
     assert metrics[-1]["bad_utterances"] == 0 and metrics[-1]["stop_reason"] == ""
+    assert_no_stale_rows(metrics)

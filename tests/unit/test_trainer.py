@@ -28,7 +28,7 @@ from raytrain_speech.train.local import LocalRuntime
 from raytrain_speech.train.metrics import METRICS_FILE, read_metrics
 from raytrain_speech.train.trainer import Trainer
 from tests.conftest import tiny_config
-from tests.integration.audit import assert_exactly_once, read_attempts
+from tests.integration.audit import assert_exactly_once, assert_no_stale_rows, read_attempts
 
 FAST = {"run.backend": "local", "train.global_batch_audio_s": 30, "train.log_every_steps": 2,
         "train.checkpoint_every_steps": 4, "optim.warmup_steps": 4}
@@ -55,8 +55,9 @@ def test_a_resumed_local_run_trains_every_utterance_of_the_epoch_exactly_once(tm
                                                                             "checkpoint_step00000006"]
     second = fit(_cfg(tmp_path, root, **{"train.max_steps": 24, "train.checkpoint_every_steps": 3}), progress=False)
     assert second.metrics["step"] == 24 and second.metrics["epoch"] >= 1  # past the end of epoch 0
-    attempts = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=24)
+    attempts = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=24, complete_epochs=1)
     assert [a["restored_step"] for a in attempts] == [0, 6]
+    assert_no_stale_rows(read_metrics(str(run / METRICS_FILE)))
     kept = [e["dir"] for e in checkpoint.read_local_record(str(run))]
     assert kept == ["checkpoint_step00000021", "checkpoint_step00000024"]  # run.checkpoints_to_keep: 2
     assert sorted(p.name for p in run.glob("checkpoint_step*")) == kept  # the others are deleted
@@ -156,7 +157,8 @@ def test_two_uneven_ranks_step_in_lockstep_with_fillers_and_accumulation(tmp_pat
     assert len(attempts) == 1 and attempts[0]["world_size"] == 2 and attempts[0]["grad_accum"] == 2
     # Every step was taken by both ranks (the audit asserts each step was logged by every rank), the epoch
     # covered every utterance exactly once, though rank 1 held one shard and ran dry long before rank 0.
-    steps = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=max(attempts[0]["steps"]))[0]["steps"]
+    steps = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=max(attempts[0]["steps"]),
+                                complete_epochs=1)[0]["steps"]
     metrics = read_metrics(str(tmp_path / "runs" / "t" / METRICS_FILE))
     assert metrics[-1]["checkpoint"] and metrics[-1]["grad_accum"] == 2 and metrics[-1]["world_size"] == 2
     assert sum(len(s["indices"]) for s in steps.values()) == n_train
