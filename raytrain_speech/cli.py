@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -489,6 +490,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(err, TrainingFailed):
             print(f"error: training failed: {err}", file=sys.stderr)
+            if err.reader_stuck:  # a read blocked for good would hold up the interpreter's exit
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
             return 1
         raise
 

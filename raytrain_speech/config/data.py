@@ -57,6 +57,12 @@ class DataConfig:
     run on 2 cores 24% slower than 128 MB (docs/LOG.md)."""
     prefetch_batches: int = 4
     """Row batches each training worker prefetches."""
+    stall_timeout_s: float | None = 900.0
+    """A training worker that waits this long for its next row batch fails its attempt with one line
+    saying so (Ray Train retries it up to run.max_failures) instead of hanging: a pipeline with no CPU
+    to run on, a data node lost without notice, storage that stopped answering. Pipeline fill and epoch
+    boundaries take seconds to minutes; raise it for clusters whose data nodes autoscale from zero.
+    None = wait forever."""
     min_duration_s: float | None = None
     """Training leaves out utterances shorter than this (from the duration_s column, before decoding;
     counted as filtered, not bad). None = no lower limit."""
@@ -83,6 +89,8 @@ class DataConfig:
         require(self.preprocess_batch_rows >= 1, "data.preprocess_batch_rows", "must be >= 1")
         require(self.blocks_per_shard >= 1, "data.blocks_per_shard", "must be >= 1")
         require(self.block_mb > 0, "data.block_mb", "must be positive")
+        require(self.stall_timeout_s is None or self.stall_timeout_s > 0, "data.stall_timeout_s",
+                "must be positive or null")
         for key in ("min_duration_s", "max_duration_s"):
             value = getattr(self, key)
             require(value is None or value >= 0, f"data.{key}", "must be >= 0 or null")

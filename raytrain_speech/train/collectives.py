@@ -28,6 +28,14 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise maximum over ranks (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def barrier(device: torch.device) -> None:
     """Every rank waits here for every other (a one-element all-reduce on the training device)."""
     all_reduce_sum([0.0], device)

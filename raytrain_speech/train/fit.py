@@ -16,6 +16,7 @@ from raytrain_speech import storage
 from raytrain_speech.config import Config, ConfigError, dump_yaml
 from raytrain_speech.data import vocab
 from raytrain_speech.data.badinput import BAD_INPUTS_FILE, read_bad_inputs, summary_line
+from raytrain_speech.data.prefetch import DataStalled
 from raytrain_speech.data.text import TOKENIZER_FILES
 from raytrain_speech.hf import directory as hfdir
 from raytrain_speech.hf.importer import settle as settle_from_hf
@@ -46,6 +47,16 @@ class FitOutcome:
 
 class TrainingFailed(RuntimeError):
     """Training stopped with an error (after its failure budget, under Ray); the message is the error."""
+
+    reader_stuck = False
+    """A data reader of this process may still be blocked inside a read that never returns (a stall):
+    a command ending on it exits without waiting for it (the storage client's exit would)."""
+
+
+class TrainingStalled(TrainingFailed):
+    """The local backend's data stalled (data/prefetch.py's watchdog)."""
+
+    reader_stuck = True
 
 
 def fit(cfg: Config, progress: bool = True, out=print, callbacks: list | None = None) -> FitOutcome:
@@ -97,6 +108,8 @@ def _fit_local(cfg: Config) -> tuple[str | None, dict]:
         run_local(cfg)
     except (ConfigError, StorageError, KeyboardInterrupt):
         raise
+    except DataStalled as err:  # its message is the whole story
+        raise TrainingStalled(f"DataStalled: {err}") from None
     except Exception as err:
         traceback.print_exc()  # the local backend is for debugging: the whole story, then one line
         lines = str(err).strip().splitlines()

@@ -6,18 +6,16 @@ the same preprocessing function the Ray Data chain maps (``data.preprocess.prepr
 over the same corpus readers (``data.corpus``), the same checkpoint format and run records. So a run
 trained here resumes under Ray and the reverse (train/checkpoint.py says which checkpoint is whose).
 
-Data is read and preprocessed in a background thread, a few row batches ahead of the step (decoding
-and the front end release the GIL for most of their time), in a shard order shuffled per epoch the
-way Ray Data randomizes block order.
+Data is read and preprocessed in a background thread (``data/prefetch.py``, with its stall watchdog),
+a few row batches ahead of the step (decoding and the front end release the GIL for most of their
+time), in a shard order shuffled per epoch the way Ray Data randomizes block order.
 """
 
 from __future__ import annotations
 
-import queue
 import random
 import tempfile
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -26,45 +24,12 @@ from torch import nn
 from raytrain_speech import storage
 from raytrain_speech.config import Config
 from raytrain_speech.data import corpus
+from raytrain_speech.data.prefetch import prefetch, stall_message
 from raytrain_speech.data.preprocess import TrainingRecipe, preprocess_training_rows
 from raytrain_speech.train import checkpoint
 from raytrain_speech.train.checkpoint import Restored
 from raytrain_speech.train.metrics import RunRecord, run_dir, run_info
 from raytrain_speech.train.trainer import CheckpointWrite, Trainer
-
-_DONE = object()
-
-
-def prefetch(items: Iterable, depth: int) -> Iterator:
-    """``items`` produced by a background thread, at most ``depth`` ahead of the consumer; an error in
-    the producer is raised in the consumer, and a consumer that stops early stops the producer."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_DONE)
-        except BaseException as err:  # handed to the consumer, which raises it
-            q.put(err)
-
-    thread = threading.Thread(target=produce, daemon=True, name="rts-local-data")
-    thread.start()
-    try:
-        while (item := q.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
 
 
 def local_device(cfg: Config) -> torch.device:
@@ -110,12 +75,17 @@ class LocalRuntime:
         return uris
 
     def epoch_rows(self, consumed: np.ndarray | None) -> Iterator[dict]:
-        cfg = self.cfg
-        raw = corpus.read_batches(cfg.data.root, cfg.data.train_split, cfg.storage, uris=self.epoch_shards(),
-                                  consumed=consumed if consumed is not None and consumed.any() else None,
-                                  rows_per_batch=cfg.data.preprocess_batch_rows)
-        rows = (preprocess_training_rows(b, self.recipe, cfg.train.seed, self.epoch) for b in raw)
-        return prefetch(rows, cfg.data.prefetch_batches)
+        cfg, epoch = self.cfg, self.epoch
+
+        def rows() -> Iterator[dict]:  # all of the epoch's reads, the shard list too, in the prefetch thread
+            raw = corpus.read_batches(cfg.data.root, cfg.data.train_split, cfg.storage, uris=self.epoch_shards(),
+                                      consumed=consumed if consumed is not None and consumed.any() else None,
+                                      rows_per_batch=cfg.data.preprocess_batch_rows)
+            for b in raw:
+                yield preprocess_training_rows(b, self.recipe, cfg.train.seed, epoch)
+
+        return prefetch(rows(), cfg.data.prefetch_batches, cfg.data.stall_timeout_s,
+                        lambda waited_s: stall_message(0, cfg.data.root, cfg.data.train_split, epoch, waited_s))
 
     def preempted_ranks(self) -> list[int] | None:
         return None  # one process: nothing drains it but the user

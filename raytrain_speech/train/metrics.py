@@ -289,7 +289,7 @@ def run_card(lines: list[dict], run: dict) -> dict:
                                       "start_step": m.get("attempt_start_step")})
         a["last_step"] = m["step"]
         a["end_time"] = m.get("time")
-        for k in ("world_size", "grad_accum", "micro_batch_audio_s", "device"):
+        for k in ("world_size", "grad_accum", "micro_batch_audio_s", "device", "attempt_data_wait_s"):
             if k in m:
                 a[k] = m[k]
     last = lines[-1] if lines else {}
@@ -315,9 +315,10 @@ def run_card(lines: list[dict], run: dict) -> dict:
         "worker_history": [{k: a.get(k) for k in ("attempt", "world_size", "grad_accum", "micro_batch_audio_s",
                                                   "first_step", "last_step", "start_step", "steps_run",
                                                   "steps_rolled_back", "start_time", "end_time")}
-                           for a in history],
+                           | {"data_wait_s": a.get("attempt_data_wait_s")} for a in history],
         "restarts_survived": max(0, len(history) - 1),
         "train_wall_s": train_wall_s,
+        "data_wait_s": sum(a.get("attempt_data_wait_s") or 0.0 for a in history),
         "gpu_hours" if run.get("use_gpu") else "cpu_worker_hours": round(worker_hours, 4),
         "audio_hours_seen": audio_h,
         "throughput_audio_s_per_s": audio_h * 3600 / train_wall_s if train_wall_s else None,
@@ -333,6 +334,7 @@ def run_card_markdown(card: dict) -> str:
              if card.get("global_batch_utterances") else f"{card.get('global_batch_audio_s')} padded audio-s per step"),
             ("restarts survived", card.get("restarts_survived")),
             ("training time", format_duration(card.get("train_wall_s") or 0)),
+            ("waiting for data", format_duration(card.get("data_wait_s") or 0)),
             ("GPU-hours" if "gpu_hours" in card else "CPU worker-hours",
              card.get("gpu_hours", card.get("cpu_worker_hours"))),
             ("audio hours seen", f"{card.get('audio_hours_seen', 0):.2f}"),

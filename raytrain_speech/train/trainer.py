@@ -33,6 +33,7 @@ from raytrain_speech.data import corpus
 from raytrain_speech.data.augment import mask_batch
 from raytrain_speech.data.batching import duration_quantile_boundaries, filler_batch
 from raytrain_speech.data.features import DeviceLogMel
+from raytrain_speech.data.prefetch import WaitClock
 from raytrain_speech.data.preprocess import worker_batches
 from raytrain_speech.data.progress import DataCursor
 from raytrain_speech.data.shards import read_manifest
@@ -166,6 +167,8 @@ class Trainer:
         self.config_yaml = dump_yaml(cfg)
         self.window = Window()
         self.clock = AttemptClock()
+        self.data_wait = WaitClock()
+        self.reported_wait_s = 0.0
         self.last_ckpt_step = self.state.step
         self.reports = 0
         self.preemption_saved = False
@@ -221,7 +224,7 @@ class Trainer:
         collectives.barrier(self.device)
 
     def _epoch_batches(self, consumed: np.ndarray | None) -> Iterator[Batch]:
-        rows = self.rt.epoch_rows(consumed)
+        rows = self.data_wait.timed(self.rt.epoch_rows(consumed))
         if consumed is not None:
             rows = self.bad.drop_stale(rows, consumed)
         batching = self.cfg.batching
@@ -368,6 +371,10 @@ class Trainer:
         loss_sum, tokens, filtered, stale, *extra = collectives.all_reduce_sum(
             [w.loss_sum, w.tokens, self.bad.filtered, self.bad.stale_rows,
              *(w.extra_sums.get(k, 0.0) for k in extra_keys)], self.device)
+        # The slowest rank's data wait holds every rank up (lockstep): the window's and the attempt's maximum.
+        window_wait_s, attempt_wait_s = collectives.all_reduce_max(
+            [self.data_wait.waited_s - self.reported_wait_s, self.data_wait.waited_s], self.device)
+        self.reported_wait_s = self.data_wait.waited_s
         bad = self.bad.sync()
         self._judge_bad_input(bad, final=False)
         snapshot = replace(st, bad_utterances=bad, filtered_utterances=st.filtered_utterances + int(filtered))
@@ -379,6 +386,7 @@ class Trainer:
             "bad_utterances": snapshot.bad_utterances, "filtered_utterances": snapshot.filtered_utterances,
             "skipped_steps": st.skipped_steps, "stale_rows": int(stale), "stop_reason": st.stop_reason, "parameters": self.n_params,
             "device": device_name(self.device), "stopped_early": st.stopped_early, "worker_rss_mb": rss_mb(),
+            "data_wait_s": window_wait_s, "attempt_data_wait_s": attempt_wait_s,
             **self.clock.metrics(now), **w.summary(loss_sum, tokens, dict(zip(extra_keys, extra))),
         }
         self.window = Window()

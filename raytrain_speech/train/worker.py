@@ -19,6 +19,7 @@ from torch import nn
 from raytrain_speech import ray_compat, ray_session
 from raytrain_speech.config import Config
 from raytrain_speech.data.pipeline import epoch_clock, epoch_clock_name
+from raytrain_speech.data.prefetch import prefetch, stall_message
 from raytrain_speech.train import checkpoint
 from raytrain_speech.train.checkpoint import Restored
 from raytrain_speech.train.metrics import run_dir
@@ -40,6 +41,7 @@ class RayRuntime:
         self.device = ray.train.torch.get_device()
         self.run_dir = run_dir(cfg)
         self.clock = epoch_clock(epoch_clock_name(cfg)) if cfg.augment.waveform_enabled else None
+        self.epoch = 0
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return ray.train.torch.prepare_model(model)
@@ -58,14 +60,20 @@ class RayRuntime:
     def start_epoch(self, epoch: int) -> None:
         """Ray Data's augmentation tasks cannot know which epoch Train is re-executing the dataset for:
         rank 0 sets the run's epoch clock (the Trainer's barrier follows)."""
+        self.epoch = epoch
         if self.clock is not None and self.rank == 0:
             ray.get(self.clock.set.remote(epoch))
 
     def epoch_rows(self, consumed):
+        """This worker's split of the epoch's Ray Data stream, pulled one batch ahead in a thread so a
+        stalled pipeline ends the attempt after ``data.stall_timeout_s`` (data/prefetch.py)."""
+        dc = self.cfg.data
         name = RESUME_DATASET if consumed is not None else TRAIN_DATASET
-        return ray.train.get_dataset_shard(name).iter_batches(
-            batch_size=self.cfg.data.preprocess_batch_rows, batch_format="numpy",
-            prefetch_batches=self.cfg.data.prefetch_batches)
+        rows = ray.train.get_dataset_shard(name).iter_batches(
+            batch_size=dc.preprocess_batch_rows, batch_format="numpy", prefetch_batches=dc.prefetch_batches)
+        epoch = self.epoch
+        return prefetch(rows, 1, dc.stall_timeout_s,
+                        lambda waited_s: stall_message(self.rank, dc.root, dc.train_split, epoch, waited_s))
 
     def preempted_ranks(self) -> list[int] | None:
         info = ray_compat.preemption_info()

@@ -41,3 +41,13 @@ def test_max_epochs_ends_with_a_final_checkpoint(request, backend, tmp_path):
     assert all(m["loss"] == m["loss"] for m in metrics if "loss" in m)  # finite with noise, speed, device mel
     assert metrics[-1]["bad_utterances"] == 0 and metrics[-1]["stop_reason"] == ""
     assert_no_stale_rows(metrics)
+    # Data wait: per report window (the slowest rank's), per attempt, and in the run card.
+    waits = [m["data_wait_s"] for m in metrics]
+    assert min(waits) >= 0 and waits[0] > 0, waits  # the first window waited for the pipeline to fill
+    total = metrics[-1]["attempt_data_wait_s"]
+    if backend == "local":  # one rank: the windows add up to the attempt
+        assert sum(waits) == pytest.approx(total)
+    else:  # each window's slowest rank, against the slowest rank over the attempt
+        assert sum(waits) >= total - 1e-6
+    assert outcome.run_card["data_wait_s"] == pytest.approx(total)
+    assert outcome.run_card["worker_history"][0]["data_wait_s"] == pytest.approx(total)

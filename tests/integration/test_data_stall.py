@@ -1,0 +1,111 @@
+"""A data pipeline that stalls mid-run ends the run with one line instead of hanging (data.stall_timeout_s).
+
+The corpus is on the local S3 server, reached through a TCP proxy in this test. Once training has
+taken a few steps the proxy stops forwarding: connections stay open and requests go unanswered (a
+wedged gateway, a storage node that hangs), so the S3 client's own timeouts (60 s per request, five
+attempts) would hold the run for minutes. The watchdog ends it after data.stall_timeout_s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from urllib.parse import urlparse
+
+from raytrain_speech.data.synth import synthesize
+from tests.conftest import TINY_SYNTH, tiny_config
+from tests.integration.audit import read_attempts
+
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "conformer_ctc_tiny.yaml")
+BUCKET = "stall"
+
+
+class StallingProxy:
+    """Forwards TCP to ``upstream`` until ``stall`` is set; from then on holds every connection open
+    without forwarding a byte (new ones too)."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream, self.stall, self.closed = upstream, threading.Event(), threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.server]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            self.sockets.append(client)
+            if self.stall.is_set():
+                continue  # accepted, never answered
+            remote = socket.create_connection(self.upstream)
+            self.sockets.append(remote)
+            for src, dst in ((client, remote), (remote, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                if self.stall.is_set():
+                    self.closed.wait()  # hold: nothing more goes through
+                    return
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.closed.set()
+        for s in self.sockets:
+            s.close()
+
+
+def test_a_pipeline_that_stalls_mid_run_fails_with_one_line(s3_endpoint, s3fs_client, tmp_path):
+    s3fs_client.mkdir(BUCKET)
+    cfg = tiny_config(**{"data.root": f"s3://{BUCKET}/corpus", "storage.endpoint_url": s3_endpoint})
+    synthesize(cfg.synth, cfg.data.root, cfg.storage, log=lambda s: None)
+    url = urlparse(s3_endpoint)
+    proxy = StallingProxy((url.hostname, url.port))
+    log_dir = tmp_path / "trained"
+    args = ["train", "--config", RECIPE, "--no-progress", "run.backend=local", *TINY_SYNTH,
+            f"data.root=s3://{BUCKET}/corpus", f"storage.endpoint_url=http://127.0.0.1:{proxy.port}",
+            f"run.storage_path={tmp_path / 'runs'}", "run.name=stall", "train.max_steps=1000",
+            "train.max_epochs=4", "train.log_every_steps=2", "train.checkpoint_every_steps=4",
+            "train.global_batch_audio_s=20", f"train.trained_log_dir={log_dir}", "data.stall_timeout_s=5"]
+    proc = subprocess.Popen([sys.executable, "-m", "raytrain_speech.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            attempts = read_attempts(str(log_dir)) if log_dir.exists() else []
+            if attempts and max(attempts[-1]["steps"], default=0) >= 3:
+                proxy.stall.set()
+                stalled_at = time.time()
+                break
+            time.sleep(0.1)
+        assert proxy.stall.is_set(), "training never reached step 3 through the proxy"
+        out, err = proc.communicate(timeout=120)
+        ended_s = time.time() - stalled_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proxy.close()
+    assert proc.returncode == 1, err[-3000:]
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    line = lines[0]
+    assert "DataStalled: rank 0 waited 5 s for its next training batch" in line, line
+    assert f"s3://{BUCKET}/corpus split train" in line and "data.stall_timeout_s" in line, line
+    # Within the watchdog's 5 s and the run's exit, not the S3 client's minutes of retries.
+    assert ended_s < 45, f"the run took {ended_s:.0f} s to end after the stall"
+    # What was trained before the stall is committed and resumable: the checkpoints are on local disk.
+    record = json.loads((tmp_path / "runs" / "stall" / "local_checkpoints.json").read_text())
+    assert record["checkpoints"], "no committed checkpoint before the stall"
