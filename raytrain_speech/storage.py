@@ -71,10 +71,21 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+NETWORK_FAILURES = ("NETWORK_CONNECTION", "curlCode", "Connection reset", "Connection refused", "timed out",
+                    "Timeout", "Could not connect", "Connection was closed")
+"""Markers of a storage error that is the network's, not the request's (as the AWS SDK words them)."""
+
+
 def describe_error(uri: str, err: Exception) -> str:
+    """One line: the URI, the first line of the cause, and the fix for that kind of failure."""
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    fix = ("check the bucket name, endpoint_url and AWS credentials in the environment"
-           if is_remote(uri) else "check that the path exists")
+    if not is_remote(uri):
+        fix = "check that the path exists"
+    elif any(marker in reason for marker in NETWORK_FAILURES):
+        fix = ("the storage stopped answering within storage.max_attempts attempts: check storage.endpoint_url "
+               "and the network; once it answers, the same command resumes from the last committed checkpoint")
+    else:
+        fix = "check the bucket name, endpoint_url and AWS credentials in the environment"
     return f"{uri}: {reason} ({fix})"
 
 

@@ -26,11 +26,13 @@ BUCKET = "stall"
 
 
 class StallingProxy:
-    """Forwards TCP to ``upstream`` until ``stall`` is set; from then on holds every connection open
-    without forwarding a byte (new ones too)."""
+    """Forwards TCP to ``upstream``. Once ``stall`` is set it holds every connection open without
+    forwarding a byte (new ones too); while ``down`` is set it drops every connection (an outage:
+    connection resets); clearing ``down`` restores service."""
 
     def __init__(self, upstream: tuple[str, int]):
         self.upstream, self.stall, self.closed = upstream, threading.Event(), threading.Event()
+        self.down = threading.Event()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.sockets: list[socket.socket] = [self.server]
@@ -43,6 +45,9 @@ class StallingProxy:
             except OSError:
                 return
             self.sockets.append(client)
+            if self.down.is_set():
+                client.close()
+                continue
             if self.stall.is_set():
                 continue  # accepted, never answered
             remote = socket.create_connection(self.upstream)
@@ -53,6 +58,10 @@ class StallingProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if self.down.is_set():
+                    src.close()
+                    dst.close()
+                    return
                 if self.stall.is_set():
                     self.closed.wait()  # hold: nothing more goes through
                     return
@@ -109,3 +118,53 @@ def test_a_pipeline_that_stalls_mid_run_fails_with_one_line(s3_endpoint, s3fs_cl
     # What was trained before the stall is committed and resumable: the checkpoints are on local disk.
     record = json.loads((tmp_path / "runs" / "stall" / "local_checkpoints.json").read_text())
     assert record["checkpoints"], "no committed checkpoint before the stall"
+
+
+def test_an_outage_beyond_the_retry_budget_ends_with_one_line_and_the_rerun_resumes_exactly(
+        s3_endpoint, s3fs_client, tmp_path):
+    """Corpus and run directory on S3, behind the proxy; mid-run the storage goes down for longer than
+    storage.max_attempts covers: the run ends with one line naming the storage, nothing half-written
+    counts as committed, and the same command after the outage resumes from the last committed
+    checkpoint with every utterance trained exactly once."""
+    from tests.integration.audit import assert_exactly_once
+
+    bucket = "outage"
+    s3fs_client.mkdir(bucket)
+    cfg = tiny_config(**{"data.root": f"s3://{bucket}/corpus", "storage.endpoint_url": s3_endpoint})
+    manifest = synthesize(cfg.synth, cfg.data.root, cfg.storage, log=lambda s: None)
+    url = urlparse(s3_endpoint)
+    proxy = StallingProxy((url.hostname, url.port))
+    log_dir = tmp_path / "trained"
+    args = [sys.executable, "-m", "raytrain_speech.cli", "train", "--config", RECIPE, "--no-progress",
+            "run.backend=local", *TINY_SYNTH, f"data.root=s3://{bucket}/corpus",
+            f"storage.endpoint_url=http://127.0.0.1:{proxy.port}", "storage.max_attempts=2",
+            "storage.connect_timeout_s=2", "storage.request_timeout_s=5", f"run.storage_path=s3://{bucket}/runs",
+            "run.name=outage", "train.max_steps=24", "train.log_every_steps=2", "train.checkpoint_every_steps=4",
+            "train.global_batch_audio_s=20", f"train.trained_log_dir={log_dir}"]
+    try:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            attempts = read_attempts(str(log_dir)) if log_dir.exists() else []
+            if attempts and max(attempts[-1]["steps"], default=0) >= 6:
+                proxy.down.set()
+                break
+            time.sleep(0.05)
+        assert proxy.down.is_set(), "training never reached step 6 through the proxy"
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode != 0, "the run did not notice the outage"
+        errors = [line for line in err.strip().splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"s3://{bucket}/" in errors[0], err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        assert "stopped answering" in errors[0] and "resumes from the last committed checkpoint" in errors[0], errors
+        proxy.down.clear()  # the outage ends; the user runs the same command again
+        again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proxy.close()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming at step" in again.stdout, again.stdout
+    attempts = assert_exactly_once(str(log_dir), manifest.splits["train"].num_utterances, final_step=24,
+                                   complete_epochs=1)
+    assert len(attempts) == 2 and attempts[1]["restored_step"] % 4 == 0 and attempts[1]["restored_step"] >= 4
