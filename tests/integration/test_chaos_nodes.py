@@ -18,7 +18,7 @@ from raytrain_speech.ray_session import dashboard_port
 from raytrain_speech.train.fit import fit
 from raytrain_speech.train.metrics import read_metrics
 from tests.conftest import tiny_config
-from tests.integration.audit import assert_exactly_once, read_attempts
+from tests.integration.audit import assert_exactly_once, assert_no_stale_rows, read_attempts
 
 OWNS_RAY = True
 """This module starts Ray in the test process its own way (tests/conftest.py SharedRay)."""
@@ -117,3 +117,65 @@ def test_spot_preemption_checkpoints_then_shrinks_to_one_worker(two_node_cluster
     history = outcome.run_card["worker_history"]
     assert [(h["world_size"], h["grad_accum"]) for h in history] == [(2, 1), (1, 2)]
     assert outcome.run_card["restarts_survived"] == 1
+
+
+def _two_trainer_nodes(cluster, workers) -> None:
+    """Bring the module's cluster back to two live trainer nodes (an earlier test may have removed one)."""
+    alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("trainer_slot")]
+    for _ in range(2 - len(alive)):
+        workers.append(cluster.add_node(num_cpus=1, resources={"trainer_slot": 1}, object_store_memory=200 * 2**20))
+    cluster.wait_for_nodes()
+    deadline = time.time() + 60
+    while ray.cluster_resources().get("trainer_slot", 0) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+
+
+@pytest.mark.slow  # over the default run's time budget on 2 cores (docs/LOG.md)
+def test_a_node_lost_without_notice_resumes_on_the_survivor_from_the_last_checkpoint(two_node_cluster, tmp_path):
+    """No drain notice (a kernel panic, a pulled cable): the node holding rank 1 is removed abruptly
+    mid-epoch. The run has no chance to checkpoint; it resumes on the surviving node from the last
+    periodic checkpoint, at one worker with the same global batch, and every utterance of the cut
+    epoch is trained exactly once over the surviving steps."""
+    cluster, workers = two_node_cluster
+    _two_trainer_nodes(cluster, workers)
+    root = str(tmp_path / "corpus")
+    manifest = synthesize(tiny_config().synth, root, log=lambda s: None)
+    log_dir = str(tmp_path / "trained")
+    cfg = tiny_config(**{
+        "data.root": root, "run.storage_path": str(tmp_path / "runs"), "run.name": "hardloss",
+        "run.num_workers": [1, 2], "run.worker_resources": {"trainer_slot": 1}, "run.max_failures": 3,
+        "train.max_steps": 30, "train.log_every_steps": 2, "train.checkpoint_every_steps": 6,
+        "train.global_batch_audio_s": 20, "train.micro_batch_audio_s": 10, "train.trained_log_dir": log_dir,
+        "optim.warmup_steps": 5,
+    })
+    removed = {}
+
+    def remove_when_ready():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            attempts = read_attempts(log_dir)
+            if attempts and attempts[-1]["world_size"] == 2 and max(attempts[-1]["steps"], default=0) >= 9:
+                node_id = _node_of_pid(attempts[-1]["pids"][1])
+                removed["at_step"] = max(attempts[-1]["steps"])
+                cluster.remove_node(next(n for n in workers if n.node_id == node_id), allow_graceful=False)
+                removed["node"] = node_id
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=remove_when_ready, daemon=True).start()
+    outcome = fit(cfg, progress=False)
+    assert removed.get("node"), "the node was never removed"
+    assert removed["at_step"] < 12, removed  # removed before the step-12 checkpoint could be taken
+    attempts = assert_exactly_once(log_dir, manifest.splits["train"].num_utterances, final_step=30,
+                                   complete_epochs=1)
+    assert [(a["world_size"], a["restored_step"]) for a in attempts] == [(2, 0), (1, 6)]
+    assert [a["grad_accum"] for a in attempts] == [1, 2]  # same 20 s global batch on half the workers
+    metrics = read_metrics(str(tmp_path / "runs" / "hardloss" / "metrics.jsonl"))
+    assert not any(m.get("preemption_checkpoint") for m in metrics)  # there was no notice to act on
+    assert_no_stale_rows(metrics)
+    history = outcome.run_card["worker_history"]
+    assert [(h["world_size"], h["start_step"]) for h in history] == [(2, 0), (1, 6)]
+    # The run card sees reported steps: those reported after step 6 were rolled back (the steps run after
+    # the last report, up to the loss, are not in any report).
+    assert history[0]["steps_rolled_back"] == history[0]["last_step"] - 6 <= removed["at_step"] - 6
+    assert history[1]["steps_rolled_back"] == 0

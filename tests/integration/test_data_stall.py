@@ -10,70 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from urllib.parse import urlparse
 
 from raytrain_speech.data.synth import synthesize
 from tests.conftest import TINY_SYNTH, tiny_config
 from tests.integration.audit import read_attempts
+from tests.integration.proxy import StallingProxy
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "conformer_ctc_tiny.yaml")
 BUCKET = "stall"
-
-
-class StallingProxy:
-    """Forwards TCP to ``upstream``. Once ``stall`` is set it holds every connection open without
-    forwarding a byte (new ones too); while ``down`` is set it drops every connection (an outage:
-    connection resets); clearing ``down`` restores service."""
-
-    def __init__(self, upstream: tuple[str, int]):
-        self.upstream, self.stall, self.closed = upstream, threading.Event(), threading.Event()
-        self.down = threading.Event()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.sockets: list[socket.socket] = [self.server]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed.is_set():
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            self.sockets.append(client)
-            if self.down.is_set():
-                client.close()
-                continue
-            if self.stall.is_set():
-                continue  # accepted, never answered
-            remote = socket.create_connection(self.upstream)
-            self.sockets.append(remote)
-            for src, dst in ((client, remote), (remote, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                if self.down.is_set():
-                    src.close()
-                    dst.close()
-                    return
-                if self.stall.is_set():
-                    self.closed.wait()  # hold: nothing more goes through
-                    return
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.closed.set()
-        for s in self.sockets:
-            s.close()
 
 
 def test_a_pipeline_that_stalls_mid_run_fails_with_one_line(s3_endpoint, s3fs_client, tmp_path):
