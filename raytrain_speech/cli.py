@@ -491,9 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, TrainingFailed):
             print(f"error: training failed: {err}", file=sys.stderr)
             if err.reader_stuck:  # a read blocked for good would hold up the interpreter's exit
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(1)
+                os._exit(sys.stdout.flush() or sys.stderr.flush() or 1)
             return 1
         raise
 

@@ -47,21 +47,24 @@ def surviving_steps(attempts: list[dict]) -> dict[int, dict]:
     return out
 
 
-def assert_exactly_once(log_dir: str, num_utterances: int, final_step: int,
-                        complete_epochs: int | None = None) -> list[dict]:
-    """Every surviving step once, no utterance twice in an epoch, and none missing from a completed
-    epoch. Completed = every epoch before the last one logged, or, with ``complete_epochs`` (the run
-    stopped by ``train.max_epochs``, or a test that needs its faulted epoch finished), exactly that many
-    leading epochs; a test whose run turns out shorter fails instead of checking less."""
+def assert_exactly_once(log_dir: str, num_utterances: int, final_step: int, complete_epochs: int | None = None,
+                        last_epoch_complete: bool = False) -> list[dict]:
+    """Every surviving step once, no utterance twice in an epoch, and none missing from a finished
+    epoch. Finished = every epoch before the last one logged, and the last one too when the run was
+    stopped by ``train.max_epochs`` (``last_epoch_complete``). ``complete_epochs``: at least that many
+    must be finished (a test whose faulted epoch must complete), so a run that turns out shorter fails
+    instead of checking less."""
     attempts = read_attempts(log_dir)
     steps = surviving_steps(attempts)
     assert sorted(steps) == list(range(1, final_step + 1)), f"step numbers: {sorted(steps)[:5]}...{sorted(steps)[-5:]}"
     by_epoch: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
     for rec in steps.values():
         by_epoch[rec["epoch"]].update(rec["indices"])
-    complete = max(by_epoch) if complete_epochs is None else complete_epochs
-    assert complete_epochs is None or max(by_epoch) + 1 >= complete_epochs, (
-        f"the run logged epochs {sorted(by_epoch)}; {complete_epochs} complete epoch(s) were expected")
+    finished = max(by_epoch) + (1 if last_epoch_complete else 0)
+    assert complete_epochs is None or finished >= complete_epochs, (
+        f"the run logged epochs {sorted(by_epoch)}: {finished} finished, {complete_epochs} expected (make the run "
+        "longer, or stop it with train.max_epochs)")
+    complete = finished
     for epoch, counts in by_epoch.items():
         repeated = [i for i, c in counts.items() if c > 1]
         assert not repeated, f"epoch {epoch}: {len(repeated)} utterances trained twice, e.g. {repeated[:5]}"

@@ -64,13 +64,15 @@ def loss_continuity(metrics: list[dict]) -> tuple[float, float]:
 
 def test_sigkill_one_worker_resumes_exactly_once(ray_local, tmp_path, corpus):
     root, n_train = corpus
-    cfg = chaos_config(tmp_path, root, "sigkill")
+    # One epoch (14-21 steps here, depending on how the ranks' shares fall): stopped by max_epochs, so the
+    # epoch the restart cut in two is finished and checked in full.
+    cfg = chaos_config(tmp_path, root, "sigkill", **{"train.max_steps": 1000, "train.max_epochs": 1})
     killed = kill_when(str(tmp_path / "trained"), at_step=9, rank=1)
     outcome = fit(cfg, progress=False)
     assert killed, "the fault was never injected"
-    assert outcome.metrics["step"] == 20
-    # ~14 steps an epoch: epoch 0, which the restart cut in two, is complete and checked in full.
-    attempts = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=20, complete_epochs=1)
+    assert outcome.metrics["epoch"] == 1 and outcome.metrics["step"] > 9
+    attempts = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=outcome.metrics["step"],
+                                   complete_epochs=1, last_epoch_complete=True)
     assert len(attempts) == 2
     assert attempts[1]["restored_step"] == 6  # the last checkpoint before the kill at step >= 9
     assert killed["pid"] not in attempts[1]["pids"].values()
@@ -96,9 +98,9 @@ def test_driver_killed_then_same_command_resumes(tmp_path, corpus):
     log_dir = tmp_path / "trained"
     overrides = {
         "data.root": root, "run.storage_path": str(tmp_path / "runs"), "run.name": "driverkill",
-        "train.max_steps": 30, "train.log_every_steps": 2, "train.checkpoint_every_steps": 6,
-        "train.global_batch_audio_s": 20, "train.trained_log_dir": str(log_dir), "optim.warmup_steps": 5,
-        "run.object_store_memory_mb": 400,
+        "train.max_steps": 1000, "train.max_epochs": 1, "train.log_every_steps": 2,
+        "train.checkpoint_every_steps": 6, "train.global_batch_audio_s": 20, "train.trained_log_dir": str(log_dir),
+        "optim.warmup_steps": 5, "run.object_store_memory_mb": 400,
     }
     cmd = [sys.executable, "-m", "raytrain_speech.cli", "train", "--config", "examples/conformer_ctc_tiny.yaml",
            "--no-progress", *_cli_args(overrides)]
@@ -119,11 +121,12 @@ def test_driver_killed_then_same_command_resumes(tmp_path, corpus):
     time.sleep(2)
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    attempts = assert_exactly_once(str(log_dir), n_train, final_step=30, complete_epochs=1)
-    assert [a["restored_step"] for a in attempts] == [0, 6]
     metrics = read_metrics(str(tmp_path / "runs" / "driverkill" / "metrics.jsonl"))
+    attempts = assert_exactly_once(str(log_dir), n_train, final_step=metrics[-1]["step"], complete_epochs=1,
+                                   last_epoch_complete=True)
+    assert [a["restored_step"] for a in attempts] == [0, 6]
     assert_no_stale_rows(metrics)
-    assert metrics[-1]["step"] == 30 and metrics[-1]["attempt"] == 2
+    assert metrics[-1]["epoch"] == 1 and metrics[-1]["attempt"] == 2
     before, after = loss_continuity(metrics)
     assert abs(after - before) < 0.35 * before, (before, after)
 
@@ -131,12 +134,15 @@ def test_driver_killed_then_same_command_resumes(tmp_path, corpus):
 @pytest.mark.slow  # over the default run's time budget on 2 cores (docs/LOG.md)
 def test_worker_killed_while_writing_a_checkpoint_restores_the_last_complete_one(ray_local, tmp_path, corpus):
     root, n_train = corpus
-    cfg = chaos_config(tmp_path, root, "ckptkill", **{"train.max_steps": 24, "train.fault_checkpoint_delay_s": 6})
+    cfg = chaos_config(tmp_path, root, "ckptkill", **{"train.max_steps": 1000, "train.max_epochs": 1,
+                                                      "train.fault_checkpoint_delay_s": 6})
     # Rank 0 logs step 12 and then spends 6 s inside the step-12 checkpoint write: kill it in there.
     killed = kill_when(str(tmp_path / "trained"), at_step=12, rank=0, delay_s=1.5)
     outcome = fit(cfg, progress=False)
     assert killed and killed["step"] == 12
-    attempts = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=24, complete_epochs=1)
+    final = outcome.metrics["step"]
+    attempts = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=final, complete_epochs=1,
+                                   last_epoch_complete=True)
     assert [a["restored_step"] for a in attempts] == [0, 6]  # the half-written step-12 checkpoint was never used
     assert_no_stale_rows(read_metrics(str(tmp_path / "runs" / "ckptkill" / "metrics.jsonl")))
-    assert outcome.checkpoint_uri.endswith("checkpoint_step00000024")
+    assert outcome.checkpoint_uri.endswith(f"checkpoint_step{final:08d}") and final > 12

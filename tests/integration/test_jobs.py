@@ -114,10 +114,29 @@ def test_job_submit_with_token_auth_trains_and_checkpoints(token_head, tmp_path)
     assert "Started a local Ray instance" not in logs  # it joined the head's cluster
     assert (runs / "job" / "checkpoint_step00000006" / "state.pt").exists()
 
+    # A job whose training workers would take every CPU of the head (2 x 2 of its 4) is refused at start
+    # by the CPU preflight, in one line in its logs, instead of waiting forever for data.
+    starved_id = f"rts-test-{secrets.token_hex(4)}"
+    starved_cmd = [sys.executable, "jobs/submit.py", "--address", url, "--submission-id", starved_id, "--",
+                   "train", "--config", "examples/conformer_ctc_tiny.yaml", "--no-progress",
+                   f"data.root={corpus}", f"run.storage_path={runs}", "run.name=starved", "run.num_workers=2",
+                   "run.cpus_per_worker=2", "train.max_steps=2", *TINY_SYNTH]
+    starved = subprocess.run(starved_cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert starved.returncode != 0, (starved.stdout + starved.stderr)[-3000:]
+    starved_logs = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "logs",
+                                   "--address", url, starved_id], env=env, capture_output=True, text=True,
+                                  timeout=60).stdout
+    errors = [line for line in starved_logs.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no CPU left for data" in errors[0] and "run.cpus_per_worker" in errors[0], \
+        starved_logs[-3000:]
+    assert "Traceback" not in starved_logs, starved_logs[-3000:]
+    assert not any((runs / "starved").rglob("checkpoint_*"))
+
     # The Ray token and the AWS credentials the job's processes had are in nothing it left behind.
     secrets_ = {"RAY_AUTH_TOKEN": token, "AWS_ACCESS_KEY_ID": LEAK_ENV["AWS_ACCESS_KEY_ID"],
                 "AWS_SECRET_ACCESS_KEY": LEAK_ENV["AWS_SECRET_ACCESS_KEY"]}
-    assert_no_secrets(secrets_, files_under(str(runs)), {"submit output": out, "job logs": logs})
+    assert_no_secrets(secrets_, files_under(str(runs)), {"submit output": out, "job logs": logs,
+                                                         "refused job's logs": starved_logs})
 
 
 def test_submit_helper_refuses_an_empty_command():

@@ -33,7 +33,8 @@ def test_max_epochs_ends_with_a_final_checkpoint(request, backend, tmp_path):
     n_train = manifest.splits["train"].num_utterances
     # One whole pass: every utterance trained once (ranks that run dry step fillers; nothing is dropped).
     assert state["utterances_seen"] == n_train
-    assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=state["step"], complete_epochs=1)
+    assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=state["step"], complete_epochs=1,
+                        last_epoch_complete=True)
     assert state["epoch"] == 1 and state["world_sizes"] == [2 if backend == "ray" else 1]
     assert "max_epochs: 1" in config_yaml
     metrics = read_metrics(str(tmp_path / "runs" / "epochs" / "metrics.jsonl"))

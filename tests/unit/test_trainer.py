@@ -158,7 +158,7 @@ def test_two_uneven_ranks_step_in_lockstep_with_fillers_and_accumulation(tmp_pat
     # Every step was taken by both ranks (the audit asserts each step was logged by every rank), the epoch
     # covered every utterance exactly once, though rank 1 held one shard and ran dry long before rank 0.
     steps = assert_exactly_once(str(tmp_path / "trained"), n_train, final_step=max(attempts[0]["steps"]),
-                                complete_epochs=1)[0]["steps"]
+                                complete_epochs=1, last_epoch_complete=True)[0]["steps"]
     metrics = read_metrics(str(tmp_path / "runs" / "t" / METRICS_FILE))
     assert metrics[-1]["checkpoint"] and metrics[-1]["grad_accum"] == 2 and metrics[-1]["world_size"] == 2
     assert sum(len(s["indices"]) for s in steps.values()) == n_train
