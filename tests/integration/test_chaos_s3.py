@@ -126,3 +126,64 @@ def test_rank_0_killed_during_the_async_upload_resumes_from_the_last_committed_c
     attempts = assert_exactly_once(log_dir, manifest.splits["train"].num_utterances, final_step=12)
     assert [a["restored_step"] for a in attempts] == [0, 0], [a["restored_step"] for a in attempts]
     assert outcome.metrics["step"] == 12 and outcome.checkpoint_uri.endswith("checkpoint_step00000012")
+
+
+@pytest.mark.slow
+def test_driver_killed_during_the_async_upload_then_same_command_resumes(s3_endpoint, s3fs_client, tmp_path):
+    """The driver (and the local Ray it started: the whole process group) SIGKILLed 5 s after the step-6
+    checkpoint step, its upload to S3 unfinished behind a slowed link (the directory half landed: its
+    small files without the state file); the same command run again ignores that directory and resumes
+    from the last committed state (nothing yet: step 0), exactly once over a finished epoch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY_SYNTH
+    from tests.integration.proxy import StallingProxy
+
+    s3fs_client.mkdir("driverupload")
+    root = str(tmp_path / "corpus")
+    manifest = synthesize(tiny_config().synth, root, log=lambda s: None)
+    url = urlparse(s3_endpoint)
+    proxy = StallingProxy((url.hostname, url.port))
+    proxy.bytes_per_s = 256 * 1024
+    log_dir = tmp_path / "trained"
+    cmd = [sys.executable, "-m", "raytrain_speech.cli", "train", "--config", "examples/conformer_ctc_tiny.yaml",
+           "--no-progress", *TINY_SYNTH, f"data.root={root}", "run.storage_path=s3://driverupload/runs",
+           "run.name=driverupload", f"storage.endpoint_url=http://127.0.0.1:{proxy.port}", "train.max_steps=1000",
+           "train.max_epochs=1", "train.log_every_steps=2", "train.checkpoint_every_steps=6",
+           "train.global_batch_audio_s=20", f"train.trained_log_dir={log_dir}", "optim.warmup_steps=5",
+           "run.object_store_memory_mb=400"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            attempts = read_attempts(str(log_dir)) if log_dir.exists() else []
+            if attempts and max(attempts[-1]["steps"], default=0) >= 6:
+                break
+            assert first.poll() is None, "the first run ended before the fault"
+            time.sleep(0.05)
+        else:
+            pytest.fail("the first run never reached step 6")
+        time.sleep(5)
+        s3fs_client.invalidate_cache()
+        landed = [o for o in s3fs_client.find("driverupload/runs/driverupload") if "checkpoint_step00000006" in o]
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    time.sleep(2)
+    proxy.bytes_per_s = None  # the link is fine again for the rerun
+    try:
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    finally:
+        proxy.close()
+    # The kill came mid-upload: the state file had not landed (on this box the directory's small files
+    # had: a half-landed checkpoint directory is what the rerun found and must not use).
+    assert not [o for o in landed if o.endswith("state.pt")], landed
+    assert second.returncode == 0, second.stderr[-3000:]
+    final_step = max(step for a in read_attempts(str(log_dir)) for step in a["steps"])
+    attempts = assert_exactly_once(str(log_dir), manifest.splits["train"].num_utterances, final_step=final_step,
+                                   complete_epochs=1, last_epoch_complete=True)
+    assert [a["restored_step"] for a in attempts] == [0, 0]
+    assert "starting fresh" in second.stdout  # no committed checkpoint to resume: the half-upload was ignored
