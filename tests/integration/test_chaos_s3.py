@@ -130,15 +130,18 @@ def test_rank_0_killed_during_the_async_upload_resumes_from_the_last_committed_c
 
 @pytest.mark.slow
 def test_driver_killed_during_the_async_upload_then_same_command_resumes(s3_endpoint, s3fs_client, tmp_path):
-    """The driver (and the local Ray it started: the whole process group) SIGKILLed 5 s after the step-6
-    checkpoint step, its upload to S3 unfinished behind a slowed link (the directory half landed: its
-    small files without the state file); the same command run again ignores that directory and resumes
-    from the last committed state (nothing yet: step 0), exactly once over a finished epoch."""
+    """Step 6's checkpoint commits; then the link to S3 slows and, with step 12's async upload unfinished,
+    ``eval --checkpoint <run dir>`` scores the committed step-6 checkpoint, and the driver (with the local
+    Ray it started: the whole process group) is SIGKILLed. The same command run again ignores the
+    half-uploaded directory and resumes from step 6, exactly once over a finished epoch."""
+    import json
     import os
     import signal
     import subprocess
     import sys
 
+    from raytrain_speech.storage import StorageConfig
+    from raytrain_speech.train.checkpoint import latest_committed_dir
     from tests.conftest import TINY_SYNTH
     from tests.integration.proxy import StallingProxy
 
@@ -147,8 +150,8 @@ def test_driver_killed_during_the_async_upload_then_same_command_resumes(s3_endp
     manifest = synthesize(tiny_config().synth, root, log=lambda s: None)
     url = urlparse(s3_endpoint)
     proxy = StallingProxy((url.hostname, url.port))
-    proxy.bytes_per_s = 256 * 1024
     log_dir = tmp_path / "trained"
+    run = "s3://driverupload/runs/driverupload"
     cmd = [sys.executable, "-m", "raytrain_speech.cli", "train", "--config", "examples/conformer_ctc_tiny.yaml",
            "--no-progress", *TINY_SYNTH, f"data.root={root}", "run.storage_path=s3://driverupload/runs",
            "run.name=driverupload", f"storage.endpoint_url=http://127.0.0.1:{proxy.port}", "train.max_steps=1000",
@@ -156,34 +159,39 @@ def test_driver_killed_during_the_async_upload_then_same_command_resumes(s3_endp
            "train.global_batch_audio_s=20", f"train.trained_log_dir={log_dir}", "optim.warmup_steps=5",
            "run.object_store_memory_mb=400"]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    direct = StorageConfig(endpoint_url=s3_endpoint)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline:
-            attempts = read_attempts(str(log_dir)) if log_dir.exists() else []
-            if attempts and max(attempts[-1]["steps"], default=0) >= 6:
-                break
-            assert first.poll() is None, "the first run ended before the fault"
+        while (latest_committed_dir(run, direct) or "").rsplit("/", 1)[-1] != "checkpoint_step00000006":
+            assert first.poll() is None and time.time() < deadline, "step 6 never committed"
+            time.sleep(0.1)
+        proxy.bytes_per_s = 256 * 1024  # from now on uploads crawl
+        while max((max(a["steps"], default=0) for a in read_attempts(str(log_dir))), default=0) < 12:
+            assert first.poll() is None and time.time() < deadline, "the first run never reached step 12"
             time.sleep(0.05)
-        else:
-            pytest.fail("the first run never reached step 6")
-        time.sleep(5)
+        time.sleep(3)
+        scored = subprocess.run([sys.executable, "-m", "raytrain_speech.cli", "eval", "--checkpoint", run,
+                                 "--split", "dev", "--out", str(tmp_path / "eval.json"),
+                                 f"storage.endpoint_url={s3_endpoint}"], capture_output=True, text=True, timeout=120)
         s3fs_client.invalidate_cache()
-        landed = [o for o in s3fs_client.find("driverupload/runs/driverupload") if "checkpoint_step00000006" in o]
+        landed = [o for o in s3fs_client.find("driverupload/runs/driverupload") if "checkpoint_step00000012" in o]
+        assert first.poll() is None, "the first run ended before the fault"
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["step"] == 6  # the committed one, not step 12
+    # Step 12's state file had not landed when the driver died (its small files may have).
+    assert not [o for o in landed if o.endswith("state.pt")], landed
     time.sleep(2)
     proxy.bytes_per_s = None  # the link is fine again for the rerun
     try:
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     finally:
         proxy.close()
-    # The kill came mid-upload: the state file had not landed (on this box the directory's small files
-    # had: a half-landed checkpoint directory is what the rerun found and must not use).
-    assert not [o for o in landed if o.endswith("state.pt")], landed
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming at step 6" in second.stdout, second.stdout[-3000:]
     final_step = max(step for a in read_attempts(str(log_dir)) for step in a["steps"])
     attempts = assert_exactly_once(str(log_dir), manifest.splits["train"].num_utterances, final_step=final_step,
                                    complete_epochs=1, last_epoch_complete=True)
-    assert [a["restored_step"] for a in attempts] == [0, 0]
-    assert "starting fresh" in second.stdout  # no committed checkpoint to resume: the half-upload was ignored
+    assert [a["restored_step"] for a in attempts] == [0, 6]
