@@ -15,6 +15,8 @@ import sys
 import time
 from urllib.parse import urlparse
 
+import pytest
+
 from raytrain_speech.data.synth import synthesize
 from tests.conftest import TINY_SYNTH, tiny_config
 from tests.integration.audit import read_attempts
@@ -116,3 +118,48 @@ def test_an_outage_beyond_the_retry_budget_ends_with_one_line_and_the_rerun_resu
     attempts = assert_exactly_once(str(log_dir), manifest.splits["train"].num_utterances, final_step=24,
                                    complete_epochs=1)
     assert len(attempts) == 2 and attempts[1]["restored_step"] % 4 == 0 and attempts[1]["restored_step"] >= 4
+
+
+@pytest.mark.slow  # a Ray run of its own with the corpus behind the proxy: ~1 min
+def test_a_stalled_ray_data_pipeline_fails_the_attempt_with_the_watchdogs_line(ray_local, s3_endpoint, s3fs_client,
+                                                                               tmp_path):
+    """The Ray backend: Ray Data's read tasks hang on storage that stopped answering; each training
+    worker's watchdog fails the attempt, and with no failure budget left the run ends with its line."""
+    from raytrain_speech.train.fit import TrainingFailed, fit
+
+    bucket = "raystall"
+    s3fs_client.mkdir(bucket)
+    cfg = tiny_config(**{"data.root": f"s3://{bucket}/corpus", "storage.endpoint_url": s3_endpoint})
+    synthesize(cfg.synth, cfg.data.root, cfg.storage, log=lambda s: None)
+    url = urlparse(s3_endpoint)
+    proxy = StallingProxy((url.hostname, url.port))
+    log_dir = tmp_path / "trained"
+    cfg = tiny_config(**{
+        "data.root": f"s3://{bucket}/corpus", "storage.endpoint_url": f"http://127.0.0.1:{proxy.port}",
+        # the stuck read tasks give up soon after the watchdog has spoken, so they free their CPUs
+        "storage.request_timeout_s": 45, "storage.max_attempts": 1, "data.stall_timeout_s": 20,
+        "run.storage_path": str(tmp_path / "runs"), "run.name": "raystall", "run.max_failures": 0,
+        "train.max_steps": 1000, "train.max_epochs": 3, "train.log_every_steps": 2,
+        "train.checkpoint_every_steps": 1000, "train.global_batch_audio_s": 20, "train.trained_log_dir": str(log_dir)})
+
+    def stall_after_step_2():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            attempts = read_attempts(str(log_dir)) if log_dir.exists() else []
+            if attempts and max(attempts[-1]["steps"], default=0) >= 2:
+                proxy.stall.set()
+                return
+            time.sleep(0.05)
+
+    import threading
+
+    threading.Thread(target=stall_after_step_2, daemon=True).start()
+    try:
+        with pytest.raises(TrainingFailed) as err:
+            fit(cfg, progress=False)
+    finally:
+        proxy.close()
+    assert proxy.stall.is_set(), f"training never reached step 2: {err.value}"
+    message = str(err.value)
+    assert "\n" not in message and "waited 20 s for its next training batch" in message, message
+    assert f"s3://{bucket}/corpus split train" in message and "data.stall_timeout_s" in message, message
