@@ -82,18 +82,17 @@ def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | No
     checkpoint's report), so that each rank resumes its own dropout stream; without it (one process,
     a checkpoint written outside training) it is this process's. ``torch_rng``/``cuda_rng`` keep rank 0's
     in the layout older readers expect."""
+    rngs = rng_per_rank or [rng_state(torch.device("cpu"))]
     payload = {
         "model": unwrap(model).state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "train_state": asdict(state),
-        "torch_rng": torch.get_rng_state(),
+        "torch_rng": rngs[0]["torch"],
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "rng_per_rank": rng_per_rank if rng_per_rank is not None else [rng_state(torch.device("cpu"))],
+        "rng_per_rank": rngs,
     }
-    if rng_per_rank:
-        payload["torch_rng"] = rng_per_rank[0]["torch"]
     torch.save(payload, os.path.join(directory, STATE_FILE))
     if fault_delay_s:
         time.sleep(fault_delay_s)

@@ -68,19 +68,24 @@ def _drain_for_preemption(node_id: str, deadline_s: float) -> None:
     assert accepted, why
 
 
+def _elastic_config(tmp_path, root: str, name: str, log_dir: str, **extra):
+    """A 1-2 worker elastic run on the trainer nodes, 20 audio-s global batch (accumulation 1 at two workers)."""
+    return tiny_config(**{
+        "data.root": root, "run.storage_path": str(tmp_path / "runs"), "run.name": name,
+        "run.num_workers": [1, 2], "run.worker_resources": {"trainer_slot": 1}, "run.max_failures": 3,
+        "train.log_every_steps": 2, "train.global_batch_audio_s": 20, "train.micro_batch_audio_s": 10,
+        "train.trained_log_dir": log_dir, "optim.warmup_steps": 5, **extra,
+    })
+
+
 @pytest.mark.slow  # over the default run's time budget on 2 cores (docs/LOG.md)
 def test_spot_preemption_checkpoints_then_shrinks_to_one_worker(two_node_cluster, tmp_path):
     cluster, workers = two_node_cluster
     root = str(tmp_path / "corpus")
     manifest = synthesize(tiny_config().synth, root, log=lambda s: None)
     log_dir = str(tmp_path / "trained")
-    cfg = tiny_config(**{
-        "data.root": root, "run.storage_path": str(tmp_path / "runs"), "run.name": "nodeloss",
-        "run.num_workers": [1, 2], "run.worker_resources": {"trainer_slot": 1}, "run.max_failures": 3,
-        "train.max_steps": 40, "train.log_every_steps": 2, "train.checkpoint_every_steps": 100,
-        "train.global_batch_audio_s": 20, "train.micro_batch_audio_s": 10, "train.trained_log_dir": log_dir,
-        "optim.warmup_steps": 5,
-    })
+    cfg = _elastic_config(tmp_path, root, "nodeloss", log_dir, **{"train.max_steps": 40,
+                                                                   "train.checkpoint_every_steps": 100})
     removed = {}
     metrics_path = tmp_path / "runs" / "nodeloss" / "metrics.jsonl"
 
@@ -141,13 +146,8 @@ def test_a_node_lost_without_notice_resumes_on_the_survivor_from_the_last_checkp
     root = str(tmp_path / "corpus")
     manifest = synthesize(tiny_config().synth, root, log=lambda s: None)
     log_dir = str(tmp_path / "trained")
-    cfg = tiny_config(**{
-        "data.root": root, "run.storage_path": str(tmp_path / "runs"), "run.name": "hardloss",
-        "run.num_workers": [1, 2], "run.worker_resources": {"trainer_slot": 1}, "run.max_failures": 3,
-        "train.max_steps": 1000, "train.max_epochs": 1, "train.log_every_steps": 2,
-        "train.checkpoint_every_steps": 6, "train.global_batch_audio_s": 20, "train.micro_batch_audio_s": 10,
-        "train.trained_log_dir": log_dir, "optim.warmup_steps": 5,
-    })
+    cfg = _elastic_config(tmp_path, root, "hardloss", log_dir, **{"train.max_steps": 1000, "train.max_epochs": 1,
+                                                                   "train.checkpoint_every_steps": 6})
     removed = {}
 
     def remove_when_ready():

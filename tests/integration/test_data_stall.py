@@ -26,12 +26,18 @@ RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "confor
 BUCKET = "stall"
 
 
-def test_a_pipeline_that_stalls_mid_run_fails_with_one_line(s3_endpoint, s3fs_client, tmp_path):
-    s3fs_client.mkdir(BUCKET)
-    cfg = tiny_config(**{"data.root": f"s3://{BUCKET}/corpus", "storage.endpoint_url": s3_endpoint})
-    synthesize(cfg.synth, cfg.data.root, cfg.storage, log=lambda s: None)
+def _corpus_behind_proxy(bucket: str, s3_endpoint: str, s3fs_client):
+    """The tiny corpus synthesized into ``s3://<bucket>/corpus`` (directly), and a proxy in front of the
+    server for the run to reach it through: (proxy, manifest)."""
+    s3fs_client.mkdir(bucket)
+    cfg = tiny_config(**{"data.root": f"s3://{bucket}/corpus", "storage.endpoint_url": s3_endpoint})
+    manifest = synthesize(cfg.synth, cfg.data.root, cfg.storage, log=lambda s: None)
     url = urlparse(s3_endpoint)
-    proxy = StallingProxy((url.hostname, url.port))
+    return StallingProxy((url.hostname, url.port)), manifest
+
+
+def test_a_pipeline_that_stalls_mid_run_fails_with_one_line(s3_endpoint, s3fs_client, tmp_path):
+    proxy, _ = _corpus_behind_proxy(BUCKET, s3_endpoint, s3fs_client)
     log_dir = tmp_path / "trained"
     args = ["train", "--config", RECIPE, "--no-progress", "run.backend=local", *TINY_SYNTH,
             f"data.root=s3://{BUCKET}/corpus", f"storage.endpoint_url=http://127.0.0.1:{proxy.port}",
@@ -79,11 +85,7 @@ def test_an_outage_beyond_the_retry_budget_ends_with_one_line_and_the_rerun_resu
     from tests.integration.audit import assert_exactly_once
 
     bucket = "outage"
-    s3fs_client.mkdir(bucket)
-    cfg = tiny_config(**{"data.root": f"s3://{bucket}/corpus", "storage.endpoint_url": s3_endpoint})
-    manifest = synthesize(cfg.synth, cfg.data.root, cfg.storage, log=lambda s: None)
-    url = urlparse(s3_endpoint)
-    proxy = StallingProxy((url.hostname, url.port))
+    proxy, manifest = _corpus_behind_proxy(bucket, s3_endpoint, s3fs_client)
     log_dir = tmp_path / "trained"
     args = [sys.executable, "-m", "raytrain_speech.cli", "train", "--config", RECIPE, "--no-progress",
             "run.backend=local", *TINY_SYNTH, f"data.root=s3://{bucket}/corpus",
@@ -128,11 +130,7 @@ def test_a_stalled_ray_data_pipeline_fails_the_attempt_with_the_watchdogs_line(r
     from raytrain_speech.train.fit import TrainingFailed, fit
 
     bucket = "raystall"
-    s3fs_client.mkdir(bucket)
-    cfg = tiny_config(**{"data.root": f"s3://{bucket}/corpus", "storage.endpoint_url": s3_endpoint})
-    synthesize(cfg.synth, cfg.data.root, cfg.storage, log=lambda s: None)
-    url = urlparse(s3_endpoint)
-    proxy = StallingProxy((url.hostname, url.port))
+    proxy, _ = _corpus_behind_proxy(bucket, s3_endpoint, s3fs_client)
     log_dir = tmp_path / "trained"
     cfg = tiny_config(**{
         "data.root": f"s3://{bucket}/corpus", "storage.endpoint_url": f"http://127.0.0.1:{proxy.port}",
