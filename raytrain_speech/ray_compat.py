@@ -53,6 +53,61 @@ def quiet_train_report_logger() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+SCHEDULER_PASS_MIN_S = 0.05
+"""Shortest pass of Ray Data's scheduling loop (calm_data_scheduler): at most 20 passes a second."""
+
+
+def calm_data_scheduler() -> None:
+    """Ray 2.60 Data's scheduling loop (``StreamingExecutor.run``) blocks in ``ray.wait`` (up to 0.1 s)
+    only while a task is in flight and none has output ready. A training chain spends most of an
+    epoch otherwise: the preprocessed blocks queued ahead and the operators backpressured until the
+    trainers take more, so either nothing is in flight (the wait is skipped) or a task's next output
+    is ready but may not be pulled (the wait returns at once), and the loop spins. Ray Train's
+    SplitCoordinator actor, which runs the loop, then used 55-93% of a core on the 2-core demo box,
+    as much as one of the two training workers (docs/LOG.md, the AVX2 demo). This makes a pass
+    that took less than ``SCHEDULER_PASS_MIN_S`` sleep the rest: one pass handles every finished task
+    and dispatches every task it may, so 20 passes a second cost nothing but up to 50 ms before a
+    task is dispatched. Applied in every worker process of a local Ray (``worker_process_setup_hook``,
+    ray_session.py) and in the driver. Performance only: a moved method leaves the loop as it was."""
+    import time
+
+    try:
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    except ImportError:
+        return
+    original = getattr(StreamingExecutor, "_scheduling_loop_step", None)
+    if original is None or getattr(original, "calmed", False):
+        return
+
+    def _scheduling_loop_step(self, topology):
+        start = time.perf_counter()
+        more = original(self, topology)
+        rest = SCHEDULER_PASS_MIN_S - (time.perf_counter() - start)
+        if more and rest > 0:
+            time.sleep(rest)
+        return more
+
+    _scheduling_loop_step.calmed = True
+    StreamingExecutor._scheduling_loop_step = _scheduling_loop_step
+
+
+def quiet_ray_data_notices() -> None:
+    """Two lines Ray 2.60 prints in every run that a user can do nothing about: Ray Data's warning that
+    its progress bars are off (we turn them off: QUIET_ENV) and the RayDeprecationWarning Ray Train's
+    own DatasetManager triggers by setting ``ExecutionOptions.exclude_resources``. Only these two
+    messages are dropped; every other warning and log line of Ray's is as it was."""
+    import warnings
+
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
+
+
+def worker_setup() -> None:
+    """``worker_process_setup_hook`` of a local Ray: what every Ray worker process of ours does first."""
+    calm_data_scheduler()
+    quiet_ray_data_notices()
+
+
 def latest_snapshot_checkpoint(run_dir: str, storage_cfg: StorageConfig | None = None) -> str | None:
     """The directory name of the checkpoint Ray Train will restore next, from its checkpoint-manager
     snapshot in the run directory (None: no snapshot, or nothing committed yet).

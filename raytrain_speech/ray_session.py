@@ -20,8 +20,17 @@ import ray.data
 from raytrain_speech import ray_compat
 
 DEFAULT_DASHBOARD_PORT = 8265
-QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
-"""Environment of every Ray worker we start: Ray Data's per-execution INFO lines off."""
+QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+"""Environment of every Ray worker we start: Ray Data's per-execution INFO lines and its progress bars
+off. The bars matter beyond the console: Ray Train's SplitCoordinator actor runs the training
+chain with its own DataContext, and with tqdm installed it redrew them ~40 times a second, using
+about half a core of a 2-core box (docs/LOG.md, the AVX2 demo)."""
+
+
+def local_runtime_env() -> dict:
+    """Runtime environment of a local Ray we start (and of the tests' clusters): QUIET_ENV, and
+    ray_compat.worker_setup run first in every worker process (Ray Data's scheduler calmed)."""
+    return {"env_vars": dict(QUIET_ENV), "worker_process_setup_hook": "raytrain_speech.ray_compat.worker_setup"}
 
 
 def dashboard_port() -> int:
@@ -53,6 +62,7 @@ def connect(configured_address: str | None = None, num_cpus: int | None = None, 
     was connected already; whoever gets True may ``ray.shutdown()`` when done. Either way Ray Data's
     progress output is off in this process."""
     quiet_data()
+    ray_compat.calm_data_scheduler()
     if ray.is_initialized():
         return False
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
@@ -63,7 +73,7 @@ def connect(configured_address: str | None = None, num_cpus: int | None = None, 
         extra = {"dashboard_port": dashboard_port()} if dashboard else {}
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
                  object_store_memory=object_store_mb * 2**20, include_dashboard=dashboard,
-                 runtime_env={"env_vars": dict(QUIET_ENV)}, **quiet, **extra)
+                 runtime_env=local_runtime_env(), **quiet, **extra)
     return True
 
 

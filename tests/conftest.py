@@ -62,12 +62,12 @@ class SharedRay:
     def start(self):
         import ray
 
-        from raytrain_speech.ray_session import dashboard_port
+        from raytrain_speech.ray_session import dashboard_port, local_runtime_env
 
         if not self.started:
             ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=True,
                      dashboard_port=dashboard_port(), logging_level="WARNING",
-                     runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}})
+                     runtime_env=local_runtime_env())
             self.started = True
         return ray
 
