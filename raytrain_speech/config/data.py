@@ -117,6 +117,12 @@ class SynthConfig:
     """Distinct speakers (accent x variant, with their own pitch and rate) in train."""
     heldout_speakers: int = 16
     """Speakers in dev and in test each; never used in train."""
+    heldout_accents: tuple[str, ...] = ("en-gb-scotland",)
+    """English accent families no train, dev or test speaker has: heldout_speakers voices of them say
+    the test_accents split, the harder test of an accent never heard (() = no such split, the corpus
+    as before the split existed)."""
+    test_accents_utterances: int | None = None
+    """Utterances in test_accents (None = as many as test_utterances)."""
     min_words: int = 3
     """Shortest sentence in words."""
     max_words: int = 8

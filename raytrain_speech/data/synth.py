@@ -47,6 +47,8 @@ VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f
             "edward", "ian", "iven", "john", "linda", "max", "Michael", "norbert", "steph", "travis",
             "victor", "paul", "robert", "quincy", "shelby", "benjamin", "belinda", "aunty", "grandpa")
 SPLITS = ("train", "dev", "test")
+ACCENT_SPLIT = "test_accents"
+"""Split whose speakers all have an accent (``SynthConfig.heldout_accents``) no other split has."""
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,19 @@ def check_config(cfg: SynthConfig) -> None:
     """The checks of a SynthConfig against the voice inventory (its own field ranges are checked when
     it is loaded): enough accent x variant combinations for the speakers asked for, a known second
     language with enough voices of its own."""
-    n_combos = len(ACCENTS) * len(VARIANTS)
+    unknown = [a for a in cfg.heldout_accents if a not in ACCENTS]
+    require(not unknown, "synth.heldout_accents",
+            f"unknown accents {unknown}: choose among {', '.join(ACCENTS)}")
+    require(len(set(cfg.heldout_accents)) < len(ACCENTS), "synth.heldout_accents",
+            "must leave at least one accent for train, dev and test")
+    n_combos = (len(ACCENTS) - len(set(cfg.heldout_accents))) * len(VARIANTS)
     need = cfg.train_speakers + 2 * cfg.heldout_speakers
     require(need <= n_combos, "synth.train_speakers",
-            f"train_speakers + 2*heldout_speakers must be <= {n_combos} voice combinations")
+            f"train_speakers + 2*heldout_speakers must be <= {n_combos} voice combinations "
+            "(accents not held out x variants)")
+    n_accent_combos = len(set(cfg.heldout_accents)) * len(VARIANTS)
+    require(cfg.heldout_speakers <= n_accent_combos or not cfg.heldout_accents, "synth.heldout_speakers",
+            f"must be <= {n_accent_combos} voice combinations of the held-out accents")
     supported = ", ".join(repr(code) for code in sorted(SECOND_LANGUAGES))
     require(cfg.second_language in ("", *SECOND_LANGUAGES), "synth.second_language",
             f"unknown language {cfg.second_language!r}: must be '' (English only) or one of {supported}")
@@ -82,6 +93,11 @@ def check_config(cfg: SynthConfig) -> None:
         require(2 * cfg.heldout_speakers < n_second, "synth.heldout_speakers",
                 f"2*heldout_speakers must be < {n_second} {cfg.second_language!r} voice combinations "
                 "(dev and test each need their own speakers and train at least one)")
+
+
+def splits(cfg: SynthConfig) -> tuple[str, ...]:
+    """The corpus's splits: train, dev, test, and test_accents when accents are held out."""
+    return SPLITS + ((ACCENT_SPLIT,) if cfg.heldout_accents else ())
 
 
 def languages(cfg: SynthConfig) -> tuple[Language, ...]:
@@ -133,11 +149,23 @@ def make_speakers(cfg: SynthConfig) -> dict[str, list[Speaker]]:
     had). The second language has ``heldout_speakers`` in dev and in test like English, and in train
     ``train_speakers`` or as many as its remaining voice combinations allow. English speakers come first
     in each split's list.
+
+    English accents in ``heldout_accents`` are left out of train, dev and test (the other accents'
+    combinations are drawn from the same stream as without them); ``heldout_speakers`` of their
+    combinations, from a stream of their own, speak the ``test_accents`` split.
     """
     out: dict[str, list[Speaker]] = {split: [] for split in ("dev", "test", "train")}
+    held = set(cfg.heldout_accents)
+    if held:
+        rng = _rng(cfg, "speakers/heldout_accents", ENGLISH)
+        combos = [(a, v) for a in ACCENTS if a in held for v in VARIANTS]
+        rng.shuffle(combos)
+        out[ACCENT_SPLIT] = [Speaker(f"{a}+{v}", f"{a}+{v}", rng.randint(*cfg.pitch), rng.randint(30, 90),
+                                     rng.randint(*cfg.rate_wpm), ENGLISH.code)
+                             for a, v in combos[: cfg.heldout_speakers]]
     for lang in languages(cfg):
         rng = _rng(cfg, "speakers", lang)
-        combos = [(a, v) for a in lang.accents for v in VARIANTS]
+        combos = [(a, v) for a in lang.accents if a not in held for v in VARIANTS]
         rng.shuffle(combos)
         n_train = min(cfg.train_speakers, len(combos) - 2 * cfg.heldout_speakers)
         counts = {"dev": cfg.heldout_speakers, "test": cfg.heldout_speakers, "train": n_train}
@@ -249,6 +277,13 @@ def is_second_language(index: int, share: float) -> bool:
     return math.floor((index + 1) * share) > math.floor(index * share)
 
 
+def split_utterances(cfg: SynthConfig, split: str) -> int:
+    """Utterances of a held-out split; test_accents has as many as test unless set."""
+    if split == ACCENT_SPLIT:
+        return cfg.test_utterances if cfg.test_accents_utterances is None else cfg.test_accents_utterances
+    return getattr(cfg, f"{split}_utterances")
+
+
 def make_specs(cfg: SynthConfig) -> dict[str, list[UtteranceSpec]]:
     """All utterance specs; held-out sentences are drawn first and excluded from train.
 
@@ -263,7 +298,7 @@ def make_specs(cfg: SynthConfig) -> dict[str, list[UtteranceSpec]]:
     used: set[str] = set()
     written: set[str] = set()
     specs: dict[str, list[UtteranceSpec]] = {}
-    for split in ("dev", "test", "train"):
+    for split in ("dev", "test", *((ACCENT_SPLIT,) if cfg.heldout_accents else ()), "train"):
         rngs = {lang.code: _rng(cfg, split, lang) for lang in langs}
         punct_rngs = {lang.code: _rng(cfg, f"{PUNCTUATION_STREAM}/{split}", lang) for lang in langs}
         pools = {lang.code: [s for s in speakers[split] if s.language == lang.code] for lang in langs}
@@ -272,9 +307,9 @@ def make_specs(cfg: SynthConfig) -> dict[str, list[UtteranceSpec]]:
         while True:
             if split == "train" and total_s >= cfg.train_hours * 3600:
                 break
-            if split != "train" and len(out) >= getattr(cfg, f"{split}_utterances"):
+            if split != "train" and len(out) >= split_utterances(cfg, split):
                 break
-            lang = langs[-1] if len(langs) > 1 and is_second_language(
+            lang = langs[-1] if len(langs) > 1 and split != ACCENT_SPLIT and is_second_language(
                 len(out), cfg.second_language_share) else ENGLISH
             rng = rngs[lang.code]
             words = rng.choices(lang.words, k=rng.randint(cfg.min_words, cfg.max_words))
@@ -426,6 +461,8 @@ def _source_config(cfg: SynthConfig) -> dict:
         del data["second_language"], data["second_language_share"]
     if not cfg.punctuation:
         del data["punctuation"]
+    if not cfg.heldout_accents:
+        del data["heldout_accents"], data["test_accents_utterances"]
     return data
 
 
@@ -435,14 +472,14 @@ def synthesize(cfg: SynthConfig, out_uri: str, storage_cfg: StorageConfig | None
     check_voices(SECOND_LANGUAGES[cfg.second_language].accents if cfg.second_language else ())
     specs = make_specs(cfg)
     jobs = []
-    for split in SPLITS:
+    for split in splits(cfg):
         items = specs[split]
         for n in range(math.ceil(len(items) / cfg.shard_utterances)):
             chunk = items[n * cfg.shard_utterances: (n + 1) * cfg.shard_utterances]
             jobs.append((out_uri, shards.shard_name(split, n), chunk, cfg.sample_rate_hz, storage_cfg))
     workers = cfg.workers or os.cpu_count() or 1
     manifest = shards.Manifest(source={"kind": "synth", "config": _source_config(cfg)})
-    for split in SPLITS:
+    for split in splits(cfg):
         manifest.splits[split] = shards.SplitInfo()
     # libespeak-ng keeps state between utterances (pitch flutter, wave generator phase) that neither
     # a seed nor re-initialisation resets, so each shard is rendered by a fresh process forked from a

@@ -53,8 +53,9 @@ def test_render_gives_16khz_speech_with_padding_and_gain():
 def test_synthesize_writes_shards_and_manifest_deterministically(tmp_path):
     m1 = synthesize(SMALL, str(tmp_path / "a"), log=lambda s: None)
     synthesize(SMALL, str(tmp_path / "b"), log=lambda s: None)
-    assert m1.splits.keys() == {"train", "dev", "test"}
+    assert m1.splits.keys() == {"train", "dev", "test", "test_accents"}
     assert m1.splits["dev"].num_utterances == 6
+    assert m1.splits["test_accents"].num_utterances == 8  # as many as test unless set
     for split, info in m1.splits.items():
         for rel in info.shards:
             t1 = pq.read_table(tmp_path / "a" / rel)
@@ -74,22 +75,53 @@ def test_synthesize_writes_shards_and_manifest_deterministically(tmp_path):
     assert indices == list(range(len(indices)))
 
 
-def _fingerprint(specs) -> tuple[int, str]:
+def _fingerprint(specs, splits=("dev", "test", "train")) -> tuple[int, str]:
     rows = [(s.id, s.split, s.index, s.text, s.speaker.name, s.speaker.voice, s.speaker.pitch, s.speaker.pitch_range,
              s.speaker.rate_wpm, s.rate_wpm, s.pitch, repr(s.lead_s), repr(s.tail_s), repr(s.gain), s.seed)
-            for split in ("dev", "test", "train") for s in specs[split]]
+            for split in splits for s in specs[split]]
     return len(rows), hashlib.sha256(repr(rows).encode()).hexdigest()
 
 
 def test_english_only_default_specs_are_pinned():
     """Regression pin, computed before the second language existed: existing corpora and recorded
     measurements depend on the default config giving exactly these specs (and so these audio bytes)."""
-    small = make_specs(SynthConfig(train_hours=0.05, dev_utterances=10, test_utterances=10))
+    small = make_specs(SynthConfig(train_hours=0.05, dev_utterances=10, test_utterances=10, heldout_accents=()))
     assert _fingerprint(small) == (101, "d25df91070c8092267eaa55b21454fe2ba08e2102ff7819c699bef0cc57c59d1")
     assert small["dev"][0].text == "hammer finish zero" and small["dev"][0].speaker.name == "en-gb-x-gbcwmd+m5"
+    before = make_specs(SynthConfig(heldout_accents=()))
+    assert _fingerprint(before) == (10076, "dc76c9dd801fe25fe809a738ebd02ffff9f998290d2ae6fc0109a3e541e1c04c")
+    assert {s.language for split in before.values() for s in split} == {"en"}
+    assert "heldout_accents" not in _source_config(SynthConfig(heldout_accents=()))
+
+
+def test_default_specs_with_a_heldout_accent_are_pinned():
+    """Regression pin of the default corpus since it holds out an accent (the demo's, docs/LOG.md)."""
     default = make_specs(SynthConfig())
-    assert _fingerprint(default) == (10076, "dc76c9dd801fe25fe809a738ebd02ffff9f998290d2ae6fc0109a3e541e1c04c")
-    assert {s.language for split in default.values() for s in split} == {"en"}
+    assert _fingerprint(default, ("dev", "test", "test_accents", "train")) == (
+        10578, "a809aaa437cd0c2ac7e78f541c91d9878bf37677cd99a7908a377d3729bfb712")
+
+
+def test_heldout_accent_split_has_only_voices_of_accents_no_other_split_has():
+    cfg = SynthConfig()
+    specs = make_specs(cfg)
+    accent_of = lambda spec: spec.speaker.voice.split("+")[0]  # noqa: E731
+    held = {accent_of(s) for s in specs["test_accents"]}
+    assert held == set(cfg.heldout_accents)
+    for split in ("train", "dev", "test"):
+        assert not held & {accent_of(s) for s in specs[split]}
+    assert len(specs["test_accents"]) == cfg.test_utterances
+    assert len({s.speaker.voice for s in specs["test_accents"]}) == cfg.heldout_speakers
+    train_txt = {s.text for s in specs["train"]}
+    assert not train_txt & {s.text for s in specs["test_accents"]}
+    other_heldout = {s.text for split in ("dev", "test") for s in specs[split]}
+    assert not other_heldout & {s.text for s in specs["test_accents"]}
+    assert len(make_specs(dataclasses.replace(cfg, test_accents_utterances=5))["test_accents"]) == 5
+
+
+@pytest.mark.parametrize("override", [{"heldout_accents": ("en-gb-moon",)}, {"heldout_accents": ACCENTS}])
+def test_heldout_accents_validation(override):
+    with pytest.raises(ConfigError, match="synth.heldout_accents"):
+        check_config(dataclasses.replace(SynthConfig(), **override))
 
 
 def test_spanish_word_list_fits_the_alphabet():
@@ -105,7 +137,8 @@ def test_second_language_share_voices_and_words_per_split():
     es_voices = {f"{a}+{v}" for a in SECOND_LANGUAGES["es"].accents for v in VARIANTS}
     en_voices = {f"{a}+{v}" for a in ACCENTS for v in VARIANTS}
     voices_by_split = {}
-    for split, items in specs.items():
+    assert {s.language for s in specs["test_accents"]} == {"en"}  # the held-out accents are English ones
+    for split, items in ((k, v) for k, v in specs.items() if k != "test_accents"):
         es = [s for s in items if s.language == "es"]
         assert {s.language for s in items} == {"en", "es"}
         assert abs(len(es) / len(items) - 0.25) < 0.01, split
@@ -144,7 +177,8 @@ def test_second_language_validation(override, key):
 
 
 def test_spanish_voices_render_and_shards_record_the_language(tmp_path):
-    cfg = dataclasses.replace(SMALL, dev_utterances=10, test_utterances=10, second_language="es")
+    cfg = dataclasses.replace(SMALL, dev_utterances=10, test_utterances=10, second_language="es",
+                              heldout_accents=())  # a corpus as before the accent split: train, dev, test
     es_specs = [s for split in make_specs(cfg).values() for s in split if s.language == "es"]
     for accent in SECOND_LANGUAGES["es"].accents:  # espeak resolves both Spanish voices to Spanish
         spec = next(s for s in es_specs if s.speaker.voice.split("+")[0] == accent)
