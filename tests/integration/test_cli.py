@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -85,13 +86,17 @@ def _check_demo(tmp_path, proc, name: str) -> dict:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "[demo] synthesizing" in out
-    for row in ("steps", "audio hours seen", "throughput", "test WER", "test CER"):
+    for row in ("steps", "audio hours seen", "throughput", "test WER", "test CER", "test_accents WER"):
         assert f"| {row}" in out, out
+    precision = next(line for line in out.splitlines() if line.startswith("| precision"))
+    assert re.search(r"(fp32|bf16) \(auto\) on CPU (DEFAULT|VSX|ZVECTOR|AVX2|AVX512|SVE\d*), \d+ cores", precision), precision
     run = tmp_path / "runs" / name
     assert (run / "config.yaml").exists() and (run / "metrics.jsonl").exists()
     assert (run / "checkpoint_step00000012" / "state.pt").exists()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["metrics"]["step"] == 12 and 0 <= summary["eval"]["wer"] <= 2.0
+    assert [t["split"] for t in summary["eval"]["sets"]] == ["test", "test_accents"]
+    assert summary["compute"] in precision
     return summary
 
 
