@@ -116,12 +116,15 @@ class RunRecord:
     the file from an empty read (which would erase every earlier attempt's records). A failed write
     is healed by the next one, which writes the whole history again."""
 
-    def __init__(self, directory: str, storage_cfg: StorageConfig | None, info: dict, log=None):
+    def __init__(self, directory: str, storage_cfg: StorageConfig | None, info: dict, log=None,
+                 trackers: tuple[str, ...] = ()):
         # The Ray Train callback holding this is pickled to the controller: keep ``print`` out of it.
         self.directory, self.storage_cfg, self.info, self.log = directory, storage_cfg, info, log
+        self.trackers = tuple(trackers)
+        self.sinks: list | None = None  # built at the first record (not picklable)
         self.records: list[dict] | None = None
         self.pending: list[dict] = []
-        self._warned = self._card_due = False
+        self._warned = self._card_due = self._tracker_warned = False
 
     def add(self, metrics: dict, checkpoint_path: str | None = None) -> None:
         record = {**metrics, "time": time.time()}
@@ -133,11 +136,13 @@ class RunRecord:
         try:
             if self.records is None:
                 self.records = read_metrics(uri, self.storage_cfg, strict=True)
-            self.records += self.pending
+            for r in self.pending:
+                self._track(r)
+                self.records.append(r)
             self.pending = []
             storage.write_bytes(uri, "".join(json.dumps(r) + "\n" for r in self.records).encode(), self.storage_cfg)
             if self._card_due:  # also for a checkpoint reported during an outage
-                write_run_card(self.directory, self.records, self.info, self.storage_cfg)
+                write_run_card(self.directory, self.records, self.info, self.storage_cfg, self.log)
                 self._card_due = False
             self._warned = False
         except StorageError as err:
@@ -147,10 +152,41 @@ class RunRecord:
                 self._warned = True
 
 
-def write_run_card(directory: str, records: list[dict], info: dict, storage_cfg: StorageConfig | None) -> dict:
+    def _track(self, record: dict) -> None:
+        """The record to every tracker (train/trackers.py); a failing tracker costs one line, once."""
+        from raytrain_speech.train.trackers import build_sinks
+
+        try:
+            if self.sinks is None:
+                self.sinks = build_sinks(self.trackers, self.directory, self.storage_cfg)
+            for sink in self.sinks:
+                sink.log(record, self.records)
+        except Exception as err:
+            if not self._tracker_warned:
+                (self.log or print)(f"[raytrain-speech] tracker not written ({type(err).__name__}: {err}); "
+                                    "metrics.jsonl is")
+                self._tracker_warned = True
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "sinks": None}
+
+
+def write_run_card(directory: str, records: list[dict], info: dict, storage_cfg: StorageConfig | None,
+                   log=None) -> dict:
+    """run_card.json/.md and the curves (train/curves.py). A plot that cannot be drawn costs one line,
+    never the run; storage errors are the caller's (RunRecord retries them)."""
+    from raytrain_speech.train.curves import CURVES_PNG, write_curves
+
     card = run_card(records, info)
     storage.write_bytes(storage.join(directory, RUN_CARD_JSON), json.dumps(card, indent=2).encode(), storage_cfg)
     storage.write_bytes(storage.join(directory, RUN_CARD_MD), run_card_markdown(card).encode(), storage_cfg)
+    try:
+        write_curves(directory, records, storage_cfg, title=f"{info.get('name')}: {info.get('family')}/{info.get('preset')}")
+    except StorageError:
+        raise
+    except Exception as err:  # matplotlib missing or failing: the records are what matter
+        (log or print)(f"[raytrain-speech] {CURVES_PNG} not drawn ({type(err).__name__}: {err}); "
+                       "metrics.jsonl and the run card are written")
     return card
 
 
