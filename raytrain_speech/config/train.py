@@ -52,6 +52,9 @@ class LaunchConfig:
     """Logical CPUs of a local Ray; None = cores + training workers' CPUs, so data tasks still run."""
     object_store_memory_mb: int = 1536
     """Object store size of a local Ray (the default, 30% of RAM, is too much on a laptop)."""
+    trackers: tuple[str, ...] = ("tensorboard",)
+    """Where rank 0's metrics go besides metrics.jsonl: tensorboard = event files under
+    <run dir>/tensorboard (`tensorboard --logdir runs/`); [] = none (train/trackers.py)."""
 
     def validate(self) -> None:
         require(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'")

@@ -37,8 +37,8 @@ class RunRecordCallback(ray.train.UserCallback):
     """Runs on the Train controller: rank 0's metrics of every report into metrics.jsonl, and the run
     card at every checkpoint (train/metrics.py RunRecord, as the local backend writes them)."""
 
-    def __init__(self, directory: str, storage_cfg, info: dict):
-        self.record = RunRecord(directory, storage_cfg, info)
+    def __init__(self, directory: str, storage_cfg, info: dict, trackers: tuple[str, ...] = ()):
+        self.record = RunRecord(directory, storage_cfg, info, trackers=trackers)
 
     def after_report(self, run_context, metrics, checkpoint):
         self.record.add(metrics[0] if metrics else {}, checkpoint.path if checkpoint is not None else None)
@@ -79,7 +79,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=run.checkpoints_to_keep, checkpoint_score_attribute=run.checkpoint_score_attribute,
                 checkpoint_score_order=run.checkpoint_score_order),
-            callbacks=[RunRecordCallback(run_dir(cfg), cfg.storage, run_info(cfg)), *(callbacks or [])],
+            callbacks=[RunRecordCallback(run_dir(cfg), cfg.storage, run_info(cfg), cfg.run.trackers),
+                       *(callbacks or [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         # Callables: Train calls them at every worker-group start (first start, restart, resize).

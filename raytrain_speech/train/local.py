@@ -52,7 +52,7 @@ class LocalRuntime:
         self.cfg = cfg
         self.device = local_device(cfg)
         self.run_dir = run_dir(cfg)
-        self.record = RunRecord(self.run_dir, cfg.storage, run_info(cfg))
+        self.record = RunRecord(self.run_dir, cfg.storage, run_info(cfg), trackers=cfg.run.trackers)
         self.recipe = TrainingRecipe.from_config(cfg)
         self.epoch = 0
 

@@ -15,11 +15,13 @@ from raytrain_speech.data import corpus
 from raytrain_speech.models.registry import check_config
 from raytrain_speech.storage import StorageError
 from raytrain_speech.train.finetune import check_init_from
+from raytrain_speech.train.trackers import check_trackers
 
 
 def check(cfg: Config) -> None:
     """Raise ConfigError / StorageError (one line each) for anything that would fail every worker."""
     check_config(cfg)
+    check_trackers(cfg.run.trackers)
     if cfg.train.init_from:  # first: a checkpoint that cannot fit says so before any data is looked at
         check_init_from(cfg)
     storage.check_reachable(cfg.data.root, cfg.storage)

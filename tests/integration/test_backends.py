@@ -10,6 +10,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from raytrain_speech.data.synth import synthesize
 from raytrain_speech.evaluate.runner import evaluate_checkpoint
 from raytrain_speech.train.fit import fit
@@ -72,6 +75,15 @@ def test_local_run_without_ray_then_resumed_under_ray(ray_local, s3_endpoint, s3
     last = fit(tiny_config(**run, **{"run.backend": "local", "train.max_steps": 45}), progress=False)
     assert last.metrics["step"] == 45 and last.metrics["attempt"] == 3
     assert last.checkpoint_uri == f"{runs}/both/checkpoint_step00000045"
+
+    # TensorBoard (run.trackers' default) got every record of the three processes, once per step, in s3://.
+    s3fs_client.get(f"{BUCKET}/runs/both/tensorboard", str(tmp_path / "tb"), recursive=True)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    records = read_metrics(f"{runs}/both/metrics.jsonl", cfg.storage)
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
+    assert [e.value for e in events.Scalars("world_size")] == [1] * 6 + [2] * 2 + [1]
 
     result = evaluate_checkpoint(last.checkpoint_uri, cfg.storage, split="test")
     assert result["utterances"] == manifest.splits["test"].num_utterances
