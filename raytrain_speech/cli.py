@@ -113,29 +113,16 @@ def _text_rules(config_path: str | None, overrides: list[str]):
     return load_config(config_path, [o for o in overrides if o.split("=", 1)[0].startswith("text.")]).text
 
 
-def _ensure_corpus(cfg) -> None:
-    from raytrain_speech import storage
-    from raytrain_speech.data import shards
-    from raytrain_speech.data.synth import synthesize
-
-    storage.check_reachable(cfg.data.root, cfg.storage)
-    if storage.exists(storage.join(cfg.data.root, shards.MANIFEST), cfg.storage):
-        print(f"[demo] corpus found at {cfg.data.root}")
-        return
-    print(f"[demo] synthesizing ~{cfg.synth.train_hours:g} h of speech with espeak-ng into {cfg.data.root} ...")
-    start = time.time()
-    manifest = synthesize(cfg.synth, cfg.data.root, cfg.storage, log=lambda s: None)
-    hours = {k: f"{v.hours:.2f} h" for k, v in manifest.splits.items()}
-    print(f"[demo] synthesized {hours} in {time.time() - start:.0f} s")
-
-
 def cmd_train(args) -> int:
     from raytrain_speech.train.fit import fit
 
     cfg = _load(args)
     outcome = fit(cfg, progress=not args.no_progress)
+    from raytrain_speech import storage
+    from raytrain_speech.train.curves import CURVES_PNG
+
     print(f"run {cfg.run.name}: step {outcome.metrics.get('step')} in {outcome.wall_s:.0f} s; "
-          f"checkpoint {outcome.checkpoint_uri}")
+          f"checkpoint {outcome.checkpoint_uri}; curves {storage.join(outcome.run_dir, CURVES_PNG)}")
     print(outcome.bad_input_summary)
     return 0
 
@@ -261,69 +248,10 @@ def cmd_probe(args) -> int:
     return 0
 
 
-def _compute_description(cfg) -> str:
-    """Where the demo's arithmetic ran: precision step.precision resolved to, and the device or CPU ISA
-    (torch's kernel level: AVX2, AVX512, ...), so a table's timings say what they were measured on."""
-    import torch
-
-    from raytrain_speech.train.step import resolve_precision
-
-    device = torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"CPU {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores")
-    return f"{resolve_precision(cfg.step.precision, device)} ({cfg.step.precision}) on {where}"
-
-
-def _demo_test_splits(cfg) -> list[str]:
-    """The demo's test sets: eval.split, and the held-out-accent split when the corpus has one."""
-    from raytrain_speech.data import shards
-    from raytrain_speech.data.synth import ACCENT_SPLIT
-
-    manifest = shards.read_manifest(cfg.data.root, cfg.storage)
-    return [cfg.eval.split] + ([ACCENT_SPLIT] if ACCENT_SPLIT in manifest.splits and cfg.eval.split != ACCENT_SPLIT
-                               else [])
-
-
 def cmd_demo(args) -> int:
-    from raytrain_speech import storage
-    from raytrain_speech.evaluate.runner import evaluate_checkpoint
-    from raytrain_speech.train.fit import fit
-    from raytrain_speech.train.metrics import format_duration, summary_table
+    from raytrain_speech.demo import run_demo
 
-    cfg = _load(args)
-    start = time.time()
-    _ensure_corpus(cfg)
-    where = (f"with {cfg.run.num_workers} Ray Train workers" if cfg.run.backend == "ray"
-             else "in this process (run.backend=local)")
-    print(f"[demo] training {cfg.model.family}/{cfg.model.preset} {where} for {cfg.train.max_steps} steps; "
-          f"run directory {storage.join(cfg.run.storage_path, cfg.run.name)}")
-    outcome = fit(cfg, progress=True)
-    splits = _demo_test_splits(cfg)
-    print(f"[demo] evaluating {outcome.checkpoint_uri} on {' and '.join(splits)} "
-          "(speakers and sentences never seen in training; test_accents: an accent never heard) ...")
-    res = evaluate_checkpoint(outcome.checkpoint_uri, cfg.storage, split=splits)
-    m = outcome.metrics
-    rows = [
-        ("steps", str(m.get("step"))),
-        ("audio hours seen", f"{m.get('audio_hours_seen', 0):.2f}"),
-        ("throughput", f"{m.get('throughput_audio_s_per_s', 0):.0f} audio-s/s "
-                       f"({m.get('world_size', cfg.run.num_workers)} workers)"),
-        ("precision", _compute_description(cfg)),
-        ("training time", format_duration(m.get("train_wall_s", 0))),
-        ("wall time (demo)", format_duration(time.time() - start)),
-    ]
-    for test in res["sets"]:
-        rows += [(f"{test['split']} WER", f"{100 * test['wer']:.2f}%"),
-                 (f"{test['split']} CER", f"{100 * test['cer']:.2f}%")]
-    rows += [
-        ("bad input", outcome.bad_input_summary.removeprefix("bad input: ").split(";")[0]),
-        ("run directory", outcome.run_dir),
-    ]
-    print(summary_table(rows))
-    summary = {"metrics": m, "eval": res, "compute": _compute_description(cfg), "wall_s": time.time() - start}
-    storage.write_bytes(storage.join(outcome.run_dir, "summary.json"),
-                        json.dumps(summary, indent=2).encode(), cfg.storage)
-    return 0
+    return run_demo(_load(args))
 
 
 def cmd_models(args) -> int:

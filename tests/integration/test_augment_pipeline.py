@@ -29,13 +29,14 @@ def _columns(root: str, *names: str) -> list[list]:
     return [[v for t in tables for v in t.column(n).to_pylist()] for n in names]
 
 
-def _epoch_rows(ds) -> dict[int, tuple[float, float]]:
-    """index -> (duration after speed perturbation, feature checksum)."""
+def _epoch_rows(ds) -> dict[int, tuple[float, float] | str]:
+    """index -> (duration after speed perturbation, feature checksum), or the reason a row was filtered
+    (a fast utterance sped up by 1.1 can have more characters than CTC frames)."""
     out = {}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         for i, d, f, e in zip(batch["index"], batch["duration_s"], batch["features"], batch["error"]):
-            assert not e, e
-            out[int(i)] = (round(float(d), 5), float(np.asarray(f, np.float64).sum()))
+            assert not e or str(e).startswith("filtered:"), e
+            out[int(i)] = str(e) if e else (round(float(d), 5), float(np.asarray(f, np.float64).sum()))
     return out
 
 
@@ -57,7 +58,8 @@ def test_augmentation_follows_the_epoch_clock_and_repeats_exactly(ray_local, tmp
     changed = sum(first[i] != second[i] for i in first)
     assert changed >= 0.6 * len(first)  # a new epoch: new speed factors, clips, SNRs
     plain = {int(i): float(d) for i, d in zip(*_columns(str(tmp / "corpus"), "index", "duration_s"))}
-    ratios = np.array([first[i][0] / plain[i] for i in first])
+    assert sum(isinstance(v, str) for v in first.values()) <= 0.1 * len(first)
+    ratios = np.array([first[i][0] / plain[i] for i in first if not isinstance(first[i], str)])
     # each utterance plays at 1/0.9, 1 or 1/1.1 of its length, and all three occur
     for r in (1 / 0.9, 1.0, 1 / 1.1):
         assert (np.abs(ratios - r) < 2e-3).sum() >= 3, ratios

@@ -97,6 +97,15 @@ def _check_demo(tmp_path, proc, name: str) -> dict:
     assert summary["metrics"]["step"] == 12 and 0 <= summary["eval"]["wer"] <= 2.0
     assert [t["split"] for t in summary["eval"]["sets"]] == ["test", "test_accents"]
     assert summary["compute"] in precision
+    assert re.search(rf"\| curves +\| \S*runs/{name}/curves\.png", out), out
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((run / "curves.json").read_text())["step"][-1] == 12
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    for path in run.rglob("*.json"):  # every JSON we write is strict JSON
+        json.loads(path.read_text(), parse_constant=refuse)
     return summary
 
 
