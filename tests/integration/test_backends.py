@@ -40,6 +40,7 @@ sys.exit(rc)
 """
 
 
+@pytest.mark.slow  # over the default run's budget on the 2-core Zen-1 AVX2 box (docs/LOG.md, 2026-12-03)
 def test_local_run_without_ray_then_resumed_under_ray(ray_local, s3_endpoint, s3fs_client, tmp_path, capfd):
     s3fs_client.mkdir(BUCKET)
     runs = f"s3://{BUCKET}/runs"

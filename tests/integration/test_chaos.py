@@ -62,6 +62,7 @@ def loss_continuity(metrics: list[dict]) -> tuple[float, float]:
     return first[-1]["loss"], second[0]["loss"]
 
 
+@pytest.mark.slow  # over the default run's budget on the 2-core Zen-1 AVX2 box (docs/LOG.md, 2026-12-03)
 def test_sigkill_one_worker_resumes_exactly_once(ray_local, tmp_path, corpus):
     root, n_train = corpus
     # One epoch (14-21 steps here, depending on how the ranks' shares fall): stopped by max_epochs, so the

@@ -76,6 +76,7 @@ def test_a_pipeline_that_stalls_mid_run_fails_with_one_line(s3_endpoint, s3fs_cl
     assert record["checkpoints"], "no committed checkpoint before the stall"
 
 
+@pytest.mark.slow  # over the default run's budget on the 2-core Zen-1 AVX2 box (docs/LOG.md, 2026-12-03)
 def test_an_outage_beyond_the_retry_budget_ends_with_one_line_and_the_rerun_resumes_exactly(
         s3_endpoint, s3fs_client, tmp_path):
     """Corpus and run directory on S3, behind the proxy; mid-run the storage goes down for longer than

@@ -83,6 +83,7 @@ def token_head():
         stop_head(head, temp)
 
 
+@pytest.mark.slow  # over the default run's budget on the 2-core Zen-1 AVX2 box (docs/LOG.md, 2026-12-03)
 def test_job_submit_with_token_auth_trains_and_checkpoints(token_head, tmp_path):
     url, token, env, port = token_head
     assert _get(f"{url}/api/jobs/") == 401  # no token: refused
