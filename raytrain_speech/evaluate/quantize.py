@@ -144,7 +144,8 @@ def export_checkpoint(checkpoint: str, out: str, quantize: str = "int8", storage
             "float": {k: f[k] for k in ("wer", "cer", "decode_wall_s")},
             quantize: {k: q[k] for k in ("wer", "cer", "decode_wall_s")},
             "wer_relative_change": (q["wer"] - f["wer"]) / f["wer"] if f["wer"] else 0.0,
-            "accuracy_kept": (1 - q["wer"]) / (1 - f["wer"]) if f["wer"] < 1 else float("nan"),
+            # undefined (null, strict JSON) when the float model gets no word right on balance (WER >= 100%)
+            "accuracy_kept": (1 - q["wer"]) / (1 - f["wer"]) if f["wer"] < 1 else None,
         }
     storage.write_bytes(storage.join(out, ARTIFACT_FILE), artifact, storage_cfg)
     storage.write_bytes(storage.join(out, "config.yaml"), config_yaml.encode(), storage_cfg)

@@ -82,6 +82,10 @@ def _demo_args(name: str, *extra: str) -> list[str]:
             "synth.second_language=es", "synth.second_language_share=0.3", *extra]
 
 
+def _refuse_constant(constant: str):
+    raise ValueError(f"{constant} is not JSON (NaN/Infinity are Python's, not JSON's)")
+
+
 def _check_demo(tmp_path, proc, name: str) -> dict:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -101,19 +105,16 @@ def _check_demo(tmp_path, proc, name: str) -> dict:
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((run / "curves.json").read_text())["step"][-1] == 12
 
-    def refuse(constant):
-        raise ValueError(f"{constant} is not JSON")
-
     for path in run.rglob("*.json"):  # every JSON we write is strict JSON
-        json.loads(path.read_text(), parse_constant=refuse)
+        json.loads(path.read_text(), parse_constant=_refuse_constant)
     return summary
 
 
 def test_demo_end_to_end_small(tmp_path):
     """`raytrain-speech demo` on a tiny bilingual corpus: synth -> train -> eval -> summary table, then
     eval of its run with beam search + LM fusion. On the local backend, to keep the default run inside
-    its budget: Ray training through the CLI is in test_jobs and the chaos tests, and this demo on Ray
-    (2 workers) with eval on a Ray Data actor pool is the slow test below.
+    its budget: Ray training through the CLI is in the slow tests (test_jobs, the chaos tests, and this
+    demo on Ray, 2 workers, with eval on a Ray Data actor pool, below).
 
     Paths are relative to the working directory, as in the README (Ray Train runs workers elsewhere)."""
     _check_demo(tmp_path, _run_in(tmp_path, _demo_args("mini", "run.backend=local")), "mini")
@@ -167,7 +168,7 @@ def _inference_commands(tmp_path):
     # int8 export: much smaller, scored before/after, and usable wherever a checkpoint is.
     exp = _run_in(tmp_path, ["export", "--checkpoint", "runs/mini", "--out", "int8"])
     assert exp.returncode == 0, exp.stderr[-3000:]
-    report = json.loads((tmp_path / "int8" / "export.json").read_text())
+    report = json.loads((tmp_path / "int8" / "export.json").read_text(), parse_constant=_refuse_constant)
     assert report["size_reduction_vs_float"] > 0.6
     assert report["bytes"]["artifact"] == (tmp_path / "int8" / "model.pt").stat().st_size
     assert {"float", "int8"} <= set(report["eval"]) and report["eval"]["utterances"] == res["utterances"]
