@@ -36,10 +36,12 @@ def cmd_synth(args) -> int:
     cfg = _load(args)
     out = args.out or cfg.data.root
     start = time.time()
-    manifest = synthesize(cfg.synth, out, cfg.storage, log=print if args.verbose else (lambda s: None))
+    said = []
+    manifest = synthesize(cfg.synth, out, cfg.storage, log=print if args.verbose else said.append)
     for split, info in manifest.splits.items():
         print(f"{split}: {info.num_utterances} utterances, {info.hours:.2f} h, {len(info.shards)} shards")
-    print(f"wrote {out} in {time.time() - start:.0f} s")
+    reused = [line for line in said if "already holds this corpus" in line]
+    print(reused[0] if reused else f"wrote {out} in {time.time() - start:.0f} s")
     return 0
 
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raytrain_speech import storage
-from raytrain_speech.config import StorageConfig
+from raytrain_speech.config import ConfigError, StorageConfig
 from raytrain_speech.storage import StorageError
 
 FORMAT = "raytrain-speech-shards/1"
@@ -252,3 +252,28 @@ def _footer_problem(uri: str, cfg: StorageConfig | None, utterances: int | None 
     if utterances is not None and rows != utterances:
         return f"shard holds {rows} rows but the manifest lists {utterances} (re-run prepare)"
     return ""
+
+
+def existing_corpus(root: str, source: dict, cfg: StorageConfig | None = None, ignore: tuple[str, ...] = (),
+                    command: str = "synth") -> Manifest | None:
+    """The finished corpus at ``root`` when its manifest records this ``source`` (None: no corpus there).
+    Any other corpus there is refused with one line naming what differs: a writer never overwrites a
+    corpus it did not make. Config keys in ``ignore`` do not count."""
+    if not storage.exists(storage.join(root, MANIFEST), cfg):
+        return None
+    manifest = read_manifest(root, cfg)
+
+    def settings(src: dict) -> dict:
+        return {k: v for k, v in src.get("config", {}).items() if k not in ignore}
+
+    theirs, ours = manifest.source, source
+    if theirs.get("kind") == ours.get("kind") and settings(theirs) == settings(ours):
+        return manifest
+    if theirs.get("kind") != ours.get("kind"):
+        what = f"a corpus made by {theirs.get('kind') or 'another tool'}"
+    else:
+        old = settings(theirs)
+        what = "a corpus of other settings (" + ", ".join(
+            f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings(ours).items() if old.get(k) != v)[:300] + ")"
+    raise ConfigError(f"{root} already holds {what}; {command} never overwrites a corpus: write to another "
+                      "--out (or data.root), or delete it first")

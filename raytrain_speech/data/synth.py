@@ -73,18 +73,15 @@ def check_config(cfg: SynthConfig) -> None:
     it is loaded): enough accent x variant combinations for the speakers asked for, a known second
     language with enough voices of its own."""
     unknown = [a for a in cfg.heldout_accents if a not in ACCENTS]
-    require(not unknown, "synth.heldout_accents",
-            f"unknown accents {unknown}: choose among {', '.join(ACCENTS)}")
-    require(len(set(cfg.heldout_accents)) < len(ACCENTS), "synth.heldout_accents",
-            "must leave at least one accent for train, dev and test")
+    require(not unknown, "synth.heldout_accents", f"unknown accents {unknown}: choose among {', '.join(ACCENTS)}")
+    require(len(set(cfg.heldout_accents)) < len(ACCENTS), "synth.heldout_accents", "must leave one accent")
     n_combos = (len(ACCENTS) - len(set(cfg.heldout_accents))) * len(VARIANTS)
     need = cfg.train_speakers + 2 * cfg.heldout_speakers
     require(need <= n_combos, "synth.train_speakers",
             f"train_speakers + 2*heldout_speakers must be <= {n_combos} voice combinations "
             "(accents not held out x variants)")
-    n_accent_combos = len(set(cfg.heldout_accents)) * len(VARIANTS)
-    require(cfg.heldout_speakers <= n_accent_combos or not cfg.heldout_accents, "synth.heldout_speakers",
-            f"must be <= {n_accent_combos} voice combinations of the held-out accents")
+    n_held = len(set(cfg.heldout_accents)) * len(VARIANTS)
+    require(cfg.heldout_speakers <= n_held or not n_held, "synth.heldout_speakers", f"must be <= {n_held} held-out voices")
     supported = ", ".join(repr(code) for code in sorted(SECOND_LANGUAGES))
     require(cfg.second_language in ("", *SECOND_LANGUAGES), "synth.second_language",
             f"unknown language {cfg.second_language!r}: must be '' (English only) or one of {supported}")
@@ -150,9 +147,8 @@ def make_speakers(cfg: SynthConfig) -> dict[str, list[Speaker]]:
     ``train_speakers`` or as many as its remaining voice combinations allow. English speakers come first
     in each split's list.
 
-    English accents in ``heldout_accents`` are left out of train, dev and test (the other accents'
-    combinations are drawn from the same stream as without them); ``heldout_speakers`` of their
-    combinations, from a stream of their own, speak the ``test_accents`` split.
+    Accents in ``heldout_accents`` have no train, dev or test voice; ``heldout_speakers`` of their voices,
+    drawn from a stream of their own, speak ``test_accents``.
     """
     out: dict[str, list[Speaker]] = {split: [] for split in ("dev", "test", "train")}
     held = set(cfg.heldout_accents)
@@ -468,7 +464,12 @@ def _source_config(cfg: SynthConfig) -> dict:
 
 def synthesize(cfg: SynthConfig, out_uri: str, storage_cfg: StorageConfig | None = None,
                log=print) -> shards.Manifest:
-    """Render every split to ``out_uri`` as shards and write the manifest last (its presence = done)."""
+    """Render every split to ``out_uri`` as shards, the manifest last (its presence = done); this config's
+    corpus already there is returned, any other refused (``workers`` does not change a byte)."""
+    found = shards.existing_corpus(out_uri, {"kind": "synth", "config": _source_config(cfg)}, storage_cfg, ("workers",))
+    if found is not None:
+        log(f"synth: {out_uri} already holds this corpus; nothing written")
+        return found
     check_voices(SECOND_LANGUAGES[cfg.second_language].accents if cfg.second_language else ())
     specs = make_specs(cfg)
     jobs = []

@@ -295,3 +295,17 @@ def test_punctuated_transcripts_are_what_espeak_says():
     a = render(es, 16000)
     assert 0.5 < len(a) / 16000 < 10.0 and abs(a).max() == pytest.approx(es.gain, rel=1e-3)
     assert _espeak().current_voice()[0].startswith("Spanish")
+
+
+def test_synth_returns_its_own_corpus_and_refuses_to_overwrite_another(tmp_path):
+    out = str(tmp_path / "c")
+    first = synthesize(SMALL, out, log=lambda s: None)
+    shard = tmp_path / "c" / first.splits["train"].shards[0]
+    before = shard.stat().st_mtime_ns
+    said = []
+    again = synthesize(dataclasses.replace(SMALL, workers=2), out, log=said.append)  # workers change no byte
+    assert again.splits["train"].shards == first.splits["train"].shards and shard.stat().st_mtime_ns == before
+    assert said == [f"synth: {out} already holds this corpus; nothing written"]
+    with pytest.raises(ConfigError, match=r"already holds a corpus of other settings \(seed 1234 -> 7\).*another --out"):
+        synthesize(dataclasses.replace(SMALL, seed=7), out, log=lambda s: None)
+    assert shard.stat().st_mtime_ns == before
