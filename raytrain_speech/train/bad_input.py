@@ -26,8 +26,13 @@ PRINTED_PER_ATTEMPT = 5
 """Skipped utterances printed by each rank per attempt; all of them are in bad_inputs.jsonl."""
 
 
-def log(message: str) -> None:
-    print(f"[raytrain-speech] {message}", file=sys.stderr, flush=True)
+def log(message: str, err: bool = True) -> None:
+    """One console line of ours (stderr by default). Written to the stream, not with ``print``: Ray
+    Train 2.60 replaces ``print`` in its workers with one that writes the line and also logs it through
+    the root logger, so every printed line reached the console twice."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(f"[raytrain-speech] {message}\n")
+    stream.flush()
 
 
 class BadInputAccountant:

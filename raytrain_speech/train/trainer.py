@@ -15,7 +15,6 @@ steps and nobody hangs in ``report``'s barrier on unevenly bucketed shards.
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -45,6 +44,7 @@ from raytrain_speech.models.registry import build_model, count_parameters, objec
 from raytrain_speech.seeding import epoch_seed
 from raytrain_speech.train import checkpoint, collectives, finetune
 from raytrain_speech.train.bad_input import BadInputAccountant
+from raytrain_speech.train.bad_input import log as console_line
 from raytrain_speech.train.checkpoint import Restored, TrainState
 from raytrain_speech.train.memory import malloc_trim, rss_mb
 from raytrain_speech.train.metrics import AttemptClock, TrainedLog, Window, device_name, run_dir
@@ -95,7 +95,7 @@ class Runtime(Protocol):
 
 
 def log(message: str, err: bool = False) -> None:
-    print(f"[raytrain-speech] {message}", file=sys.stderr if err else sys.stdout, flush=True)
+    console_line(message, err)  # stdout unless err (train/bad_input.py says why not print)
 
 
 class Trainer:
