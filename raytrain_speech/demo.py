@@ -73,12 +73,13 @@ def run_demo(cfg) -> int:
           "(speakers and sentences never seen in training; test_accents: an accent never heard) ...")
     res = evaluate_checkpoint(outcome.checkpoint_uri, cfg.storage, split=splits)
     m = outcome.metrics
+    compute = _compute_description(cfg)
     rows = [
         ("steps", str(m.get("step"))),
         ("audio hours seen", f"{m.get('audio_hours_seen', 0):.2f}"),
         ("throughput", f"{m.get('throughput_audio_s_per_s', 0):.0f} audio-s/s "
                        f"({m.get('world_size', cfg.run.num_workers)} workers)"),
-        ("precision", _compute_description(cfg)),
+        ("precision", compute),
         ("training time", format_duration(m.get("train_wall_s", 0))),
         ("wall time (demo)", format_duration(time.time() - start)),
     ]
@@ -91,7 +92,7 @@ def run_demo(cfg) -> int:
         ("curves", storage.join(outcome.run_dir, CURVES_PNG)),
     ]
     print(summary_table(rows))
-    summary = {"metrics": m, "eval": res, "compute": _compute_description(cfg), "wall_s": time.time() - start}
+    summary = {"metrics": m, "eval": res, "compute": compute, "wall_s": time.time() - start}
     storage.write_bytes(storage.join(outcome.run_dir, "summary.json"),
                         json.dumps(summary, indent=2).encode(), cfg.storage)
     return 0

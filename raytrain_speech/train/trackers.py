@@ -10,7 +10,7 @@ A resumed run continues the same TensorBoard run (the same directory). Each atte
 event file; an attempt that resumed from an earlier checkpoint than the steps already logged opens
 its file with ``purge_step`` = its first step, so TensorBoard drops the rolled-back steps' points and
 shows each step once, with the value of the attempt whose weights went on. A run directory in object
-storage gets its event files through a local staging directory, uploaded after every record.
+storage gets its event files through a local staging directory per attempt, uploaded after every record.
 
 A tracker that fails costs one printed line, never the run: ``metrics.jsonl`` stays the record.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 
 from raytrain_speech import storage
@@ -54,10 +55,12 @@ class TensorBoardSink:
 
         if self.writer is not None:
             self.writer.close()
+            if self.remote:  # its file is uploaded already
+                shutil.rmtree(self.local_dir, ignore_errors=True)
         start = record.get("attempt_start_step") or 0
         rolled_back = any(r.get("step", 0) > start for r in history)
-        if self.remote:
-            self.local_dir = self.local_dir or tempfile.mkdtemp(prefix="rts-tensorboard-")
+        if self.remote:  # a staging directory per attempt: each upload sends only this attempt's file
+            self.local_dir = tempfile.mkdtemp(prefix="rts-tensorboard-")
             log_dir = self.local_dir
         else:
             log_dir = os.path.join(self.run_dir, TENSORBOARD_DIR)
