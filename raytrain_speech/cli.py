@@ -21,19 +21,20 @@ USAGE_ERROR = 2
 def _load(args) -> object:
     """The recipe + overrides, checked section by section and against the model family."""
     from raytrain_speech.config import load_config
+
+    cfg = load_config(getattr(args, "config", None), args.overrides)  # key and type errors: no torch imported yet
     from raytrain_speech.hf.importer import settle
     from raytrain_speech.models.registry import check_config
 
-    cfg = load_config(getattr(args, "config", None), args.overrides)
     settle(cfg, log=None)  # model.from_hf / train.init_from=hf: fill the architecture first
     check_config(cfg)
     return cfg
 
 
 def cmd_synth(args) -> int:
+    cfg = _load(args)
     from raytrain_speech.data.synth import synthesize
 
-    cfg = _load(args)
     out = args.out or cfg.data.root
     start = time.time()
     said = []
@@ -116,9 +117,9 @@ def _text_rules(config_path: str | None, overrides: list[str]):
 
 
 def cmd_train(args) -> int:
+    cfg = _load(args)  # a config error is reported before torch and Ray are imported
     from raytrain_speech.train.fit import fit
 
-    cfg = _load(args)
     outcome = fit(cfg, progress=not args.no_progress)
     from raytrain_speech import storage
     from raytrain_speech.train.curves import CURVES_PNG
@@ -129,13 +130,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    """Every key of the resolved config (defaults <- recipe <- overrides) with type and doc, as YAML."""
+    cfg = _load(args)
+    from raytrain_speech.config.docs import key_docs, render_yaml
+    from raytrain_speech.models.registry import resolve
+
+    rows = []
+    for row in key_docs(cfg):  # the family's architecture fields stand where model.overrides is
+        rows.extend(key_docs(resolve(cfg.model), "model.overrides.") if row.key == "model.overrides" else [row])
+    source = args.config or "the defaults"
+    print(f"# resolved config of {source}{' with ' + ' '.join(args.overrides) if args.overrides else ''}; "
+          f"set any key as key=value (e.g. train.max_steps=50), or start a recipe from this file")
+    print(render_yaml(rows), end="")
+    return 0
+
+
 def cmd_tune(args) -> int:
-    from raytrain_speech.train import preflight
     from raytrain_speech.tune.spaces import load_sweep
+
+    sweep = load_sweep(args.space)  # the sweep file and the recipe are checked before torch and Ray load
+    cfg = _load(args)
+    from raytrain_speech.train import preflight
     from raytrain_speech.tune.sweep import results_table, run_sweep
 
-    cfg = _load(args)
-    sweep = load_sweep(args.space)
     preflight.check(cfg)
     outcome = run_sweep(cfg, sweep)
     print(results_table(outcome.trials, sweep), end="")
@@ -316,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=required, help="recipe YAML (e.g. examples/conformer_ctc_tiny.yaml)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields, e.g. train.max_steps=50")
 
-    p = sub.add_parser("synth", help="synthesize the espeak-ng demo corpus into shards")
+    p = sub.add_parser("synth", help="synthesize the espeak-ng demo corpus into shards (its keys: synth.*, "
+                                     "listed with their meaning by `raytrain-speech config show`)")
     with_config(p)
     p.add_argument("--out", help="corpus root (local path or s3://bucket/prefix); default data.root")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -351,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: text.* defaults and overrides)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="prepare.*, text.* and storage.* settings, e.g. storage.endpoint_url=http://127.0.0.1:9000")
+                   help="prepare.*, text.* and storage.* settings, e.g. storage.endpoint_url=http://127.0.0.1:9000 "
+                        "(text.* and storage.* keys: `raytrain-speech config show`)")
     p.set_defaults(fn=cmd_prepare)
 
     p = sub.add_parser("tokenizer", help="tokenizers: `tokenizer train` learns a SentencePiece model (or, with "
@@ -371,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("config", help="configs: `config show` prints every key of a recipe with its value, type "
+                                      "and meaning")
+    p = p.add_subparsers(dest="action", required=True).add_parser(
+        "show", help="every key of the resolved config (defaults <- --config recipe <- key=value) with its value, "
+                     "type and one-line doc, as YAML")
+    with_config(p)
+    p.set_defaults(fn=cmd_config)
 
     p = sub.add_parser("tune", help="hyperparameter sweep with Ray Tune + ASHA (re-run to resume)")
     with_config(p, required=True)
@@ -430,23 +458,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _loaded(module: str, name: str) -> tuple[type, ...]:
+    """``module.name`` if that module was imported, else nothing: an error class of a module never
+    imported cannot have been raised, and importing one here would cost a config error torch's start-up."""
+    mod = sys.modules.get(module)
+    return (getattr(mod, name),) if mod is not None else ()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from raytrain_speech.data.audio import AudioError
-    from raytrain_speech.storage import StorageError
-
     try:
         return args.fn(args)
-    except (ConfigError, StorageError, AudioError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return USAGE_ERROR
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except Exception as err:
-        from raytrain_speech.train.fit import TrainingFailed
-
-        if isinstance(err, TrainingFailed):
+        expected = (ConfigError, *_loaded("raytrain_speech.storage", "StorageError"),
+                    *_loaded("raytrain_speech.data.audio", "AudioError"))
+        if isinstance(err, expected):
+            print(f"error: {err}", file=sys.stderr)
+            return USAGE_ERROR
+        if isinstance(err, _loaded("raytrain_speech.train.fit", "TrainingFailed")):
             print(f"error: training failed: {err}", file=sys.stderr)
             if err.reader_stuck:  # a read blocked for good would hold up the interpreter's exit
                 os._exit(sys.stdout.flush() or sys.stderr.flush() or 1)
