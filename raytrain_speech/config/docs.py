@@ -15,7 +15,7 @@ import re
 import textwrap
 import typing
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import yaml
@@ -31,7 +31,7 @@ class KeyDoc:
     doc: str
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """Field name -> its attribute docstring (whitespace collapsed); fields without one are absent."""
     try:
