@@ -147,9 +147,11 @@ def cmd_config(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from raytrain_speech.tune.spaces import load_sweep
+    from raytrain_speech.tune.spaces import load_sweep, split_sweep_items, with_command_line
 
-    sweep = load_sweep(args.space)  # the sweep file and the recipe are checked before torch and Ray load
+    # the sweep file and the recipe are checked before torch and Ray load; key=value beats the file's overrides
+    sweep_items, args.overrides = split_sweep_items(args.overrides)
+    sweep = with_command_line(load_sweep(args.space, sweep_items), args.overrides, args.num_samples)
     cfg = _load(args)
     from raytrain_speech.train import preflight
     from raytrain_speech.tune.sweep import results_table, run_sweep
@@ -402,7 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="hyperparameter sweep with Ray Tune + ASHA (re-run to resume)")
     with_config(p, required=True)
-    p.add_argument("--space", required=True, help="sweep YAML (e.g. examples/sweeps/conformer_ctc_tiny.yaml)")
+    p.add_argument("--space", required=True, help="sweep YAML (e.g. examples/sweeps/quickstart.yaml, minutes on "
+                                                  "2 cores); key=value overrides beat its overrides: section, "
+                                                  "sweep.KEY=VALUE sets its own fields")
+    p.add_argument("--num-samples", type=int, help="trials to sample (replaces the sweep file's num_samples)")
     p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("eval", help="WER/CER per test set and language of a checkpoint, run dir or exported artifact")

@@ -9,6 +9,7 @@ error naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -78,6 +79,26 @@ class SweepConfig:
                 require(next(iter(spec)) != "grid", f"space.{key}", "grid is not supported by optuna; use choice")
 
 
+def with_command_line(sweep: SweepConfig, overrides: list[str], num_samples: int | None) -> SweepConfig:
+    """The sweep as the command line amends it: a ``key=value`` there beats the sweep file's
+    ``overrides:`` for that key (and every key under it), as it beats the recipe; ``--num-samples``
+    replaces ``num_samples``. A swept key set on the command line is an error: which would win?"""
+    keys = [item.split("=", 1)[0].strip() for item in overrides if "=" in item]
+
+    def covered(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in keys)
+
+    swept = [key for key in sweep.space if covered(key)]
+    if swept:
+        raise ConfigError(f"{swept[0]} is both swept (the sweep file's space) and set on the command line; "
+                          "drop one of them")
+    changes = {"overrides": {k: v for k, v in sweep.overrides.items() if not covered(k)}}
+    if num_samples is not None:
+        require(num_samples >= 1, "--num-samples", "must be >= 1")
+        changes["num_samples"] = num_samples
+    return dataclasses.replace(sweep, **changes)
+
+
 def parse_distribution(key: str, spec: Any) -> tuple[str, list]:
     """``{kind: args}`` -> (kind, args), checked."""
     where = f"space.{key}"
@@ -121,9 +142,24 @@ def to_tune(space: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_sweep(path: str) -> SweepConfig:
+SWEEP_PREFIX = "sweep."
+"""Command-line ``key=value`` items under this prefix set the sweep file's own fields
+(``sweep.scheduler.grace_period_steps=4``); every other item is a config key of the trials."""
+
+
+def split_sweep_items(items: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line ``key=value`` items -> (the sweep file's, the trials' config's)."""
+    mine = [item[len(SWEEP_PREFIX):] for item in items if item.startswith(SWEEP_PREFIX)]
+    return mine, [item for item in items if not item.startswith(SWEEP_PREFIX)]
+
+
+def load_sweep(path: str, items: list[str] = ()) -> SweepConfig:
+    """The sweep file with ``items`` (``key=value`` of its own fields, e.g. num_samples=2) on top."""
+    from raytrain_speech.config import apply_overrides
+
     data = load_yaml_mapping(path, "sweep")
     try:
+        data = apply_overrides(data, list(items))
         return from_dict(SweepConfig, data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

@@ -103,17 +103,32 @@ def concurrent_trials(resources: dict, trial_workers: int, cpus_per_worker: floa
     return max(1, int(n))
 
 
+def _metric_reports(metric: str):
+    """Ray Train's TuneReportCallback, forwarding only the reports that carry the sweep metric.
+
+    Tune rejects a result without its metric, and rank 0 reports every train.log_every_steps while
+    valid_* exists only every train.validate_every_steps; the other reports still reach
+    metrics.jsonl. (ASHA and the searchers read nothing else.)"""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class MetricReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get(metric) is not None:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return MetricReports()
+
+
 def _run_trial(params: dict, base: dict, sweep_data: dict) -> None:
     """The function trainable: one Train run per trial, reporting to Tune through the callback."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from raytrain_speech.config import Config, from_dict
     from raytrain_speech.train.fit import fit
 
     sweep = from_dict(SweepConfig, sweep_data)
     cfg = Config.from_dict(trial_dict(base, sweep, params, tune.get_context().get_trial_id()))
-    fit(cfg, progress=False, callbacks=[TuneReportCallback()])
+    fit(cfg, progress=False, callbacks=[_metric_reports(sweep.metric)])
 
 
 def _trainable(base: dict, sweep: SweepConfig):

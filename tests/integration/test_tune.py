@@ -112,3 +112,37 @@ def test_sweep_with_asha_is_interrupted_and_resumed(tmp_path):
     assert cfg.run.name == "sw-best" and cfg.run.num_workers == 2  # the recipe's, not the trials'
     assert (runs / "sw" / "valid_loss_per_trial.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| trial |" in second.stdout and "best config:" in second.stdout
+
+
+@pytest.mark.slow  # ~2 min on 2 cores, most of it Ray Train and Ray Data starting per trial (docs/LOG.md)
+def test_quickstart_sweep_with_the_command_line_over_the_sweep_file(tmp_path):
+    """The shipped quickstart sweep through the CLI on the tiny corpus: --num-samples and sweep.* set
+    the sweep, key=value beats the file's overrides (its 40 steps become 8 in every trial)."""
+    corpus, runs = tmp_path / "corpus", tmp_path / "runs"
+    synthesize(tiny_config(**{"data.root": str(corpus)}).synth, str(corpus), log=lambda s: None)
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    args = CLI + ["tune", "--config", "examples/conformer_ctc_tiny.yaml", "--space", "examples/sweeps/quickstart.yaml",
+                  "--num-samples", "2", f"data.root={corpus}", f"run.storage_path={runs}", "train.max_steps=8",
+                  "train.validate_every_steps=4", "train.checkpoint_every_steps=4", "optim.warmup_steps=2",
+                  "sweep.scheduler.grace_period_steps=4", *TINY_SYNTH]
+    done = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+    results = json.loads((runs / "quickstart" / "results.json").read_text())
+    assert len(results["trials"]) == 2
+    for trial in results["trials"]:
+        records = [json.loads(line) for line in open(runs / "quickstart" / "trials" / trial["trial_id"] / "metrics.jsonl")]
+        assert records[-1]["step"] == 8 and records[-1]["valid_loss"] is not None  # 8 from the command line
+        assert [r["step"] for r in records if r.get("valid_loss") is not None] == [4, 8]
+        assert 1e-3 <= trial["params"]["optim.lr_peak"] <= 1e-2
+    assert "| trial |" in done.stdout and "best config:" in done.stdout
+
+
+def test_a_swept_key_set_on_the_command_line_is_one_line_before_ray_starts():
+    args = CLI + ["tune", "--config", "examples/conformer_ctc_tiny.yaml", "--space", "examples/sweeps/quickstart.yaml",
+                  "optim.lr_peak=0.002"]
+    done = subprocess.run(args, cwd=os.path.join(os.path.dirname(__file__), "..", ".."), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: optim.lr_peak is both swept (the sweep file's space) and set on the "
+                                   "command line; drop one of them")

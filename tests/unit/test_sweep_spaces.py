@@ -8,7 +8,7 @@ import os
 import pytest
 
 from raytrain_speech.config import ConfigError, from_dict, load_config
-from raytrain_speech.tune.spaces import SweepConfig, load_sweep
+from raytrain_speech.tune.spaces import SweepConfig, load_sweep, split_sweep_items, with_command_line
 from raytrain_speech.tune.sweep import check_sweep, concurrent_trials, trial_dict
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
@@ -37,6 +37,41 @@ def test_trial_config_layers_recipe_overrides_params_and_identity():
     data = trial_dict(base(), sweep, {"optim.lr_peak": 1e-3}, "abc_00001")
     assert data["optim"]["lr_peak"] == 1e-3 and data["train"]["max_steps"] == 50
     assert data["run"]["name"] == "abc_00001" and data["run"]["storage_path"].endswith("s/trials")
+
+
+def test_command_line_beats_the_sweep_files_overrides():
+    """recipe <- sweep overrides <- command line <- sampled params: a key=value on the command line
+    (already in the recipe's resolved dict) is not replaced by the sweep file's value for that key."""
+    sweep = from_dict(SweepConfig, {"name": "s", "space": {"optim.lr_peak": {"grid": [1e-3]}},
+                                    "overrides": {"train.max_steps": 50, "train.log_every_steps": 5,
+                                                  "model.overrides.num_layers": 2}})
+    items = ["train.max_steps=7", "model.overrides={num_layers: 3}"]
+    amended = with_command_line(sweep, items, num_samples=3)
+    assert amended.num_samples == 3 and sweep.num_samples == 4  # the file's is not changed in place
+    assert amended.overrides == {"train.log_every_steps": 5}
+    data = trial_dict(load_config(RECIPE, items).to_dict(), amended, {"optim.lr_peak": 1e-3}, "t")
+    assert data["train"]["max_steps"] == 7 and data["train"]["log_every_steps"] == 5
+    assert data["model"]["overrides"] == {"num_layers": 3}
+
+
+def test_a_swept_key_on_the_command_line_is_an_error():
+    sweep = from_dict(SweepConfig, {"name": "s", "space": {"optim.lr_peak": {"grid": [1e-3]}}})
+    with pytest.raises(ConfigError, match="optim.lr_peak is both swept"):
+        with_command_line(sweep, ["optim.lr_peak=0.1"], None)
+    with pytest.raises(ConfigError, match="--num-samples"):
+        with_command_line(sweep, [], 0)
+
+
+def test_sweep_items_set_the_sweep_files_own_fields(tmp_path):
+    mine, theirs = split_sweep_items(["sweep.scheduler.grace_period_steps=4", "train.max_steps=8",
+                                      "sweep.num_samples=2"])
+    assert theirs == ["train.max_steps=8"]
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nspace: {optim.lr_peak: {grid: [0.001]}}\n")
+    sweep = load_sweep(str(path), mine)
+    assert sweep.scheduler.grace_period_steps == 4 and sweep.num_samples == 2
+    with pytest.raises(ConfigError, match="s.yaml: unknown config key 'bogus'"):
+        load_sweep(str(path), ["bogus=1"])
 
 
 @pytest.mark.parametrize("space,needle", [
