@@ -109,10 +109,12 @@ class SynthConfig:
     """Everything (speakers, sentences, prosody, silence) derives from this."""
     train_hours: float = 6.0
     """Approximate hours of training audio (the manifest records the exact figure)."""
-    dev_utterances: int = 200
-    """Utterances in the dev split (held-out speakers and sentences)."""
-    test_utterances: int = 400
-    """Utterances in the test split (held-out speakers and sentences)."""
+    dev_utterances: int | None = None
+    """Utterances in the dev split (held-out speakers and sentences); None = scaled with train_hours:
+    200 from 6 h up, 200 x train_hours / 6 below, at least 10 (filled in when the config is built)."""
+    test_utterances: int | None = None
+    """Utterances in the test split (held-out speakers and sentences); None = scaled with train_hours
+    like dev: 400 from 6 h up, at least 20."""
     train_speakers: int = 160
     """Distinct speakers (accent x variant, with their own pitch and rate) in train."""
     heldout_speakers: int = 16
@@ -144,6 +146,15 @@ class SynthConfig:
     punctuation: bool = False
     """Written transcripts: English sentences get casing, commas, full stops, question marks and
     digits, the second language its accents and punctuation (false = the lower-case a-z' corpus)."""
+
+    def __post_init__(self) -> None:
+        # A small corpus gets held-out splits to match (0.05 h of train was 5x smaller than its test
+        # split), a large one no more than the default's: WER on 400 utterances is precise to ~1 point.
+        scale = min(1.0, self.train_hours / 6.0)
+        if self.dev_utterances is None:
+            self.dev_utterances = max(10, round(200 * scale))
+        if self.test_utterances is None:
+            self.test_utterances = max(20, round(400 * scale))
 
     def validate(self) -> None:
         """Field ranges; the checks against espeak-ng's voice inventory (enough accent x variant

@@ -309,3 +309,15 @@ def test_synth_returns_its_own_corpus_and_refuses_to_overwrite_another(tmp_path)
     with pytest.raises(ConfigError, match=r"already holds a corpus of other settings \(seed 1234 -> 7\).*another --out"):
         synthesize(dataclasses.replace(SMALL, seed=7), out, log=lambda s: None)
     assert shard.stat().st_mtime_ns == before
+
+
+def test_held_out_splits_scale_with_train_hours_unless_set():
+    """0.05 h of train used to get 200 dev and 400 test utterances, 5x the train split."""
+    small = SynthConfig(train_hours=0.05)
+    assert (small.dev_utterances, small.test_utterances) == (10, 20)
+    assert (SynthConfig(train_hours=3.0).dev_utterances, SynthConfig(train_hours=3.0).test_utterances) == (100, 200)
+    assert (SynthConfig().dev_utterances, SynthConfig(train_hours=60).test_utterances) == (200, 400)
+    assert SynthConfig(train_hours=0.05, test_utterances=7).test_utterances == 7
+    specs = make_specs(dataclasses.replace(small, heldout_accents=("en-gb-scotland",)))
+    assert len(specs["dev"]) == 10 and len(specs["test"]) == len(specs["test_accents"]) == 20
+    assert len(specs["train"]) > len(specs["test"])
