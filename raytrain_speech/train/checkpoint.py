@@ -2,8 +2,9 @@
 
 A checkpoint directory (``checkpoint_step%08d``) holds ``state.pt`` (tensors and plain data only,
 loaded with ``weights_only=True`` so a checkpoint cannot execute code), ``config.yaml`` (the
-resolved run config, all that evaluation and export need) and ``data_cursor.npz`` (the epoch's
-consumed utterances). The format is the same under either backend, so a run trained with
+resolved run config, all that evaluation and export need), ``data_cursor.npz`` (the epoch's
+consumed utterances) and ``train_state.json`` (the counters of state.pt's TrainState, readable
+without loading the weights). The format is the same under either backend, so a run trained with
 ``run.backend=local`` resumes under Ray and the reverse.
 
 Committed = safe to resume from. Ray Train commits a checkpoint once it is fully uploaded and records
@@ -33,6 +34,8 @@ from raytrain_speech.train.step import EMA, unwrap
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
+TRAIN_STATE_FILE = "train_state.json"
+"""The TrainState again, as JSON beside state.pt: where a run stands, read without its weights."""
 
 
 @dataclass
@@ -54,6 +57,11 @@ class TrainState:
     stopped_early: bool = False
     stop_reason: str = ""
     """Why the run stopped before max_steps ('' = it did not): early stopping, or too much bad input."""
+
+    def finished(self, max_steps: int, max_epochs: int | None) -> bool:
+        """Whether the Trainer's loop would train no step from here (its loop condition, negated)."""
+        return (self.step >= max_steps or self.stopped_early
+                or (max_epochs is not None and self.epoch >= max_epochs))
 
 
 def rng_state(device: torch.device) -> dict:
@@ -98,6 +106,8 @@ def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | No
         time.sleep(fault_delay_s)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         f.write(config_yaml)
+    with open(os.path.join(directory, TRAIN_STATE_FILE), "w") as f:
+        json.dump(asdict(state), f)
     if cursor is not None:
         with open(os.path.join(directory, CURSOR_FILE), "wb") as f:
             f.write(cursor.to_bytes())
@@ -265,6 +275,14 @@ def read_restored(directory: str, storage_cfg: StorageConfig | None = None) -> R
     """A committed checkpoint directory (local path or s3://) read for resuming."""
     payload, _ = read_checkpoint(directory, storage_cfg)
     return Restored(payload, read_cursor(directory, storage_cfg), directory)
+
+
+def read_train_state(directory: str, storage_cfg: StorageConfig | None = None) -> TrainState | None:
+    """The checkpoint's TrainState from train_state.json (None for a checkpoint written before it)."""
+    uri = storage.join(directory, TRAIN_STATE_FILE)
+    if not storage.exists(uri, storage_cfg):
+        return None
+    return TrainState(**json.loads(storage.read_bytes(uri, storage_cfg)))
 
 
 def read_cursor(directory: str, storage_cfg: StorageConfig | None = None) -> DataCursor | None:

@@ -8,6 +8,7 @@ process (train/local.py), and Ray is never imported.
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from raytrain_speech.storage import StorageError
 from raytrain_speech.train import checkpoint, preflight
 from raytrain_speech.train.metrics import (
     METRICS_FILE,
+    RUN_CARD_JSON,
     ProgressDisplay,
     read_metrics,
     run_dir,
@@ -67,6 +69,12 @@ def fit(cfg: Config, progress: bool = True, out=print, callbacks: list | None = 
     preflight.check(cfg)
     start = time.time()
     directory = run_dir(cfg)
+    finished = _finished(cfg, directory)
+    if finished is not None:
+        out(f"[raytrain-speech] run {cfg.run.name} finished at step {finished.metrics.get('step')} "
+            f"(train.max_steps={cfg.train.max_steps}); nothing to train, no record changed "
+            "(raise train.max_steps to train on)")
+        return finished
     _tokenizer_from_init(cfg)
     vocab.settle_run_tokenizer(cfg, directory, log=out)  # learned or copied in; its path joins the config
     vocab.check_fits(cfg)
@@ -84,6 +92,26 @@ def fit(cfg: Config, progress: bool = True, out=print, callbacks: list | None = 
             if error:
                 raise TrainingFailed(error)
     return _outcome(cfg, start, ckpt, metrics)
+
+
+def _finished(cfg: Config, directory: str) -> FitOutcome | None:
+    """The outcome of a run whose latest committed checkpoint has nothing left to train under this
+    config, read from its records, which are left as they are (a re-run changes no record); None
+    when there is training to do, or the checkpoint predates train_state.json (it is launched, and
+    its Trainer finds out)."""
+    ckpt = checkpoint.latest_committed_dir(directory, cfg.storage)
+    state = checkpoint.read_train_state(ckpt, cfg.storage) if ckpt is not None else None
+    if state is None or not state.finished(cfg.train.max_steps, cfg.train.max_epochs):
+        return None
+    records = read_metrics(storage.join(directory, METRICS_FILE), cfg.storage)
+    last = {k: v for k, v in (records[-1] if records else {}).items() if k not in ("time", "checkpoint_path")}
+    card_uri = storage.join(directory, RUN_CARD_JSON)
+    card = json.loads(storage.read_bytes(card_uri, cfg.storage)) if storage.exists(card_uri, cfg.storage) else {}
+    bad_uri = storage.join(directory, BAD_INPUTS_FILE)
+    bad_line = summary_line(read_bad_inputs(bad_uri, cfg.storage), bad_uri)
+    if state.stop_reason.startswith("too much bad input"):  # it failed then; it fails again, the same way
+        raise TrainingFailed(f"{state.stop_reason} [{bad_line}]")
+    return FitOutcome(directory, ckpt, last or {"step": state.step}, 0.0, card, bad_line)
 
 
 def _tokenizer_from_init(cfg: Config) -> None:

@@ -192,8 +192,7 @@ class Trainer:
         """Train to max_steps / max_epochs / an early stop, and report the final state."""
         self._announce()
         tc, first = self.tc, True
-        while (self.state.step < tc.max_steps and not self.state.stopped_early
-               and (tc.max_epochs is None or self.state.epoch < tc.max_epochs)):
+        while not self.state.finished(tc.max_steps, tc.max_epochs):
             resuming = first and not self.cursor.empty
             consumed = self.cursor.consumed.copy() if resuming else None
             first = False

@@ -52,3 +52,14 @@ def test_max_epochs_ends_with_a_final_checkpoint(request, backend, tmp_path):
         assert sum(waits) >= total - 1e-6
     assert outcome.run_card["data_wait_s"] == pytest.approx(total)
     assert outcome.run_card["worker_history"][0]["data_wait_s"] == pytest.approx(total)
+
+    # Re-running the finished run trains nothing and changes no record (it used to append a metrics line
+    # with lr null and 0 audio-s/s, and rewrite the run card with a restart that never happened).
+    run = tmp_path / "runs" / "epochs"
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    again = fit(cfg, progress=False)
+    after = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert sorted(after) == sorted(before)
+    assert [p.name for p in after if after[p] != before[p]] == []
+    assert again.checkpoint_uri == outcome.checkpoint_uri and again.metrics["step"] == state["step"]
+    assert again.run_card == outcome.run_card
