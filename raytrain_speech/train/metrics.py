@@ -363,6 +363,11 @@ def run_card(lines: list[dict], run: dict) -> dict:
     }
 
 
+def readable(value):
+    """A float to 4 significant digits for the Markdown card (run_card.json keeps every digit)."""
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
 def run_card_markdown(card: dict) -> str:
     rows = [("run", card.get("name")), ("model", f"{card.get('family')} / {card.get('preset')}"),
             ("parameters", f"{(card.get('parameters') or 0) / 1e6:.2f} M"), ("hardware", card.get("hardware")),
@@ -372,10 +377,10 @@ def run_card_markdown(card: dict) -> str:
             ("training time", format_duration(card.get("train_wall_s") or 0)),
             ("waiting for data", format_duration(card.get("data_wait_s") or 0)),
             ("GPU-hours" if "gpu_hours" in card else "CPU worker-hours",
-             card.get("gpu_hours", card.get("cpu_worker_hours"))),
+             readable(card.get("gpu_hours", card.get("cpu_worker_hours")))),
             ("audio hours seen", f"{card.get('audio_hours_seen', 0):.2f}"),
             ("throughput", f"{card.get('throughput_audio_s_per_s') or 0:.0f} audio-s/s")]
-    rows += [(f"final {k}", v) for k, v in card["final"].items()]
+    rows += [(f"final {k}", readable(v)) for k, v in card["final"].items()]
     out = [f"# Run card: {card.get('name')}", "", "| | |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in rows]
     out += ["", "## Workers per attempt", "",

@@ -82,3 +82,13 @@ def test_utterance_count_global_batch_recomputes_accumulation_per_world_size():
         assert cap <= 2 and world * got_accum * cap >= 2048  # never fewer than promised
         assert world * got_accum * cap - 2048 < world * got_accum  # over by under one row per micro-batch
     assert TrainConfig(global_batch_utterances=64).utterance_cap(2) == 32
+
+
+def test_the_markdown_card_rounds_for_reading_and_the_json_keeps_every_digit():
+    lines = [{"step": 4, "attempt": 1, "attempt_id": "a", "attempt_start_step": 0, "world_size": 1, "grad_accum": 1,
+              "time": 100.0, "train_wall_s": 3.0, "loss": 3.4107051567743287, "lr": 0.0004401933816107721}]
+    card = run_card(lines, {"name": "r", "use_gpu": False})
+    md = run_card_markdown(card)
+    assert "| final loss | 3.411 |" in md and "| final lr | 0.0004402 |" in md
+    assert "3.4107051567743287" not in md
+    assert card["final"]["loss"] == 3.4107051567743287
