@@ -460,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synth (if absent) -> train 2 workers on local Ray -> eval, with a summary table")
     with_config(p)
     p.set_defaults(fn=cmd_demo)
+
+    for name in ("train", "tune", "eval", "demo"):  # synth and prepare have their own (more of their log)
+        sub.choices[name].add_argument("-v", "--verbose", action="store_true",
+                                       help="Ray's own console output as Ray prints it (by default the lines a "
+                                            "user cannot act on are left in Ray's session logs)")
     return ap
 
 
@@ -470,8 +475,14 @@ def _loaded(module: str, name: str) -> tuple[type, ...]:
     return (getattr(mod, name),) if mod is not None else ()
 
 
+VERBOSE_ENV = "RAYTRAIN_SPEECH_VERBOSE"
+"""What ``--verbose`` sets, for ray_session (which reads it where Ray starts) and the processes it starts."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"
     try:
         return args.fn(args)
     except KeyboardInterrupt:

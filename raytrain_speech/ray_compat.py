@@ -104,6 +104,69 @@ def quiet_ray_data_notices() -> None:
     warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
 
 
+OUR_LINE_PREFIX = "[raytrain-speech]"
+"""Lines our workers print for the user (the start line, a bad-input stop): shown without Ray's
+``(RayTrainWorker pid=...)`` prefix, as the local backend shows them."""
+
+DRIVER_NOISE = (
+    # core_worker.cc, from Train's controller: Train itself creates its PreemptionWatcher this way.
+    "has constructor arguments in the object store and max_restarts > 0",
+    # raylet: a 2-core machine running Train + Data + Tune starts more worker processes than cores.
+    "PYTHON worker processes have been started on node",
+    # gcs_server at shutdown, killing actors whose processes are already gone.
+    "Failed to kill actor",
+    # Train's placement-group cleaner, at the end of every run.
+    "Detected that the Ray Train controller actor",
+)
+"""Ray log lines forwarded to the driver's console that say nothing a user can act on (issue 19's
+list, seen in every demo run on Ray 2.60). Dropped from the console only: each is still in the
+session's log files (``/tmp/ray/session_latest/logs``), and ``--verbose`` shows them."""
+
+
+def filter_driver_logs() -> None:
+    """Ray 2.60 echoes every worker's and daemon's output on the driver through
+    ``ray._private.worker.print_worker_logs`` (looked up by name at each call). Wrapped here: lines
+    containing one of DRIVER_NOISE are dropped, ours are printed without Ray's prefix, every other
+    line is printed as Ray would. Cosmetic: a moved function leaves the console as it was."""
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return
+    original = getattr(ray_worker, "print_worker_logs", None)
+    if original is None or getattr(original, "filtered", False):
+        return
+
+    def print_worker_logs(data, print_file, ignore_prefix: bool = False):
+        run: list[str] = []
+        run_ours = False
+        for line in list(data.get("lines", [])) + [None]:  # None flushes the last run
+            if line is not None and any(noise in line for noise in DRIVER_NOISE):
+                continue
+            ours = line is not None and line.startswith(OUR_LINE_PREFIX)
+            if run and (line is None or ours != run_ours):
+                original({**data, "lines": run}, print_file, ignore_prefix or run_ours)
+                run = []
+            if line is not None:
+                run.append(line)
+                run_ours = ours
+
+    print_worker_logs.filtered = True
+    ray_worker.print_worker_logs = print_worker_logs
+
+
+def quiet_token_auth_notice() -> None:
+    """Ray 2.60 turns token authentication on for every new local cluster (RAY_AUTH_MODE unset) and
+    warns, each time, that it did. Only that notice is filtered; Ray's warning that a cluster runs
+    *without* authentication is a security warning and stays. A moved logger leaves the line on."""
+    class _NotTheEnabledNotice(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(type(f).__name__ == _NotTheEnabledNotice.__name__ for f in log.filters):  # once per process
+        log.addFilter(_NotTheEnabledNotice())
+
+
 def worker_setup() -> None:
     """``worker_process_setup_hook`` of a local Ray: what every Ray worker process of ours does first."""
     calm_data_scheduler()

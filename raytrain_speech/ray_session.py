@@ -50,6 +50,13 @@ def dashboard_port() -> int:
         return s.getsockname()[1]
 
 
+def verbose() -> bool:
+    """``--verbose`` (cli.VERBOSE_ENV): Ray's console output as Ray prints it (see ``connect``)."""
+    from raytrain_speech.cli import VERBOSE_ENV
+
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
 def address(configured: str | None = None) -> str | None:
     """The cluster to join: the configured address, else $RAY_ADDRESS; None = start a local Ray."""
     return configured or os.environ.get("RAY_ADDRESS") or None
@@ -65,7 +72,11 @@ def connect(configured_address: str | None = None, num_cpus: int | None = None, 
     ray_compat.calm_data_scheduler()
     if ray.is_initialized():
         return False
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    loud = verbose()
+    if not loud:  # Ray's lines a user can do nothing about off the console (still in the session logs)
+        ray_compat.filter_driver_logs()
+        ray_compat.quiet_token_auth_notice()
+    quiet = {"logging_level": logging.INFO if loud else logging.WARNING, "log_to_driver": True}
     target = address(configured_address)
     if target:
         ray.init(address=target, **quiet)

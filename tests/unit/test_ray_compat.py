@@ -75,3 +75,39 @@ def test_a_run_dir_resolves_to_its_committed_checkpoint_not_the_newest_directory
     assert checkpoint.resolve_checkpoint(run) == f"{run}/{checkpoint.dir_name(20)}"
     with pytest.raises(storage.StorageError, match="neither a checkpoint"):
         checkpoint.resolve_checkpoint(str(tmp_path / "empty"))
+
+
+def test_the_driver_log_filter_drops_rays_noise_and_shows_our_lines_plain():
+    """Ray's own print_worker_logs, wrapped: fed a batch as Ray's log monitor sends it."""
+    import io
+
+    from ray._private import worker as ray_worker
+
+    ray_compat.filter_driver_logs()
+    ray_compat.filter_driver_logs()  # idempotent: wrapped once
+    assert ray_worker.print_worker_logs.filtered
+    out = io.StringIO()
+    lines = ["[raytrain-speech] 2 worker(s) x 1 micro-batch(es), starting fresh",
+             "[2026-12-03 15:05:01,566 E 1 2] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and "
+             "ID: 'f5' has constructor arguments in the object store and max_restarts > 0. If the arguments",
+             "a warning of the user's own code",
+             "[raytrain-speech] too much bad input: 12 of 40"]
+    ray_worker.print_worker_logs({"pid": 4242, "ip": "10.0.0.1", "localhost": "10.0.0.1", "lines": lines,
+                                  "actor_name": "RayTrainWorker"}, out)
+    printed = out.getvalue().splitlines()
+    assert len(printed) == 3 and not any("PreemptionWatcher" in p for p in printed)
+    assert printed[0] == lines[0] and printed[2] == lines[3]  # ours: no "(RayTrainWorker pid=...)" prefix
+    assert "(RayTrainWorker pid=4242)" in printed[1] and printed[1].endswith(lines[2])  # others: as Ray prints
+
+
+def test_only_the_token_auth_enabled_notice_is_filtered(caplog):
+    import logging
+
+    ray_compat.quiet_token_auth_notice()
+    ray_compat.quiet_token_auth_notice()
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    assert len(log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+        log.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+    assert [r.getMessage()[:40] for r in caplog.records] == ["Token authentication is disabled for thi"]
