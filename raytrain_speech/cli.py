@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from raytrain_speech import VERBOSE_ENV
 from raytrain_speech.config import ConfigError
 
 USAGE_ERROR = 2
@@ -133,16 +134,10 @@ def cmd_train(args) -> int:
 def cmd_config(args) -> int:
     """Every key of the resolved config (defaults <- recipe <- overrides) with type and doc, as YAML."""
     cfg = _load(args)
-    from raytrain_speech.config.docs import key_docs, render_yaml
+    from raytrain_speech.config.docs import show_config
     from raytrain_speech.models.registry import resolve
 
-    rows = []
-    for row in key_docs(cfg):  # the family's architecture fields stand where model.overrides is
-        rows.extend(key_docs(resolve(cfg.model), "model.overrides.") if row.key == "model.overrides" else [row])
-    source = args.config or "the defaults"
-    print(f"# resolved config of {source}{' with ' + ' '.join(args.overrides) if args.overrides else ''}; "
-          f"set any key as key=value (e.g. train.max_steps=50), or start a recipe from this file")
-    print(render_yaml(rows), end="")
+    print(show_config(cfg, resolve(cfg.model), args.config, args.overrides), end="")
     return 0
 
 
@@ -475,14 +470,10 @@ def _loaded(module: str, name: str) -> tuple[type, ...]:
     return (getattr(mod, name),) if mod is not None else ()
 
 
-VERBOSE_ENV = "RAYTRAIN_SPEECH_VERBOSE"
-"""What ``--verbose`` sets, for ray_session (which reads it where Ray starts) and the processes it starts."""
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "verbose", False):
-        os.environ[VERBOSE_ENV] = "1"
+        os.environ[VERBOSE_ENV] = "1"  # read by ray_session where Ray starts
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ import socket
 import ray
 import ray.data
 
-from raytrain_speech import ray_compat
+from raytrain_speech import VERBOSE_ENV, ray_compat
 
 DEFAULT_DASHBOARD_PORT = 8265
 QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
@@ -51,9 +51,7 @@ def dashboard_port() -> int:
 
 
 def verbose() -> bool:
-    """``--verbose`` (cli.VERBOSE_ENV): Ray's console output as Ray prints it (see ``connect``)."""
-    from raytrain_speech.cli import VERBOSE_ENV
-
+    """``--verbose`` (VERBOSE_ENV): Ray's console output as Ray prints it (see ``connect``)."""
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 

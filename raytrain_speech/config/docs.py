@@ -100,3 +100,14 @@ def render_yaml(rows: list[KeyDoc]) -> str:
         comment = f"{r.type_name}" + (f": {first_sentence(r.doc)}" if r.doc else "")
         lines.append(f"{item.ljust(min(width + 2, 60))}  # {comment}")
     return "\n".join(lines) + "\n"
+
+
+def show_config(cfg: Any, family_config: Any, recipe: str | None, overrides: list[str]) -> str:
+    """``config show``: every key of ``cfg`` as commented YAML, the model family's resolved
+    architecture (``family_config``, from models.registry) standing where ``model.overrides`` is."""
+    rows = []
+    for row in key_docs(cfg):
+        rows.extend(key_docs(family_config, "model.overrides.") if row.key == "model.overrides" else [row])
+    given = f" with {' '.join(overrides)}" if overrides else ""
+    return (f"# resolved config of {recipe or 'the defaults'}{given}; set any key as key=value "
+            f"(e.g. train.max_steps=50), or start a recipe from this file\n" + render_yaml(rows))
