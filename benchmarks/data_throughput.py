@@ -6,8 +6,9 @@ core and >= 1000x realtime per core on decode + resample + speed perturbation + 
 log-mel. Both sides read the SAME Parquet shards and mix the SAME noise clips with the SAME transform
 settings, on the same number of processes with one torch thread each:
 
-- ours: ``data.pipeline.build_dataset(cfg, "train")`` (read_parquet -> map_batches(Preprocessor)
-  with a WaveformAugmenter, epoch from the run's EpochClock actor) iterated to exhaustion on the driver
+- ours: ``data.pipeline.build_dataset(cfg, "train")`` (one Ray Data task per shard piece, reading it
+  and running the Preprocessor with a WaveformAugmenter on each row batch, epoch from the run's
+  EpochClock actor once per task) iterated to exhaustion on the driver
   with ``iter_batches(batch_format="numpy", batch_size=None)``; Ray gets ``--cores`` CPUs.
 - baseline: a map-style Dataset over the shards' rows (read with pyarrow once, before timing) whose
   ``__getitem__`` does soundfile decode -> ``torchaudio.functional.resample`` (if the rate differs) ->

@@ -100,12 +100,12 @@ def read_batches(root: str, split: str, storage_cfg: StorageConfig | None = None
     if tars.is_indexed(root, split, storage_cfg):
         for uri in uris:
             for table in tars.read_batches(uri, storage_cfg, consumed, rows_per_batch):
-                yield _numpy(table)
+                yield numpy_batch(table)
         return
     firsts = first_index_of(root, split, storage_cfg)
     for uri in uris:
         for table in parquet_row_tables(uri, firsts[uri], storage_cfg, consumed, rows_per_batch):
-            yield _numpy(table)
+            yield numpy_batch(table)
 
 
 def first_index_of(root: str, split: str, storage_cfg: StorageConfig | None = None) -> dict[str, int]:
@@ -195,7 +195,7 @@ def _raise_if_unreachable(f, parquet: pq.ParquetFile, group: int, uri: str, err:
         raise StorageError(storage.describe_error(uri, raw_err)) from err
 
 
-def _numpy(table: pa.Table) -> dict:
+def numpy_batch(table: pa.Table) -> dict:
     """A table as Ray Data's ``batch_format="numpy"`` hands it on: a numpy array per column (strings
     and bytes as object arrays)."""
     return {name: table.column(name).to_numpy() for name in table.column_names}

@@ -1,9 +1,10 @@
 """The one Ray Data chain: shards in storage -> decoded, augmented, featurized, tokenized rows.
 
-    check shard footers -> read tasks (pieces of the readable shards, row group by row group; consumed
-      rows left out, corrupt row groups and misplaced indices as named rows: corpus.parquet_row_tables)
-      (an indexed WebDataset split instead: one task per tar streaming it, consumed rows left out, tars.py)
-      -> map_batches(preprocess_training_rows: duration filter, decode, resample, speed + noise, [log-mel])
+    check shard footers -> one task per piece of a readable shard, reading it row group by row group
+      (consumed rows left out, corrupt row groups and misplaced indices as named rows:
+      corpus.parquet_row_tables) and preprocessing each row batch as it is read
+      (preprocess_training_rows: duration filter, decode, resample, speed + noise, [log-mel])
+      (an indexed WebDataset split instead: one such task per tar streaming it, tars.py)
       -> (streaming_split by Train)
 
 The map is ``data.preprocess.preprocess_training_rows``, the same function the local backend calls in
@@ -71,87 +72,94 @@ def build_dataset(cfg: Config, split: str, consumed: np.ndarray | None = None) -
     ``consumed`` (a bitmap over the split's utterance indices) drops rows before they are decoded:
     that is how a resumed epoch skips what the checkpoint says was already trained on. Unreadable
     shards are left out here; the training workers count their utterances as bad input.
+
+    One task reads its items (a piece of a shard, or a tar) and preprocesses their rows, a row batch
+    at a time: no hop through the object store between reading and preprocessing, and as many tasks
+    to spread over the cores as there are items. (A read operator followed by a preprocessing one
+    gave Ray Data 3 preprocessing tasks for a 0.25 h pass, so one of 2 cores did two thirds of the
+    work; docs/LOG.md, 2026-12-03.)
     """
-    uris, _ = corpus.readable_shards(cfg.data.root, split, cfg.storage)
-    ds = source_dataset(cfg, split, uris, consumed, shuffle=cfg.data.shuffle_blocks)
     clock = None
     if cfg.augment.waveform_enabled:
         clock = epoch_clock_name(cfg)
         epoch_clock(clock)  # exists before any task or worker asks for it
+    uris, _ = corpus.readable_shards(cfg.data.root, split, cfg.storage)
+    ds = _items_dataset(cfg, split, uris, cfg.data.shuffle_blocks)
     ds.context.target_max_block_size = int(cfg.data.block_mb * 2**20)
-    return ds.map_batches(
-        _preprocess, fn_kwargs={"recipe": TrainingRecipe.from_config(cfg), "seed": cfg.train.seed, "clock": clock},
-        batch_size=cfg.data.preprocess_batch_rows, batch_format="numpy", num_cpus=cfg.data.preprocess_cpus,
-    )
+    kwargs = {"read": _read_kwargs(cfg, consumed), "recipe": TrainingRecipe.from_config(cfg),
+              "seed": cfg.train.seed, "clock": clock}
+    return ds.map_batches(_read_and_preprocess, fn_kwargs=kwargs, batch_size=1, batch_format="numpy",
+                          num_cpus=cfg.data.preprocess_cpus)
 
 
 def source_dataset(cfg: Config, split: str, uris: list[str], consumed: np.ndarray | None = None,
                    shuffle: bool = False) -> ray.data.Dataset:
-    """The split's raw rows (the preprocessing's input columns) as a Dataset, consumed rows left out."""
-    consumed = consumed if consumed is not None and consumed.any() else None
-    if tars.is_indexed(cfg.data.root, split, cfg.storage):  # WebDataset tars read in place
-        return tar_dataset(cfg, uris, consumed, shuffle)
-    return parquet_dataset(cfg, uris, consumed, shuffle, split)
+    """The raw rows (the preprocessing's input columns) of the split's shards ``uris`` as a Dataset,
+    consumed rows left out (evaluation maps its decoder actors over it)."""
+    # Reading is storage-bound: half a CPU lets it overlap with the tasks that use its rows.
+    return _items_dataset(cfg, split, uris, shuffle).map_batches(
+        _read_items, fn_kwargs=_read_kwargs(cfg, consumed), batch_size=1, batch_format="numpy", num_cpus=0.5)
 
 
-def parquet_dataset(cfg: Config, uris: list[str], consumed: np.ndarray | None = None,
-                    shuffle: bool = False, split: str | None = None) -> ray.data.Dataset:
-    """A Parquet split read by our own tasks (``corpus.parquet_row_tables``), not ``read_parquet``:
-    row group by row group, so a corrupt page costs its row group's rows (named bad input) instead of
-    a read task that fails on every retry; the consumed rows left out in the read; indices checked
-    against the manifest. The shard list comes from the manifest, so no pass lists files."""
-    firsts = corpus.first_index_of(cfg.data.root, split or cfg.data.train_split, cfg.storage)
-    # Several pieces per shard: Train's unequal streaming split hands out whole blocks, so at the end
-    # of an epoch one rank can hold up to a block more than the others and train alone with filler
-    # steps on the rest; smaller pieces make that tail shorter.
-    pieces = cfg.data.blocks_per_shard
-    items = [{"uri": shards.absolute(u), "first_index": firsts[u], "piece": k} for u in uris for k in range(pieces)]
+def _items_dataset(cfg: Config, split: str, uris: list[str], shuffle: bool) -> ray.data.Dataset:
+    """What the read tasks are handed, one block per item: pieces of the readable Parquet shards
+    (``data.blocks_per_shard`` runs of contiguous row groups each), or indexed tars (one item each).
+
+    Parquet shards are read by our own tasks (``corpus.parquet_row_tables``), not ``read_parquet``: row
+    group by row group, so a corrupt page costs its row group's rows (named bad input) instead of a
+    task that fails on every retry; indices checked against the manifest; the shard list from the
+    manifest, so no pass lists files. Several pieces per shard, because Train's unequal streaming
+    split hands out whole blocks: at the end of an epoch one rank can hold up to a block more than the
+    others and train alone with filler steps; smaller pieces make that tail shorter. A tar is streamed
+    from storage by one task, consumed indices left out before their audio is read."""
+    uris, _ = corpus.readable_shards(cfg.data.root, split, cfg.storage)
+    if tars.is_indexed(cfg.data.root, split, cfg.storage):
+        items = [{"index_uri": shards.absolute(u)} for u in uris]
+    else:
+        firsts = corpus.first_index_of(cfg.data.root, split, cfg.storage)
+        items = [{"uri": shards.absolute(u), "first_index": firsts[u], "piece": k}
+                 for u in uris for k in range(cfg.data.blocks_per_shard)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    if shuffle:
-        ds = ds.randomize_block_order()
-    kwargs = {"storage_cfg": cfg.storage, "consumed": consumed, "rows_per_batch": cfg.data.preprocess_batch_rows,
-              "pieces": pieces}
-    return ds.map_batches(_read_parquet, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=0.5)
+    return ds.randomize_block_order() if shuffle else ds
 
 
-def _read_parquet(batch: dict, storage_cfg, consumed: np.ndarray | None, rows_per_batch: int, pieces: int):
-    """Ray Data task body: the rows of the shard pieces named in the batch."""
-    for uri, first, piece in zip(batch["uri"], batch["first_index"], batch["piece"]):
+def _read_kwargs(cfg: Config, consumed: np.ndarray | None) -> dict:
+    return {"storage_cfg": cfg.storage, "consumed": consumed if consumed is not None and consumed.any() else None,
+            "rows_per_batch": cfg.data.preprocess_batch_rows, "pieces": cfg.data.blocks_per_shard}
+
+
+def _read_items(items: dict, storage_cfg, consumed: np.ndarray | None, rows_per_batch: int, pieces: int):
+    """Ray Data task body: the raw rows of the shard pieces (or tars) named in ``items``, as tables."""
+    if "index_uri" in items:
+        for uri in items["index_uri"]:
+            yield from tars.read_batches(str(uri), storage_cfg, consumed, rows_per_batch)
+        return
+    for uri, first, piece in zip(items["uri"], items["first_index"], items["piece"]):
         yield from corpus.parquet_row_tables(str(uri), int(first), storage_cfg, consumed, rows_per_batch,
                                              int(piece), pieces)
 
 
-def tar_dataset(cfg: Config, index_uris: list[str], consumed: np.ndarray | None = None,
-                shuffle: bool = False) -> ray.data.Dataset:
-    """An indexed WebDataset split (data/tars.py): one read task per tar, streaming it from storage and
-    leaving out ``consumed`` indices before their audio is read (so no drop_consumed step after it)."""
-    items = [{"index_uri": shards.absolute(u)} for u in index_uris]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    if shuffle:
-        ds = ds.randomize_block_order()
-    kwargs = {"storage_cfg": cfg.storage, "consumed": consumed, "rows_per_batch": cfg.data.preprocess_batch_rows}
-    # Reading a tar is network-bound: half a CPU lets it overlap with the preprocessing tasks.
-    return ds.map_batches(_read_tars, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=0.5)
-
-
-def _read_tars(batch: dict, storage_cfg, consumed: np.ndarray | None, rows_per_batch: int):
-    """Ray Data task body: the rows of each tar named in the batch, a table of ``tars.ROW_SCHEMA`` at a time."""
-    for uri in batch["index_uri"]:
-        yield from tars.read_batches(str(uri), storage_cfg, consumed, rows_per_batch)
+def _read_and_preprocess(items: dict, read: dict, recipe: TrainingRecipe, seed: int, clock: str | None):
+    """Ray Data task body: the training rows of the shard pieces (or tars) named in ``items``, at the
+    epoch the run's clock says (asked once per task: a task belongs to one epoch's execution)."""
+    epoch = None
+    for table in _read_items(items, **read):
+        if epoch is None:
+            epoch = ray.get(epoch_clock(clock).get.remote()) if clock is not None else 0
+        yield _preprocess_rows(corpus.numpy_batch(table), recipe, seed, epoch)
 
 
 _THREADS_SET = False
 
 
-def _preprocess(batch: dict, recipe: TrainingRecipe, seed: int, clock: str | None) -> dict:
-    """Ray Data task body: the training rows of a batch, at the epoch the run's clock says."""
+def _preprocess_rows(batch: dict, recipe: TrainingRecipe, seed: int, epoch: int) -> dict:
+    """The training rows of a raw row batch, in a Ray Data task (one torch thread)."""
     global _THREADS_SET
     if not _THREADS_SET:
         import torch
 
         torch.set_num_threads(1)  # data tasks share the cores with the training workers
         _THREADS_SET = True
-    epoch = ray.get(epoch_clock(clock).get.remote()) if clock is not None else 0
     return preprocess_training_rows(batch, recipe, seed, epoch)
 
 
