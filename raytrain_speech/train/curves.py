@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import io
 import json
-import math
 
 from raytrain_speech import storage
 from raytrain_speech.config import StorageConfig
+from raytrain_speech.train.trackers import finite
 
 CURVES_PNG = "curves.png"
 CURVES_JSON = "curves.json"
@@ -23,10 +23,6 @@ CURVES_JSON = "curves.json"
 
 def _attempt_key(m: dict):
     return m.get("attempt_id") or m.get("attempt", 1)
-
-
-def _finite(v) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
 def curve_data(records: list[dict]) -> dict:
@@ -50,8 +46,8 @@ def curve_data(records: list[dict]) -> dict:
         previous[key] = m
         by_step[m["step"]] = m
     steps = sorted(by_step)
-    valid = [s for s in steps if _finite(by_step[s].get("valid_loss")) is not None
-             or _finite(by_step[s].get("valid_wer")) is not None]
+    valid = [s for s in steps if finite(by_step[s].get("valid_loss")) is not None
+             or finite(by_step[s].get("valid_wer")) is not None]
     t0 = next((m["time"] for m in records if "time" in m), 0.0)
     timed = [m for m in records if "time" in m and "step" in m]
     starts, seen = [], set()
@@ -62,11 +58,11 @@ def curve_data(records: list[dict]) -> dict:
             starts.append({"elapsed_s": m["time"] - t0, "step": m["step"], "world_size": m.get("world_size")})
     return {
         "step": steps,
-        "loss": [_finite(by_step[s].get("loss")) for s in steps],
-        "lr": [_finite(by_step[s].get("lr")) for s in steps],
-        "throughput_audio_s_per_s": [_finite(window[s]) for s in steps],
-        "valid": {"step": valid, "loss": [_finite(by_step[s].get("valid_loss")) for s in valid],
-                  "wer": [_finite(by_step[s].get("valid_wer")) for s in valid]},
+        "loss": [finite(by_step[s].get("loss")) for s in steps],
+        "lr": [finite(by_step[s].get("lr")) for s in steps],
+        "throughput_audio_s_per_s": [finite(window[s]) for s in steps],
+        "valid": {"step": valid, "loss": [finite(by_step[s].get("valid_loss")) for s in valid],
+                  "wer": [finite(by_step[s].get("valid_wer")) for s in valid]},
         "workers": {"elapsed_s": [m["time"] - t0 for m in timed], "world_size": [m.get("world_size") for m in timed]},
         "attempt_starts": starts,
     }

@@ -32,11 +32,16 @@ NOT_SCALARS = frozenset({"step", "time", "attempt_start_step"})
 """Record fields that are not plotted (the step is the x axis; time is TensorBoard's wall time)."""
 
 
+def finite(value) -> float | None:
+    """A metrics value as a plottable number: finite ints and floats; None for anything else (null,
+    NaN, a boolean flag, text). Shared with curves.py, so a plot and TensorBoard agree."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
 def scalars(record: dict) -> dict[str, float]:
-    """The plottable fields of a metrics record: finite numbers, not booleans."""
-    return {k: float(v) for k, v in record.items()
-            if k not in NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(v)}
+    """The plottable fields of a metrics record."""
+    return {k: finite(v) for k, v in record.items() if k not in NOT_SCALARS and finite(v) is not None}
 
 
 class TensorBoardSink:
