@@ -324,7 +324,7 @@ def cmd_tokenizer(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="raytrain-speech", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="raytrain-speech", description=__doc__.splitlines()[0].replace("``", ""))
     sub = ap.add_subparsers(dest="command", required=True)
 
     def with_config(p, required=False):

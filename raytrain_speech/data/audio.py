@@ -7,6 +7,7 @@ with the utterance id instead of crashing a worker or silently dropping the row.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import soundfile as sf
@@ -34,9 +35,16 @@ def decode(audio_bytes: bytes, expected_rate_hz: int | None = None, expected_dur
             samples = f.read(dtype="float32", always_2d=True)
             sample_rate_hz = int(f.samplerate)
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-        raise AudioError(f"cannot decode audio: {str(err).splitlines()[0]}") from None
+        raise AudioError(f"cannot decode audio: {_reason(err)}") from None
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     return np.ascontiguousarray(mono, dtype=np.float32), sample_rate_hz
+
+
+def _reason(err: Exception) -> str:
+    """libsndfile's message without the in-memory file's repr ("Error opening <_io.BytesIO object at
+    0x7f...>: Format not recognised." -> "Format not recognised."): the caller names the utterance."""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return re.sub(r"^Error opening <[^>]*>: ", "", first)
 
 
 class AudioTooLong(AudioError):
