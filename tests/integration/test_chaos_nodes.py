@@ -131,7 +131,9 @@ def _two_trainer_nodes(cluster, workers) -> None:
         workers.append(cluster.add_node(num_cpus=1, resources={"trainer_slot": 1}, object_store_memory=200 * 2**20))
     cluster.wait_for_nodes()
     deadline = time.time() + 60
-    while ray.cluster_resources().get("trainer_slot", 0) < 2 and time.time() < deadline:
+    # available, not only present: the earlier test's placement group is released asynchronously (Train's
+    # cleaner), and an elastic run that sizes itself while it still holds a slot starts with one worker
+    while ray.available_resources().get("trainer_slot", 0) < 2 and time.time() < deadline:
         time.sleep(0.2)
 
 
