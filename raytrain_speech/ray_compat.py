@@ -154,17 +154,18 @@ def filter_driver_logs() -> None:
     ray_worker.print_worker_logs = print_worker_logs
 
 
+class _NotTheTokenAuthEnabledNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
 def quiet_token_auth_notice() -> None:
     """Ray 2.60 turns token authentication on for every new local cluster (RAY_AUTH_MODE unset) and
     warns, each time, that it did. Only that notice is filtered; Ray's warning that a cluster runs
     *without* authentication is a security warning and stays. A moved logger leaves the line on."""
-    class _NotTheEnabledNotice(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
-
     log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if not any(type(f).__name__ == _NotTheEnabledNotice.__name__ for f in log.filters):  # once per process
-        log.addFilter(_NotTheEnabledNotice())
+    if not any(isinstance(f, _NotTheTokenAuthEnabledNotice) for f in log.filters):  # once per process
+        log.addFilter(_NotTheTokenAuthEnabledNotice())
 
 
 def worker_setup() -> None:

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from raytrain_speech.config.schema import to_dict
+
 
 @dataclass(frozen=True)
 class KeyDoc:
@@ -77,8 +79,6 @@ def key_docs(obj: Any, prefix: str = "") -> list[KeyDoc]:
 
 
 def _flow(value: Any) -> str:
-    from raytrain_speech.config.schema import to_dict
-
     text = yaml.safe_dump(to_dict(value), default_flow_style=True, width=10_000).strip()
     return text.removesuffix("...").strip()  # a scalar's document ends with "..."
 
@@ -87,8 +87,9 @@ def render_yaml(rows: list[KeyDoc]) -> str:
     """Rows as YAML a recipe can start from: sections nest, each value carries ``# type: doc``."""
     lines: list[str] = []
     open_path: list[str] = []
-    width = max((len(r.key.split(".")[-1]) + 2 * r.key.count(".") + len(_flow(r.value)) for r in rows), default=0)
-    for r in rows:
+    flows = [_flow(r.value) for r in rows]
+    width = max((len(r.key.split(".")[-1]) + 2 * r.key.count(".") + len(f) for r, f in zip(rows, flows)), default=0)
+    for r, flow in zip(rows, flows):
         *path, leaf = r.key.split(".")
         common = 0
         while common < min(len(path), len(open_path)) and path[common] == open_path[common]:
@@ -96,7 +97,7 @@ def render_yaml(rows: list[KeyDoc]) -> str:
         for depth in range(common, len(path)):
             lines.append(f"{'  ' * depth}{path[depth]}:")
         open_path = path
-        item = f"{'  ' * len(path)}{leaf}: {_flow(r.value)}"
+        item = f"{'  ' * len(path)}{leaf}: {flow}"
         comment = f"{r.type_name}" + (f": {first_sentence(r.doc)}" if r.doc else "")
         lines.append(f"{item.ljust(min(width + 2, 60))}  # {comment}")
     return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from raytrain_speech.config import ConfigError, from_dict, load_yaml_mapping, require
+from raytrain_speech.config import ConfigError, apply_overrides, from_dict, load_yaml_mapping, require
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 
@@ -155,8 +155,6 @@ def split_sweep_items(items: list[str]) -> tuple[list[str], list[str]]:
 
 def load_sweep(path: str, items: list[str] = ()) -> SweepConfig:
     """The sweep file with ``items`` (``key=value`` of its own fields, e.g. num_samples=2) on top."""
-    from raytrain_speech.config import apply_overrides
-
     data = load_yaml_mapping(path, "sweep")
     try:
         data = apply_overrides(data, list(items))
