@@ -21,6 +21,7 @@ from raytrain_speech.config.data import (
     BatchingConfig,
     DataConfig,
     FeatureConfig,
+    SourceConfig,
     StorageConfig,
     SynthConfig,
     TextConfig,
@@ -32,7 +33,7 @@ from raytrain_speech.config.train import LaunchConfig, OptimConfig, StepConfig, 
 
 __all__ = [
     "AugmentConfig", "BatchingConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "FeatureConfig",
-    "LaunchConfig", "ModelSpec", "NGramConfig", "OptimConfig", "StepConfig", "StorageConfig", "SynthConfig",
+    "LaunchConfig", "ModelSpec", "NGramConfig", "OptimConfig", "SourceConfig", "StepConfig", "StorageConfig", "SynthConfig",
     "TextConfig", "TrainConfig", "apply_overrides", "dump_yaml", "from_dict", "load_config", "require", "to_dict",
 ]
 
@@ -73,6 +74,8 @@ class Config:
             return path if path is None or "://" in path else os.path.abspath(os.path.expanduser(path))
 
         self.data.root = fix(self.data.root)
+        for source in self.data.sources:
+            source.root = fix(source.root)
         self.run.storage_path = fix(self.run.storage_path)
         self.train.trained_log_dir = fix(self.train.trained_log_dir)
         self.train.init_from = fix(self.train.init_from)

@@ -8,6 +8,7 @@ its section from here (``data/pipeline.py`` reads ``DataConfig``, ``data/feature
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,11 +32,44 @@ class StorageConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One corpus of a training mixture (``data.sources``)."""
+
+    name: str = ""
+    """Short name of the source in metrics, the run card and the bad-input log (letters, digits, - and _)."""
+    root: str = ""
+    """Corpus root (local path or s3://bucket/prefix) holding manifest.json: Parquet shards or indexed tars."""
+    split: str = "train"
+    """The source's split that is trained on."""
+    weight: float = 1.0
+    """This source's share of the training audio hours (or utterances: data.mix_unit); the weights are
+    normalised to sum to 1. A source whose share is larger than its size's share is repeated (a new
+    epoch of it starts when it runs out), a larger one is spread over several mixture epochs."""
+    storage: StorageConfig | None = None
+    """How to reach this source's storage when it differs from the run's (storage.*); null = storage.*."""
+
+    def validate(self) -> None:
+        require(bool(re.fullmatch(r"[A-Za-z0-9_-]+", self.name)), "data.sources[].name",
+                f"{self.name!r} must be letters, digits, - or _ (it names the source in metrics)")
+        require(bool(self.root), f"data.sources[{self.name}].root", "must name a corpus (local path or s3://...)")
+        require(self.weight > 0, f"data.sources[{self.name}].weight", "must be positive")
+
+
+@dataclass
 class DataConfig:
     """Where the shards are and how Ray Data streams them."""
 
     root: str = "data/demo"
-    """Corpus root (local path or s3://bucket/prefix) holding manifest.json and split folders."""
+    """Corpus root (local path or s3://bucket/prefix) holding manifest.json and split folders. With
+    data.sources: the corpus whose valid_split validates (and eval reads by default), the first
+    source's root unless set."""
+    sources: tuple[SourceConfig, ...] = ()
+    """Train on a weighted mixture of corpora instead of data.root's train_split: a list of
+    {name, root, split, weight[, storage]}. Each source keeps its own epochs: every utterance of a
+    source is trained on once per epoch of that source, and exactly once across restarts
+    (docs/data.md, "Mixing corpora"). () = data.root alone."""
+    mix_unit: Literal["hours", "utterances"] = "hours"
+    """What data.sources' weights share out: audio hours or utterances."""
     train_split: str = "train"
     """Split trained on."""
     valid_split: str = "dev"
@@ -84,8 +118,14 @@ class DataConfig:
     bad_fraction_min_utterances: int = 200
     """Utterances seen before max_bad_fraction is judged (a few bad files early on are no verdict)."""
 
+    def __post_init__(self) -> None:
+        if self.sources and self.root == DataConfig.root and all(s.root != self.root for s in self.sources):
+            self.root = self.sources[0].root  # validation reads a corpus of the mixture, not the demo's
+
     def validate(self) -> None:
         require(bool(self.root), "data.root", "must name a corpus (local path or s3://bucket/prefix)")
+        names = [s.name for s in self.sources]
+        require(len(set(names)) == len(names), "data.sources", f"source names must be unique, got {names}")
         require(self.preprocess_batch_rows >= 1, "data.preprocess_batch_rows", "must be >= 1")
         require(self.blocks_per_shard >= 1, "data.blocks_per_shard", "must be >= 1")
         require(self.block_mb > 0, "data.block_mb", "must be positive")

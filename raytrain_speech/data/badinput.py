@@ -37,7 +37,7 @@ class BadInputLog:
         if self.records is None:
             self.records = {}
             for r in read_bad_inputs(self.uri, self.storage_cfg):
-                self.records[_key(r)] = r
+                self.records[record_key(r)] = r
         return self.records
 
     def add(self, new: list[dict], write: bool = True) -> int:
@@ -47,11 +47,11 @@ class BadInputLog:
         records = self.load()
         added = 0
         for r in new:
-            if _key(r) not in records:
-                records[_key(r)] = r
+            if record_key(r) not in records:
+                records[record_key(r)] = r
                 added += 1
         if added and write:
-            text = "".join(json.dumps(r) + "\n" for r in sorted(records.values(), key=_key))
+            text = "".join(json.dumps(r) + "\n" for r in sorted(records.values(), key=record_key))
             storage.write_bytes(self.uri, text.encode(), self.storage_cfg)
         return added
 
@@ -63,7 +63,7 @@ class BadInputLog:
         return sum(int(r.get("utterances", 1)) for r in self.load().values() if not r.get("filtered"))
 
 
-def _key(record: dict) -> tuple:
+def record_key(record: dict) -> tuple:
     return (record.get("epoch", 0), record.get("index", record.get("first_index", -1)), record.get("shard", ""))
 
 

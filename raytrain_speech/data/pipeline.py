@@ -27,7 +27,7 @@ import ray
 import ray.data
 
 from raytrain_speech.config import Config
-from raytrain_speech.data import corpus, shards, tars
+from raytrain_speech.data import corpus, mixture, shards, tars
 from raytrain_speech.data.preprocess import TrainingRecipe, preprocess_training_rows
 
 CLOCK_NAMESPACE = "raytrain_speech"
@@ -45,6 +45,12 @@ class EpochClock:
 
     def get(self) -> int:
         return self.epoch
+
+
+def needs_epoch_clock(cfg: Config) -> bool:
+    """Whether the chain's tasks need the epoch: for waveform augmentation, and for a mixture of
+    corpora (data.sources), whose epochs differ in which utterances they read."""
+    return cfg.augment.waveform_enabled or bool(cfg.data.sources)
 
 
 def epoch_clock_name(cfg: Config) -> str:
@@ -80,16 +86,22 @@ def build_dataset(cfg: Config, split: str, consumed: np.ndarray | None = None) -
     work; docs/LOG.md, 2026-12-03.)
     """
     clock = None
-    if cfg.augment.waveform_enabled:
+    if needs_epoch_clock(cfg):
         clock = epoch_clock_name(cfg)
         epoch_clock(clock)  # exists before any task or worker asks for it
-    uris, _ = corpus.readable_shards(cfg.data.root, split, cfg.storage)
-    ds = _items_dataset(cfg, split, uris, cfg.data.shuffle_blocks)
-    ds.context.target_max_block_size = int(cfg.data.block_mb * 2**20)
     kwargs = {"read": _read_kwargs(cfg, consumed), "recipe": TrainingRecipe.from_config(cfg),
               "seed": cfg.train.seed, "clock": clock}
-    return ds.map_batches(_read_and_preprocess, fn_kwargs=kwargs, batch_size=1, batch_format="numpy",
-                          num_cpus=cfg.data.preprocess_cpus)
+    if cfg.data.sources:  # a mixture: every source's shards, read once here for the tasks' plans
+        mix = mixture.build_mixture(cfg)
+        items = mix.items(cfg.data.blocks_per_shard)
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.randomize_block_order() if cfg.data.shuffle_blocks else ds
+        fn, kwargs = _mixture_read_and_preprocess, {**kwargs, "mix": mix}
+    else:
+        uris, _ = corpus.readable_shards(cfg.data.root, split, cfg.storage)
+        ds, fn = _items_dataset(cfg, split, uris, cfg.data.shuffle_blocks), _read_and_preprocess
+    ds.context.target_max_block_size = int(cfg.data.block_mb * 2**20)
+    return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=cfg.data.preprocess_cpus)
 
 
 def source_dataset(cfg: Config, split: str, uris: list[str], consumed: np.ndarray | None = None,
@@ -147,6 +159,17 @@ def _read_and_preprocess(items: dict, read: dict, recipe: TrainingRecipe, seed: 
         if epoch is None:
             epoch = ray.get(epoch_clock(clock).get.remote()) if clock is not None else 0
         yield _preprocess_rows(corpus.numpy_batch(table), recipe, seed, epoch)
+
+
+def _mixture_read_and_preprocess(items: dict, read: dict, recipe: TrainingRecipe, seed: int, clock: str,
+                                 mix: mixture.Mixture):
+    """Ray Data task body for a mixture: the epoch first (it says which rows to read), then the
+    item's rows once per occurrence left to train (data/mixture.py)."""
+    epoch = ray.get(epoch_clock(clock).get.remote())
+    for k in range(len(items["source"])):
+        item = {key: items[key][k] for key in items}
+        for batch in mixture.item_batches(mix, item, epoch, read["consumed"], read["rows_per_batch"], read["pieces"]):
+            yield _preprocess_rows(batch, recipe, seed, epoch)
 
 
 _THREADS_SET = False

@@ -5,6 +5,9 @@ consumed indices). Ranks mark what they consume; at checkpoint time the ranks' b
 (an all-reduce) and the merged cursor goes into the checkpoint beside the model. After a restart,
 with any number of workers, the pipeline drops consumed indices before decoding, so no utterance of
 the epoch is lost or repeated. Ray Data's iterators cannot resume mid-epoch; this is what can.
+
+For a mixture of corpora (data/mixture.py) the indices are an epoch's occurrence numbers, whose count
+changes from epoch to epoch, and ``plan_key`` names the mixture plan they number.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class DataCursor:
     num_utterances: int
     epoch: int = 0
     consumed: np.ndarray = field(default=None)  # bool[num_utterances]
+    plan_key: str = ""
+    """A mixture's plan (data/mixture.py ``Mixture.key``); "" for one corpus."""
 
     def __post_init__(self):
         if self.consumed is None:
@@ -50,8 +55,10 @@ class DataCursor:
     def complete(self) -> bool:
         return bool(self.consumed.all())
 
-    def next_epoch(self) -> DataCursor:
-        return DataCursor(self.num_utterances, self.epoch + 1)
+    def next_epoch(self, num_utterances: int | None = None) -> DataCursor:
+        """The next epoch's empty cursor (a mixture's epochs differ in size: ``num_utterances``)."""
+        n = self.num_utterances if num_utterances is None else num_utterances
+        return DataCursor(n, self.epoch + 1, plan_key=self.plan_key)
 
     def merge(self, other: DataCursor) -> None:
         if other.epoch != self.epoch or other.num_utterances != self.num_utterances:
@@ -60,7 +67,8 @@ class DataCursor:
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        meta = json.dumps({"epoch": self.epoch, "num_utterances": self.num_utterances})
+        meta = json.dumps({"epoch": self.epoch, "num_utterances": self.num_utterances,
+                           **({"plan_key": self.plan_key} if self.plan_key else {})})
         np.savez_compressed(buf, consumed=np.packbits(self.consumed), meta=np.frombuffer(meta.encode(), np.uint8))
         return buf.getvalue()
 
@@ -70,4 +78,4 @@ class DataCursor:
             meta = json.loads(z["meta"].tobytes().decode())
             n = meta["num_utterances"]
             consumed = np.unpackbits(z["consumed"])[:n].astype(bool)
-        return cls(n, meta["epoch"], consumed)
+        return cls(n, meta["epoch"], consumed, meta.get("plan_key", ""))

@@ -88,14 +88,28 @@ def train_from_split(cfg: Config, split: str, use_ray: bool = False) -> tuple[by
     return train_tokenizer(t, texts), len(texts), n_shards
 
 
+def training_transcripts(cfg: Config):
+    """The normalised transcripts training reads: data.root's train split, or every source's split
+    of a mixture (data.sources), each with its own storage settings."""
+    if not cfg.data.sources:
+        yield from transcripts(cfg.data.root, cfg.data.train_split, cfg.storage, cfg.text.normalizer)
+        return
+    for src in cfg.data.sources:
+        yield from transcripts(src.root, src.split, src.storage or cfg.storage, cfg.text.normalizer)
+
+
+def _training_name(cfg: Config) -> str:
+    return (f"{cfg.data.train_split} split" if not cfg.data.sources
+            else "training sources' (" + ", ".join(s.name for s in cfg.data.sources) + ")")
+
+
 def settle_run_tokenizer(cfg: Config, run_dir: str, log=print) -> Config:
     """``cfg`` with its tokenizer settled for the run in ``run_dir`` (see the module docstring)."""
     t, s = cfg.text, cfg.storage
     if t.tokenizer == "char":
         if t.alphabet == "auto":
-            t.alphabet = learn_alphabet(transcripts(cfg.data.root, cfg.data.train_split, s, t.normalizer))
-            log(f"[text] alphabet of {len(t.alphabet)} characters from the {cfg.data.train_split} split: "
-                f"{t.alphabet!r}")
+            t.alphabet = learn_alphabet(training_transcripts(cfg))
+            log(f"[text] alphabet of {len(t.alphabet)} characters from the {_training_name(cfg)}: {t.alphabet!r}")
         return cfg
     dest = storage.join(run_dir, TOKENIZER_FILES[t.tokenizer])
     if storage.exists(dest, s):  # a resumed run keeps the tokenizer it started with
@@ -110,10 +124,10 @@ def settle_run_tokenizer(cfg: Config, run_dir: str, log=print) -> Config:
             raise ConfigError(f"text.tokenizer_path: cannot read {t.tokenizer_path}: {err}") from None
         storage.write_bytes(dest, data, s)
     else:
-        texts = list(transcripts(cfg.data.root, cfg.data.train_split, s, t.normalizer))
+        texts = list(training_transcripts(cfg))
         storage.write_bytes(dest, train_tokenizer(t, texts), s)
         kind = "byte-level BPE (Whisper layout)" if t.tokenizer == "hf" else f"{t.subword_model} SentencePiece"
-        log(f"[text] trained a {kind} tokenizer on {len(texts)} {cfg.data.train_split} transcripts -> {dest}")
+        log(f"[text] trained a {kind} tokenizer on {len(texts)} {_training_name(cfg)} transcripts -> {dest}")
     t.tokenizer_path = dest
     return cfg
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from raytrain_speech.config import DataConfig, StorageConfig
-from raytrain_speech.data.badinput import BadInputLog
+from raytrain_speech.data.badinput import BadInputLog, record_key
 from raytrain_speech.data.preprocess import is_filtered
 from raytrain_speech.data.progress import DataCursor
 from raytrain_speech.data.shards import BadShard
@@ -68,18 +68,38 @@ class BadInputAccountant:
         if self.printed <= PRINTED_PER_ATTEMPT:
             log(f"skipped utterance {utt_id}: {reason}")
 
-    def skip_bad_shards(self, cursor: DataCursor, bad_shards: list[BadShard]) -> None:
-        """Unreadable shards' utterances count as consumed bad input, once per epoch (on rank 0)."""
+    def skip_bad_shards(self, cursor: DataCursor, bad_shards: list[BadShard], mark: bool = True) -> None:
+        """Unreadable shards' utterances count as consumed bad input, once per epoch (on rank 0).
+        ``mark=False``: a mixture's epoch has no entries for them (data/mixture.py leaves unreadable
+        shards out of its plan), so only the record is kept (once per epoch: the log's key)."""
         if self.rank != 0:
             return
         for b in bad_shards:
-            span = slice(b.first_index, b.first_index + b.utterances)
-            if cursor.consumed[span].all():
-                continue  # a resumed epoch: already counted before the checkpoint
-            cursor.consumed[span] = True
+            if not mark:
+                record = {"epoch": cursor.epoch, "shard": b.uri, "first_index": b.first_index}
+                if record_key(record) in self.log.load():
+                    continue  # a resumed epoch: already counted before the checkpoint
+            else:
+                span = slice(b.first_index, b.first_index + b.utterances)
+                if cursor.consumed[span].all():
+                    continue  # a resumed epoch: already counted before the checkpoint
+                cursor.consumed[span] = True
             self.new.append({"epoch": cursor.epoch, "shard": b.uri, "first_index": b.first_index,
                              "utterances": b.utterances, "reason": b.reason})
             log(f"skipped shard {b.uri} ({b.utterances} utterances): {b.reason}")
+
+    def per_source(self, mixture) -> dict[str, int]:
+        """The run's bad utterances by source of a mixture (records name it: ids are ``source/id``,
+        shards lie under its root)."""
+        out: dict[str, int] = {}
+        for r in self.log.load().values():
+            if r.get("filtered"):
+                continue
+            for src in mixture.sources:
+                if str(r.get("id", "")).startswith(f"{src.name}/") or str(r.get("shard", "")).startswith(src.root):
+                    out[src.name] = out.get(src.name, 0) + int(r.get("utterances", 1))
+                    break
+        return out
 
     def drop_stale(self, rows, consumed: np.ndarray):
         """Second line of defence: rows the restored cursor says were consumed never reach training."""

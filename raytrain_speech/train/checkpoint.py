@@ -57,6 +57,10 @@ class TrainState:
     stopped_early: bool = False
     stop_reason: str = ""
     """Why the run stopped before max_steps ('' = it did not): early stopping, or too much bad input."""
+    source_audio_s: dict[str, float] = field(default_factory=dict)
+    """A mixture (data.sources): audio seconds trained on per source name."""
+    source_utterances: dict[str, int] = field(default_factory=dict)
+    """A mixture: utterances trained on per source name."""
 
     def finished(self, max_steps: int, max_epochs: int | None) -> bool:
         """Whether the Trainer's loop would train no step from here (its loop condition, negated)."""

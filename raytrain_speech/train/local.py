@@ -23,7 +23,7 @@ from torch import nn
 
 from raytrain_speech import storage
 from raytrain_speech.config import Config
-from raytrain_speech.data import corpus
+from raytrain_speech.data import corpus, mixture
 from raytrain_speech.data.prefetch import prefetch, stall_message
 from raytrain_speech.data.preprocess import TrainingRecipe, preprocess_training_rows
 from raytrain_speech.train import checkpoint
@@ -55,6 +55,7 @@ class LocalRuntime:
         self.record = RunRecord(self.run_dir, cfg.storage, run_info(cfg), trackers=cfg.run.trackers)
         self.recipe = TrainingRecipe.from_config(cfg)
         self.epoch = 0
+        self.mixture = None  # data.sources: read once, in the first epoch's prefetch thread
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
@@ -76,16 +77,29 @@ class LocalRuntime:
 
     def epoch_rows(self, consumed: np.ndarray | None) -> Iterator[dict]:
         cfg, epoch = self.cfg, self.epoch
+        consumed = consumed if consumed is not None and consumed.any() else None
 
         def rows() -> Iterator[dict]:  # all of the epoch's reads, the shard list too, in the prefetch thread
-            raw = corpus.read_batches(cfg.data.root, cfg.data.train_split, cfg.storage, uris=self.epoch_shards(),
-                                      consumed=consumed if consumed is not None and consumed.any() else None,
-                                      rows_per_batch=cfg.data.preprocess_batch_rows)
+            raw = (self._mixture_rows(consumed) if cfg.data.sources else
+                   corpus.read_batches(cfg.data.root, cfg.data.train_split, cfg.storage, uris=self.epoch_shards(),
+                                       consumed=consumed, rows_per_batch=cfg.data.preprocess_batch_rows))
             for b in raw:
                 yield preprocess_training_rows(b, self.recipe, cfg.train.seed, epoch)
 
+        root, split = mixture.train_data_label(cfg)
         return prefetch(rows(), cfg.data.prefetch_batches, cfg.data.stall_timeout_s,
-                        lambda waited_s: stall_message(0, cfg.data.root, cfg.data.train_split, epoch, waited_s))
+                        lambda waited_s: stall_message(0, root, split, epoch, waited_s))
+
+    def _mixture_rows(self, consumed: np.ndarray | None) -> Iterator[dict]:
+        """A mixture epoch's rows: every source's shards, in an order shuffled per epoch."""
+        cfg = self.cfg
+        if self.mixture is None:
+            self.mixture = mixture.build_mixture(cfg)
+        items = self.mixture.items(pieces=1)
+        if cfg.data.shuffle_blocks:
+            random.Random(f"{cfg.train.seed}/{self.epoch}").shuffle(items)
+        for item in items:
+            yield from mixture.item_batches(self.mixture, item, self.epoch, consumed, cfg.data.preprocess_batch_rows, 1)
 
     def preempted_ranks(self) -> list[int] | None:
         return None  # one process: nothing drains it but the user

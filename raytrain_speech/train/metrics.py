@@ -360,7 +360,18 @@ def run_card(lines: list[dict], run: dict) -> dict:
         "throughput_audio_s_per_s": audio_h * 3600 / train_wall_s if train_wall_s else None,
         "final": {k: last.get(k) for k in ("step", "epoch", "loss", "lr", "padding_fraction", "bad_utterances",
                                             "filtered_utterances", "skipped_steps")},
+        **({"sources": sources_of(last)} if any(k.startswith("source.") for k in last) else {}),
     }
+
+
+def sources_of(metrics: dict) -> dict[str, dict]:
+    """A mixture's per-source figures of a metrics line (``source.<name>.<figure>`` keys), by source."""
+    out: dict[str, dict] = {}
+    for key, value in metrics.items():
+        if key.startswith("source."):
+            name, figure = key[len("source."):].rsplit(".", 1)
+            out.setdefault(name, {})[figure] = value
+    return out
 
 
 def readable(value):
@@ -391,4 +402,10 @@ def run_card_markdown(card: dict) -> str:
         out.append(f"| {a['attempt']} | {a.get('world_size')} | {a.get('grad_accum')} | "
                    f"{micro if micro is None else round(micro, 1)} | {a['first_step']}-{a['last_step']} | "
                    f"{a.get('steps_run')} | {a.get('steps_rolled_back')} |")
+    if card.get("sources"):
+        out += ["", "## Sources", "", "| source | audio hours | share of audio | passes over it | utterances | bad |",
+                "|---|---|---|---|---|---|"]
+        for name, f in card["sources"].items():
+            out.append(f"| {name} | {readable(f.get('audio_hours_seen'))} | {readable(f.get('share'))} | "
+                       f"{readable(f.get('passes'))} | {f.get('utterances_seen')} | {f.get('bad_utterances')} |")
     return "\n".join(out) + "\n"

@@ -26,7 +26,14 @@ def check(cfg: Config) -> None:
         check_init_from(cfg)
     storage.check_reachable(cfg.data.root, cfg.storage)
     storage.check_reachable(cfg.run.storage_path, cfg.storage)
-    corpus.shard_uris(cfg.data.root, cfg.data.train_split, cfg.storage)
+    if not cfg.data.sources:
+        corpus.shard_uris(cfg.data.root, cfg.data.train_split, cfg.storage)
+    for src in cfg.data.sources:
+        try:
+            storage.check_reachable(src.root, src.storage or cfg.storage)
+            corpus.shard_uris(src.root, src.split, src.storage or cfg.storage)
+        except StorageError as err:
+            raise StorageError(f"data.sources {src.name}: {err}") from None
     check_noise(cfg)
 
 

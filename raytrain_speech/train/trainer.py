@@ -32,6 +32,7 @@ from raytrain_speech.data import corpus
 from raytrain_speech.data.augment import mask_batch
 from raytrain_speech.data.batching import duration_quantile_boundaries, filler_batch
 from raytrain_speech.data.features import DeviceLogMel
+from raytrain_speech.data.mixture import Mixture, build_mixture
 from raytrain_speech.data.prefetch import WaitClock
 from raytrain_speech.data.preprocess import worker_batches
 from raytrain_speech.data.progress import DataCursor
@@ -49,6 +50,7 @@ from raytrain_speech.train.checkpoint import Restored, TrainState
 from raytrain_speech.train.memory import malloc_trim, rss_mb
 from raytrain_speech.train.metrics import AttemptClock, TrainedLog, Window, device_name, run_dir
 from raytrain_speech.train.optim import build_optimizer, lr_at, set_lr
+from raytrain_speech.train.sources import SourceTally
 from raytrain_speech.train.step import Stepper, unwrap
 
 
@@ -133,16 +135,34 @@ class Trainer:
 
     def _restore(self) -> None:
         cfg, stepper = self.cfg, self.stepper
-        n_train = read_manifest(cfg.data.root, cfg.storage).splits[cfg.data.train_split].num_utterances
+        # A mixture of corpora (data.sources): its sources read once, on rank 0, for every rank.
+        self.mixture: Mixture | None = None
+        if cfg.data.sources:
+            self.mixture = collectives.broadcast(build_mixture(cfg) if self.rank == 0 else None, self.rank)
+        else:
+            self.n_train = read_manifest(cfg.data.root, cfg.storage).splits[cfg.data.train_split].num_utterances
+        plan_key = self.mixture.key if self.mixture is not None else ""
         if self.restored is None:
-            self.state, self.cursor = TrainState(), DataCursor(n_train, 0)
+            self.state, self.cursor = TrainState(), DataCursor(self._epoch_size(0), 0, plan_key=plan_key)
         else:
             self.state = checkpoint.restore(self.restored.payload, stepper.model, stepper.optimizer, stepper.scaler,
                                             stepper.ema, rank=self.rank, device=self.device)
-            self.cursor = self.restored.cursor or DataCursor(n_train, self.state.epoch)
+            self.cursor = self.restored.cursor or DataCursor(self._epoch_size(self.state.epoch), self.state.epoch,
+                                                             plan_key=plan_key)
+            if self.cursor.plan_key != plan_key:
+                raise RuntimeError(
+                    f"{self.restored.uri}: its data cursor numbers "
+                    f"{'another mixture' if self.cursor.plan_key else 'one corpus'} than data.sources now give "
+                    "(the sources, their weights, the seed or their readable shards changed); restore those, or "
+                    "train under a new run.name")
         self.state.attempts += 1
         self.state.world_sizes.append(self.world)
         self.accum, self.micro_budget_s = self.tc.accumulation(self.world)
+        self.tally = SourceTally(self.mixture) if self.mixture is not None else None
+
+    def _epoch_size(self, epoch: int) -> int:
+        """Cursor entries of ``epoch``: the split's utterances, or the mixture epoch's occurrences."""
+        return self.mixture.epoch(epoch).size if self.mixture is not None else self.n_train
 
     def _plan_data(self) -> None:
         """Unreadable shards and duration-bucket edges, read once on rank 0 and broadcast."""
@@ -150,14 +170,19 @@ class Trainer:
         self.run_dir = run_dir(cfg)
         self.bad = BadInputAccountant(self.run_dir, cfg.storage, cfg.data, self.rank, self.world, self.device)
         plan = None
-        if self.rank == 0:
+        if self.mixture is not None:
+            edges = None
+            if cfg.batching.duration_buckets > 1:
+                edges = duration_quantile_boundaries(self.mixture.durations_s(), cfg.batching.duration_buckets)
+            plan = ([b for s in self.mixture.sources for b in s.bad_shards], edges)
+        elif self.rank == 0:
             good, bad_shards = corpus.readable_shards(cfg.data.root, cfg.data.train_split, cfg.storage)
             edges = None
             if cfg.batching.duration_buckets > 1:
                 durations = corpus.read_durations(cfg.data.root, cfg.data.train_split, cfg.storage, good)
                 edges = duration_quantile_boundaries(durations, cfg.batching.duration_buckets)
             plan = (bad_shards, edges)
-        self.bad_shards, self.boundaries_s = collectives.broadcast(plan, self.rank)
+        self.bad_shards, self.boundaries_s = plan if self.mixture is not None else collectives.broadcast(plan, self.rank)
         self.frontend = (DeviceLogMel(cfg.features).to(self.device)
                          if cfg.features.placement == "worker" and cfg.features.kind == "log_mel" else None)
         self.filler: Batch = filler_batch(cfg.features)
@@ -214,11 +239,13 @@ class Trainer:
                  "done)" if self.restored is not None else "starting fresh")
         log(f"{self.world} worker(s) x {self.accum} micro-batch(es) of <= {self.micro_budget_s:.0f} audio-s, "
             f"{self.n_params / 1e6:.2f} M parameters, {self.stepper.precision} on {self.device.type}, {where}")
+        if self.mixture is not None:
+            log(f"training on a {self.mixture.describe()}")
 
     def _start_epoch(self) -> None:
         """Before any rank iterates an epoch: count unreadable shards, tell the data path the epoch (the
         barrier keeps every rank from starting before it is set)."""
-        self.bad.skip_bad_shards(self.cursor, self.bad_shards)
+        self.bad.skip_bad_shards(self.cursor, self.bad_shards, mark=self.mixture is None)
         self.rt.start_epoch(self.cursor.epoch)
         collectives.barrier(self.device)
 
@@ -292,6 +319,8 @@ class Trainer:
         self.window.add(result, group)
         indices = [i for b in group for i in b.indices]
         self.cursor.mark(indices)
+        if self.tally is not None and indices:
+            self.tally.count(self.cursor.epoch, indices)
         if self.trained_log is not None:
             self.trained_log.write({"step": st.step, "epoch": self.cursor.epoch, "time": now, "indices": indices})
         return now
@@ -376,7 +405,9 @@ class Trainer:
         self.reported_wait_s = self.data_wait.waited_s
         bad = self.bad.sync()
         self._judge_bad_input(bad, final=False)
-        snapshot = replace(st, bad_utterances=bad, filtered_utterances=st.filtered_utterances + int(filtered))
+        sources = {} if self.tally is None else self.tally.report(st, self.bad.per_source(self.mixture), self.device)
+        snapshot = replace(st, bad_utterances=bad, filtered_utterances=st.filtered_utterances + int(filtered),
+                           source_audio_s=dict(st.source_audio_s), source_utterances=dict(st.source_utterances))
         metrics = {
             "step": st.step, "epoch": self.cursor.epoch, "lr": lr, "audio_hours_seen": st.audio_s_seen / 3600,
             "utterances_seen": st.utterances_seen, "train_wall_s": st.train_wall_s, "world_size": self.world,
@@ -386,7 +417,7 @@ class Trainer:
             "skipped_steps": st.skipped_steps, "stale_rows": int(stale), "stop_reason": st.stop_reason, "parameters": self.n_params,
             "device": device_name(self.device), "stopped_early": st.stopped_early, "worker_rss_mb": rss_mb(),
             "data_wait_s": window_wait_s, "attempt_data_wait_s": attempt_wait_s,
-            **self.clock.metrics(now), **w.summary(loss_sum, tokens, dict(zip(extra_keys, extra))),
+            **self.clock.metrics(now), **w.summary(loss_sum, tokens, dict(zip(extra_keys, extra))), **sources,
         }
         self.window = Window()
         return metrics, snapshot
@@ -428,9 +459,8 @@ class Trainer:
         self._judge_bad_input(self.bad.sync(), final=True)
         if self.state.step == epoch_start_step and not resumed_tail and not self.state.stopped_early:
             raise RuntimeError(
-                f"epoch {self.state.epoch} gave no step: no usable utterance in {self.cfg.data.root} split "
-                f"{self.cfg.data.train_split} after filtering (check data.min/max_duration_s and the "
-                f"bad-input messages above)")
+                f"epoch {self.state.epoch} gave no step: no usable utterance in {self._train_data()} after "
+                "filtering (check data.min/max_duration_s and the bad-input messages above)")
         merged = collectives.merge_consumed(self.cursor.consumed, self.device)
         missing = int((~merged).sum())
         (stale,) = collectives.all_reduce_sum([self.bad.stale_rows], self.device)
@@ -438,7 +468,13 @@ class Trainer:
             log(f"epoch {self.cursor.epoch}: {missing} utterance(s) never arrived, {int(stale)} already-consumed "
                 "row(s) dropped by the worker", err=True)
         self.state.epoch += 1
-        self.cursor = self.cursor.next_epoch()
+        self.cursor = self.cursor.next_epoch(self._epoch_size(self.state.epoch))
+
+    def _train_data(self) -> str:
+        dc = self.cfg.data
+        if self.mixture is None:
+            return f"{dc.root} split {dc.train_split}"
+        return "data.sources " + ", ".join(f"{s.name} ({s.root} split {s.split})" for s in dc.sources)
 
     def _finish(self) -> TrainState:
         if self.state.step != self.last_ckpt_step:  # stopped by max_epochs between checkpoints

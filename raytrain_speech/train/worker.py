@@ -18,7 +18,8 @@ from torch import nn
 
 from raytrain_speech import ray_compat, ray_session
 from raytrain_speech.config import Config
-from raytrain_speech.data.pipeline import epoch_clock, epoch_clock_name
+from raytrain_speech.data.mixture import train_data_label
+from raytrain_speech.data.pipeline import epoch_clock, epoch_clock_name, needs_epoch_clock
 from raytrain_speech.data.prefetch import prefetch, stall_message
 from raytrain_speech.train import checkpoint
 from raytrain_speech.train.checkpoint import Restored
@@ -40,7 +41,7 @@ class RayRuntime:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.run_dir = run_dir(cfg)
-        self.clock = epoch_clock(epoch_clock_name(cfg)) if cfg.augment.waveform_enabled else None
+        self.clock = epoch_clock(epoch_clock_name(cfg)) if needs_epoch_clock(cfg) else None
         self.epoch = 0
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -72,8 +73,9 @@ class RayRuntime:
         rows = ray.train.get_dataset_shard(name).iter_batches(
             batch_size=dc.preprocess_batch_rows, batch_format="numpy", prefetch_batches=dc.prefetch_batches)
         epoch = self.epoch
+        root, split = train_data_label(self.cfg)
         return prefetch(rows, 1, dc.stall_timeout_s,
-                        lambda waited_s: stall_message(self.rank, dc.root, dc.train_split, epoch, waited_s))
+                        lambda waited_s: stall_message(self.rank, root, split, epoch, waited_s))
 
     def preempted_ranks(self) -> list[int] | None:
         info = ray_compat.preemption_info()

@@ -81,3 +81,50 @@ def assert_no_stale_rows(metrics: list[dict]) -> None:
     assert metrics and all("stale_rows" in m for m in metrics), "reports without a stale_rows count"
     stale = {m["attempt_id"]: m["stale_rows"] for m in metrics}
     assert not any(stale.values()), f"already-consumed rows reached the workers: {stale}"
+
+
+def assert_mixture_exactly_once(log_dir: str, mixture, final_step: int, last_epoch_complete: bool = False
+                                ) -> dict:
+    """A mixture of corpora (data/mixture.py): every surviving step once; in every mixture epoch no
+    occurrence twice, and all of a finished epoch's occurrences trained; mapped to sources, no
+    utterance twice in any epoch of its source, and every readable utterance of a source epoch
+    whose occurrences all lie in finished mixture epochs. Returns {"audio_s": per source audio
+    trained, "source_epochs": per source the epochs of it checked complete}."""
+    import numpy as np
+
+    steps = surviving_steps(read_attempts(log_dir))
+    assert sorted(steps) == list(range(1, final_step + 1)), f"step numbers: {sorted(steps)[:5]}...{sorted(steps)[-5:]}"
+    by_epoch: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    for rec in steps.values():
+        by_epoch[rec["epoch"]].update(rec["indices"])
+    finished = max(by_epoch) + (1 if last_epoch_complete else 0)
+    n_sources = len(mixture.sources)
+    audio_s = np.zeros(n_sources)
+    trained: dict[tuple[int, int], collections.Counter] = collections.defaultdict(collections.Counter)
+    planned: dict[tuple[int, int], int] = collections.Counter()
+    for epoch in range(max(max(by_epoch) + 1, finished)):
+        plan, counts = mixture.epoch(epoch), by_epoch.get(epoch, collections.Counter())
+        repeated = [j for j, c in counts.items() if c > 1]
+        assert not repeated, f"mixture epoch {epoch}: {len(repeated)} occurrences trained twice, e.g. {repeated[:5]}"
+        if epoch < finished:
+            missing = set(range(plan.size)) - set(counts)
+            assert not missing, f"mixture epoch {epoch}: {len(missing)} occurrences never trained"
+            for s, k in zip(plan.source_of(np.arange(plan.size)), plan.source_epoch):
+                planned[(int(s), int(k))] += 1
+        numbers = np.array(sorted(counts), np.int64)
+        if numbers.size:
+            assert numbers.max() < plan.size, f"mixture epoch {epoch}: occurrence {numbers.max()} of {plan.size}"
+        for j, s, k in zip(numbers, plan.source_of(numbers), plan.source_epoch[numbers]):
+            index = int(plan.index[j])
+            trained[(int(s), int(k))][index] += 1
+            audio_s[s] += mixture.sources[s].durations_s[index]
+    complete = collections.defaultdict(list)
+    for (s, k), counts in sorted(trained.items()):
+        twice = [i for i, c in counts.items() if c > 1]
+        assert not twice, f"source {mixture.sources[s].name} epoch {k}: {len(twice)} utterances twice, e.g. {twice[:5]}"
+        readable = sum(len(i) for i in mixture.sources[s].shard_indices)
+        if planned[(s, k)] == readable:  # all of this source epoch lies in finished mixture epochs
+            assert len(counts) == readable, (f"source {mixture.sources[s].name} epoch {k}: {len(counts)} of "
+                                             f"{readable} utterances trained")
+            complete[s].append(k)
+    return {"audio_s": audio_s, "source_epochs": dict(complete)}
