@@ -358,8 +358,10 @@ def run_card(lines: list[dict], run: dict) -> dict:
         "gpu_hours" if run.get("use_gpu") else "cpu_worker_hours": round(worker_hours, 4),
         "audio_hours_seen": audio_h,
         "throughput_audio_s_per_s": audio_h * 3600 / train_wall_s if train_wall_s else None,
-        "final": {k: last.get(k) for k in ("step", "epoch", "loss", "lr", "padding_fraction", "bad_utterances",
-                                            "filtered_utterances", "skipped_steps")},
+        # The last value reported of each (the closing checkpoint of a max_epochs run reports no loss).
+        "final": {k: next((m[k] for m in reversed(lines) if m.get(k) is not None), None)
+                  for k in ("step", "epoch", "loss", "lr", "padding_fraction", "bad_utterances",
+                            "filtered_utterances", "skipped_steps")},
         **({"sources": sources_of(last)} if any(k.startswith("source.") for k in last) else {}),
     }
 
