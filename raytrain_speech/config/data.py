@@ -9,7 +9,7 @@ its section from here (``data/pipeline.py`` reads ``DataConfig``, ``data/feature
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from raytrain_speech.config.schema import require
@@ -89,6 +89,11 @@ class DataConfig:
     short tail. Ray's default (128 MB) puts a whole shard, or several, in one block: one core does
     all the preprocessing. Much smaller blocks pay Ray's per-task overhead: 4 MB made a 36-step test
     run on 2 cores 24% slower than 128 MB (docs/LOG.md)."""
+    node_labels: dict = field(default_factory=dict)
+    """Node labels the data chain's tasks require (a Ray label selector), so decoding and augmentation
+    run only on nodes of that type, e.g. {raytrain-speech/role: data} for the cpu-data group of
+    cluster/*.yaml and KubeRay; the training workers stay where their GPUs are. {} = any node with a
+    free CPU."""
     prefetch_batches: int = 4
     """Row batches each training worker prefetches."""
     stall_timeout_s: float | None = 900.0
@@ -124,6 +129,8 @@ class DataConfig:
 
     def validate(self) -> None:
         require(bool(self.root), "data.root", "must name a corpus (local path or s3://bucket/prefix)")
+        require(all(isinstance(v, str) and v for v in self.node_labels.values()), "data.node_labels",
+                "must map label names to non-empty strings")
         names = [s.name for s in self.sources]
         require(len(set(names)) == len(names), "data.sources", f"source names must be unique, got {names}")
         require(self.preprocess_batch_rows >= 1, "data.preprocess_batch_rows", "must be >= 1")

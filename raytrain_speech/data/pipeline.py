@@ -101,7 +101,8 @@ def build_dataset(cfg: Config, split: str, consumed: np.ndarray | None = None) -
         uris, _ = corpus.readable_shards(cfg.data.root, split, cfg.storage)
         ds, fn = _items_dataset(cfg, split, uris, cfg.data.shuffle_blocks), _read_and_preprocess
     ds.context.target_max_block_size = int(cfg.data.block_mb * 2**20)
-    return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=cfg.data.preprocess_cpus)
+    return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=cfg.data.preprocess_cpus,
+                          label_selector=cfg.data.node_labels or None)
 
 
 def source_dataset(cfg: Config, split: str, uris: list[str], consumed: np.ndarray | None = None,
@@ -110,7 +111,8 @@ def source_dataset(cfg: Config, split: str, uris: list[str], consumed: np.ndarra
     consumed rows left out (evaluation maps its decoder actors over it)."""
     # Reading is storage-bound: half a CPU lets it overlap with the tasks that use its rows.
     return _items_dataset(cfg, split, uris, shuffle).map_batches(
-        _read_items, fn_kwargs=_read_kwargs(cfg, consumed), batch_size=1, batch_format="numpy", num_cpus=0.5)
+        _read_items, fn_kwargs=_read_kwargs(cfg, consumed), batch_size=1, batch_format="numpy", num_cpus=0.5,
+        label_selector=cfg.data.node_labels or None)
 
 
 def _items_dataset(cfg: Config, split: str, uris: list[str], shuffle: bool) -> ray.data.Dataset:

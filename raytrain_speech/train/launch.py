@@ -20,7 +20,7 @@ from raytrain_speech.config import Config, ConfigError
 from raytrain_speech.data.pipeline import build_dataset
 from raytrain_speech.train.checkpoint import latest_committed_cursor
 from raytrain_speech.train.metrics import RunRecord, run_dir, run_info
-from raytrain_speech.train.preflight import cpu_room_problem
+from raytrain_speech.train.preflight import cpu_room_problem, data_nodes_problem
 from raytrain_speech.train.worker import RESUME_DATASET, TRAIN_DATASET, train_loop_per_worker
 
 
@@ -101,9 +101,12 @@ def resume_dataset(cfg: Config) -> ray.data.Dataset:
 
 
 def check_cpu_room(cfg: Config) -> None:
-    """``preflight.cpu_room_problem`` against the joined cluster (after connecting): ConfigError if the
-    training workers would leave no CPU for the data pipeline."""
-    problem = cpu_room_problem(ray.cluster_resources(), ray_compat.autoscaler_max_resources(), cfg)
+    """``preflight.cpu_room_problem`` (or ``data_nodes_problem`` with data.node_labels) against the
+    joined cluster (after connecting): ConfigError if the data pipeline would have no CPU to run on."""
+    limits = ray_compat.autoscaler_max_resources()
+    # With data nodes (data.node_labels) the chain's CPUs are theirs, not what the trainers leave.
+    problem = (data_nodes_problem(ray.nodes(), limits, cfg) if cfg.data.node_labels
+               else cpu_room_problem(ray.cluster_resources(), limits, cfg))
     if problem:
         raise ConfigError(problem)
 

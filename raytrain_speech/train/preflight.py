@@ -75,3 +75,22 @@ def cpu_room_problem(cluster: dict[str, float], autoscaler_max: dict[str, float]
             f"least data.preprocess_cpus={need:g}; lower run.cpus_per_worker or run.num_workers, or add CPU "
             "nodes (the run would otherwise wait for data forever)")
 
+
+def data_nodes_problem(nodes: list[dict], autoscaler_max: dict[str, float] | None, cfg: Config) -> str:
+    """'' or why the data chain could never run with ``data.node_labels`` set: no live node carries
+    the labels (or none with a CPU for one preprocessing task) and no autoscaler could add one.
+    ``nodes`` is ``ray.nodes()``. With an autoscaler the labelled group may come up later (the
+    chain waits, data.stall_timeout_s bounds it)."""
+    labels = cfg.data.node_labels
+    if not labels or autoscaler_max is not None:
+        return ""
+    matching = [n for n in nodes if n.get("Alive") and all(n.get("Labels", {}).get(k) == v for k, v in labels.items())]
+    cpus = max((float(n.get("Resources", {}).get("CPU", 0.0)) for n in matching), default=0.0)
+    if cpus >= cfg.data.preprocess_cpus:
+        return ""
+    wanted = ",".join(f"{k}={v}" for k, v in labels.items())
+    found = f"{len(matching)} node(s) carry them, none with" if matching else "no node carries them, so none has"
+    return (f"data.node_labels {labels}: {found} data.preprocess_cpus={cfg.data.preprocess_cpus:g} CPU free for the "
+            f"data chain; start data nodes with `ray start --labels={wanted}` (the cpu-data group of cluster/*.yaml "
+            "and KubeRay has them), or set data.node_labels={} (the run would otherwise wait for data forever)")
+

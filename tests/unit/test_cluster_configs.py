@@ -93,6 +93,9 @@ def test_cluster_yaml_passes_ray_and_cloud_checks(path):
     for v in gpu_groups.values():
         machine = v["node_config"].get("InstanceType") or v["node_config"].get("machineType")
         assert v["resources"]["GPU"] == GPUS_PER_NODE[machine]
+    # The CPU data group carries the labels data.node_labels selects (docs/data.md); no GPU group does.
+    assert config["available_node_types"]["cpu-data"]["labels"] == {"raytrain-speech/role": "data"}
+    assert not any(v.get("labels") for v in gpu_groups.values())
 
 
 @pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=os.path.basename)

@@ -3,7 +3,7 @@ before Train starts (without it, Ray Data waits at 0% forever)."""
 
 from __future__ import annotations
 
-from raytrain_speech.train.preflight import cpu_room_problem
+from raytrain_speech.train.preflight import cpu_room_problem, data_nodes_problem
 from tests.conftest import tiny_config
 
 
@@ -32,3 +32,20 @@ def test_workers_are_bounded_by_the_gpus_and_worker_resources():
     assert cpu_room_problem({"CPU": 10, "GPU": 2}, {"GPU": 8, "CPU": 10}, gpu)  # 8 GPUs may come: 32 CPUs
     slots = _cfg(**{"run.num_workers": [1, 2], "run.worker_resources": {"trainer_slot": 1}})
     assert cpu_room_problem({"CPU": 3, "trainer_slot": 1}, None, slots) == ""  # one slot: one worker
+
+
+def _node(cpus: float, alive: bool = True, **labels: str) -> dict:
+    return {"Alive": alive, "Resources": {"CPU": cpus}, "Labels": {"ray.io/node-id": "x", **labels}}
+
+
+def test_data_node_labels_need_a_live_labelled_node_with_a_cpu_unless_an_autoscaler_may_add_one():
+    cfg = _cfg(**{"data.node_labels": "{role: data}"})
+    trainer_only = [_node(8)]
+    problem = data_nodes_problem(trainer_only, None, cfg)
+    assert "no node carries them" in problem and "ray start --labels=role=data" in problem
+    assert "data.node_labels={}" in problem
+    assert data_nodes_problem([_node(8), _node(4, role="data")], None, cfg) == ""
+    assert "1 node(s) carry them" in data_nodes_problem([_node(0, role="data")], None, cfg)
+    assert "no node carries them" in data_nodes_problem([_node(4, alive=False, role="data")], None, cfg)
+    assert data_nodes_problem(trainer_only, {"CPU": 64.0}, cfg) == ""  # the cpu-data group may scale up
+    assert data_nodes_problem(trainer_only, None, _cfg()) == ""  # no labels: cpu_room's job

@@ -96,11 +96,14 @@ def test_manifest_fields_and_what_users_rely_on(name):
     assert head["rayStartParams"].get("num-cpus") == "0", "the head must not train"
     assert head.get("serviceType", "ClusterIP") == "ClusterIP", "dashboard/job API must not be public"
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    assert {"a100-od", "a100-spot"} <= set(groups)
-    for g in groups.values():
+    assert {"a100-od", "a100-spot", "cpu-data"} <= set(groups)
+    for name, g in groups.items():
         assert g["minReplicas"] == 0 and g["maxReplicas"] >= 1
         limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
-        assert limits["nvidia.com/gpu"] == "8"
+        if name == "cpu-data":  # what data.node_labels selects (docs/data.md), and no GPU
+            assert g["labels"] == {"raytrain-speech/role": "data"} and "nvidia.com/gpu" not in limits
+        else:
+            assert limits["nvidia.com/gpu"] == "8" and "raytrain-speech/role" not in g.get("labels", {})
     images = {c["image"] for g in [head, *groups.values()] for c in g["template"]["spec"]["containers"]}
     assert len(images) == 1 and images.pop().endswith("-ray2.60.0")
 
