@@ -141,6 +141,23 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Per-GPU training memory of a recipe, for DDP and FSDP, with and without activation
+    checkpointing, and the largest micro-batch per duration bucket (train/memory_plan.py)."""
+    cfg = _load(args)
+    from raytrain_speech.train.memory_plan import gpu_gib, plan_recipe, render
+
+    try:
+        gpu_gib(args.gpu)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"[plan] tracing {cfg.model.family}/{cfg.model.preset} on this CPU (one utterance of half the longest "
+          "duration; seconds for small models, ~20 s for 1.5 B) ...", flush=True)
+    print(render(plan_recipe(cfg, args.gpu, args.workers)))
+    return 0
+
+
 def cmd_tune(args) -> int:
     from raytrain_speech.tune.spaces import load_sweep, split_sweep_items, with_command_line
 
@@ -396,6 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "type and one-line doc, as YAML")
     with_config(p)
     p.set_defaults(fn=cmd_config)
+
+    p = sub.add_parser("plan", help="will the recipe fit its GPUs? per-GPU memory (weights, gradients, optimizer, "
+                                    "activations) for DDP and FSDP, with and without activation checkpointing")
+    with_config(p)
+    p.add_argument("--gpu", default="a100-80gb",
+                   help="a100-40gb, a100-80gb, h100-80gb, h100-94gb, h200, l40s, a10g, or NAME:GiB (default a100-80gb)")
+    p.add_argument("--workers", type=int, help="GPUs (default: the top of run.num_workers)")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("tune", help="hyperparameter sweep with Ray Tune + ASHA (re-run to resume)")
     with_config(p, required=True)

@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from raytrain_speech.config import ConfigError, ModelSpec, from_dict, require, to_dict
-from raytrain_speech.models import conformer, mask_ctc, wav2vec2, wavlm, wavlm_waveform, whisper
+from raytrain_speech.models import (
+    activation_checkpointing,
+    conformer,
+    mask_ctc,
+    wav2vec2,
+    wavlm,
+    wavlm_waveform,
+    whisper,
+)
 from raytrain_speech.objectives import Objective, contrastive, ctc, hybrid, masked, seq2seq
 from raytrain_speech.objectives import mask_ctc as mask_ctc_objective
 
@@ -141,8 +149,11 @@ def build_model(spec: ModelSpec, vocab_size: int, specials: dict[str, int] | Non
         require(fam.builder is whisper.Whisper, "text.tokenizer",
                 f"a tokenizer.json with special tokens (text.tokenizer=hf) is for the whisper family, not "
                 f"{spec.family} (use sentencepiece or char)")
-        return fam.builder(resolve(spec), vocab_size, specials)
-    return fam.builder(resolve(spec), vocab_size)
+        model = fam.builder(resolve(spec), vocab_size, specials)
+    else:
+        model = fam.builder(resolve(spec), vocab_size)
+    activation_checkpointing.apply(model, spec.activation_checkpointing)
+    return model
 
 
 def check_tokenizer(spec: ModelSpec, tokenizer) -> None:

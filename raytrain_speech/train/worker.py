@@ -45,7 +45,9 @@ class RayRuntime:
         self.epoch = 0
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        return ray.train.torch.prepare_model(model)
+        # Gradients as views into DDP's buckets: one copy of the gradients instead of two (the memory
+        # plan counts one, train/memory_plan.py); same arithmetic.
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
 
     def latest_checkpoint(self) -> Restored | None:
         """Train's latest committed checkpoint, unless the local backend committed a newer one in the

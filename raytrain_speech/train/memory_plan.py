@@ -1,0 +1,406 @@
+"""Will a recipe fit its GPUs? Per-GPU training memory, before anything is launched (``raytrain-speech plan``).
+
+Static memory is arithmetic on the parameter count (the full preset on the meta device, no memory):
+fp32 weights, fp32 gradients (views into DDP's buckets, so one copy), AdamW's two fp32 moments (fused
+on CUDA: no full-size temporaries at the step), autocast's half-precision weight copies for bf16/fp16,
+an EMA copy when ``step.ema_decay`` is set; FSDP2 shards all of it over the workers and gathers one
+block at a time (plus the next, prefetched). Activations are not a formula: the model is traced. Each layer stack is cut to its first
+``TRACED_BLOCKS`` layers (same width, heads, vocabulary as the preset), materialised on the CPU and run
+forward (with the loss) on a batch of the planned shape under the run's autocast, while autograd's
+saved-tensor hooks count the bytes kept for the backward pass (each storage once, weights and their
+autocast copies excluded), attributed to the blocks or to what lies outside them. The full depth is
+``outside + depth x per-block``, and activation checkpointing keeps the checkpointed blocks' inputs
+plus one block's intermediates (its recomputation in backward). tests/unit/test_memory_plan.py checks
+the extrapolation against full-depth traces.
+
+What the trace does not see, and the plan adds as one ``CONTEXT_GIB`` line: the CUDA context, cuBLAS
+workspaces, the allocator's fragmentation, backward's transient gradients of activations. A plan that
+fits by less than that margin is reported as not fitting.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytrain_speech.batch import Batch
+from raytrain_speech.config import Config, ModelSpec
+from raytrain_speech.models import activation_checkpointing
+from raytrain_speech.models.masking import model_span_mask
+from raytrain_speech.models.registry import (
+    build_meta,
+    build_model,
+    count_parameters,
+    family,
+    objective_for,
+    target_limits,
+)
+
+GIB = 2**30
+GPUS_GIB = {"a100-40gb": 40.0, "a100-80gb": 80.0, "h100-80gb": 80.0, "h100-94gb": 94.0, "h200": 141.0,
+            "l40s": 48.0, "a10g": 24.0}
+"""Memory of the GPUs --gpu names (GiB, as nvidia-smi reports them); NAME:GiB for any other."""
+CONTEXT_GIB = 1.0
+TRACED_BLOCKS = 1
+"""Blocks of each Transformer/Conformer stack traced (they keep the same activations; the first
+Conformer or WavLM block is no lighter than the others, so one stands for all)."""
+TRACE_FRACTION = 2
+"""The trace runs one utterance of (longest / TRACE_FRACTION) seconds; activations scale linearly."""
+TOKENS_PER_S = {"char": 15.0}
+"""Target tokens per second of audio for the planned batch (characters); subword tokenizers: 4."""
+
+
+def gpu_gib(name: str) -> tuple[str, float]:
+    """(label, GiB) of --gpu: a known name or NAME:GiB; ValueError naming the choices."""
+    if ":" in name:
+        label, size = name.rsplit(":", 1)
+        try:
+            return label, float(size)
+        except ValueError:
+            pass
+    if name in GPUS_GIB:
+        return name, GPUS_GIB[name]
+    raise ValueError(f"--gpu {name!r}: not one of {', '.join(GPUS_GIB)} (or NAME:GiB, e.g. rtx4090:24)")
+
+
+@dataclass
+class ActivationTrace:
+    """Saved-for-backward bytes of one forward at one batch shape."""
+
+    outside: int
+    per_block: dict[str, int]
+    """Per stack: bytes one block keeps (the traced blocks' mean)."""
+    block_input: dict[str, int]
+    depth: dict[str, int]
+    """Per stack: the preset's number of blocks."""
+
+    def scaled(self, factor: float) -> ActivationTrace:
+        """The trace of ``factor`` x the audio (more rows, or longer ones: activations are linear in
+        both, attention included, as it runs fused and keeps O(T) per head)."""
+        return ActivationTrace(round(self.outside * factor), {k: round(v * factor) for k, v in self.per_block.items()},
+                               {k: round(v * factor) for k, v in self.block_input.items()}, dict(self.depth))
+
+    def total(self, every: int = 0) -> int:
+        """Bytes at full depth; ``every`` = activation checkpointing (0 none, 1 blocks, N every N-th)."""
+        kept, recompute = self.outside, 0
+        for stack, n in self.depth.items():
+            checkpointed = len(range(0, n, every)) if every else 0
+            kept += (n - checkpointed) * self.per_block[stack] + checkpointed * self.block_input[stack]
+            if checkpointed:
+                recompute = max(recompute, self.per_block[stack])
+        return kept + recompute
+
+
+def _homogeneous(stack_name: str) -> bool:
+    """Whether every block of a stack keeps the same activations (Transformer and Conformer layers),
+    so that a few traced blocks stand for all; a convolutional feature encoder's layers shrink the
+    time axis one after the other and are traced whole."""
+    return "conv" not in stack_name.rsplit(".", 1)[-1]
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return id(t)
+
+
+def _is_weight(t: torch.Tensor, weights: set) -> bool:
+    """A parameter, autocast's half-precision copy of one, or a view of either (the transposed weight
+    a matmul keeps): its autograd chain reaches a parameter through casts and views only. The static
+    lines count these (weights, and the half-precision copies)."""
+    if _storage_key(t) in weights:
+        return True
+    fn = t.grad_fn
+    for _ in range(6):
+        if fn is None or len(fn.next_functions) != 1 or not fn.name().startswith(_CAST_OR_VIEW):
+            return False
+        fn = fn.next_functions[0][0]
+        if fn is not None and fn.name().endswith("AccumulateGrad"):
+            return True
+    return False
+
+
+_CAST_OR_VIEW = ("ToCopyBackward", "TBackward", "TransposeBackward", "ViewBackward", "UnsafeViewBackward",
+                 "ExpandBackward", "PermuteBackward", "AsStridedBackward", "UnsqueezeBackward", "SqueezeBackward",
+                 "ReshapeAliasBackward", "AliasBackward")
+
+
+def trace(spec: ModelSpec, vocab_size: int, specials: dict | None, rows: int, duration_s: float, tokens: int,
+          precision: str, blocks: int | None = TRACED_BLOCKS, seed: int = 0) -> ActivationTrace:
+    """Trace the model (stacks cut to ``blocks`` layers; None = full depth) on ``rows`` utterances of
+    ``duration_s`` with ``tokens`` target tokens each."""
+    spec = ModelSpec(family=spec.family, preset=spec.preset, overrides=dict(spec.overrides))  # no AC: traced plain
+    with torch.device("meta"):
+        model = build_model(spec, vocab_size, specials)
+    depth = {}
+    for name, stack in activation_checkpointing.block_stacks(model):
+        depth[name] = len(stack)
+        if blocks is not None and len(stack) > blocks and _homogeneous(name):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, nn.ModuleList(list(stack)[:blocks]))
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+        for b in model.buffers():
+            if b.is_floating_point():
+                b.zero_()
+    model.train()
+    batch = _batch(family(spec).input_kind, rows, duration_s, tokens, gen)
+    if model.span_masking is not None:
+        from dataclasses import replace
+
+        batch = replace(batch, mask_BT=model_span_mask(model, batch, seed=seed, epoch=0))
+    weights = {_storage_key(p) for p in model.parameters()}
+    seen: set = set()
+    where = {"block": None}
+    saved: dict = {}
+    inputs: dict = {}
+
+    def pack(t):
+        key = _storage_key(t)
+        if key not in seen and not _is_weight(t, weights):
+            seen.add(key)
+            saved[where["block"]] = saved.get(where["block"], 0) + t.untyped_storage().nbytes()
+        return t
+
+    handles = []
+    for stack_name, stack in activation_checkpointing.block_stacks(model):
+        for i, block in enumerate(stack):
+            def enter(_m, args, _kwargs, key=(stack_name, i)):
+                where["block"] = key
+                inputs[key] = sum(a.untyped_storage().nbytes() for a in args if torch.is_tensor(a))
+
+            def leave(_m, _args, _kwargs, _out):
+                where["block"] = None
+
+            handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
+            handles.append(block.register_forward_hook(leave, with_kwargs=True))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision in ("bf16", "fp16"))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, _fused_attention():
+        out = model(batch)
+        objective_for(spec).loss(batch, out)
+    for h in handles:
+        h.remove()
+    per_block, block_input = {}, {}
+    for stack_name in depth:
+        keys = [k for k in inputs if k[0] == stack_name]
+        per_block[stack_name] = round(sum(saved.get(k, 0) for k in keys) / max(1, len(keys)))
+        block_input[stack_name] = round(sum(inputs[k] for k in keys) / max(1, len(keys)))
+    return ActivationTrace(saved.get(None, 0), per_block, block_input, depth)
+
+
+@contextmanager
+def _fused_attention():
+    """Attention as a GPU's fused kernels keep it for backward: O(T) per head, dropout drawn inside
+    the kernel. The CPU's flash kernel has no dropout, and with dropout on it falls back to the math
+    path, which keeps the T x T weights; so the trace runs attention without its dropout."""
+    sdpa = F.scaled_dot_product_attention
+
+    def fused(*args, **kwargs):
+        if len(args) > 4:  # (query, key, value, attn_mask, dropout_p, ...)
+            args = (*args[:4], 0.0, *args[5:])
+        else:
+            kwargs["dropout_p"] = 0.0
+        return sdpa(*args, **kwargs)
+
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def _batch(kind: str, rows: int, duration_s: float, tokens: int, gen: torch.Generator) -> Batch:
+    frames = max(1, round(duration_s * 100))
+    shape = (rows, frames * 160) if kind == "waveform" else (rows, frames, 80)
+    return Batch(features_BFM=torch.randn(shape, generator=gen),
+                 feature_lengths_B=torch.full((rows,), shape[1], dtype=torch.int64),
+                 targets_BL=torch.randint(3, 20, (rows, max(1, tokens)), generator=gen),
+                 target_lengths_B=torch.full((rows,), max(1, tokens), dtype=torch.int64),
+                 indices=list(range(rows)), ids=[f"plan{i}" for i in range(rows)], texts=[""] * rows,
+                 audio_s=rows * duration_s, languages=[""] * rows)
+
+
+@dataclass
+class MemoryPlan:
+    """One GPU's training memory for one setting (bytes)."""
+
+    parallelism: str
+    activation_checkpointing: str
+    weights: float
+    gradients: float
+    optimizer: float
+    buffers: float
+    activations: float
+    context: float = CONTEXT_GIB * GIB
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def static(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.buffers + self.context
+
+    @property
+    def total(self) -> float:
+        return self.static + self.activations
+
+
+def static_bytes(n_params: int, precision: str, ema: bool, parallelism: str, workers: int,
+                 largest_block_params: int) -> dict[str, float]:
+    """Weights, gradients, optimizer state and buffers per GPU for AdamW training."""
+    half = precision in ("bf16", "fp16")
+    if parallelism == "ddp":  # the gradients are views into DDP's buckets (train/worker.py): one copy
+        return {"weights": n_params * (4 + (2 if half else 0) + (4 if ema else 0)), "gradients": n_params * 4,
+                "optimizer": n_params * 8, "buffers": 0.0}
+    shard = n_params / workers  # FSDP2: every rank holds 1/N of weights, gradients, moments (and EMA)
+    gathered = 2 * largest_block_params * (2 if half else 4)  # one block all-gathered + the next prefetched
+    return {"weights": shard * (4 + (4 if ema else 0)) + gathered, "gradients": shard * 4,
+            "optimizer": shard * 8, "buffers": largest_block_params * 4}  # reduce-scatter of one block
+
+
+@dataclass
+class RecipePlan:
+    """The plan of a recipe on ``workers`` GPUs of ``gpu_gib`` each."""
+
+    gpu: str
+    gpu_gib: float
+    workers: int
+    n_params: int
+    rows: int
+    duration_s: float
+    tokens: int
+    accumulation: int
+    plans: list[MemoryPlan]
+    largest_rows: dict[float, dict[str, int]]
+    """Longest duration of a bucket -> setting label -> the largest micro-batch (rows) that fits."""
+    recipe_setting: str
+
+    def fits(self, plan: MemoryPlan) -> bool:
+        return plan.total <= self.gpu_gib * GIB
+
+
+def _rows_and_accumulation(cfg: Config, workers: int) -> tuple[int, float, int]:
+    """(rows of the recipe's micro-batch at its longest utterances, that duration, accumulation)."""
+    tc = cfg.train
+    longest = cfg.data.max_duration_s or 30.0
+    if cfg.features.pad_to_s:
+        longest = max(longest, cfg.features.pad_to_s)
+    accum, budget_s = tc.accumulation(workers)
+    if tc.global_batch_utterances is not None:
+        rows = tc.micro_batch_utterances or math.ceil(tc.global_batch_utterances / workers)
+    else:
+        rows = max(1, int(budget_s // longest))
+    return rows, longest, accum
+
+
+def plan_recipe(cfg: Config, gpu: str, workers: int | None = None, vocab_size: int | None = None,
+                specials: dict | None = None, durations_s: list[float] | None = None) -> RecipePlan:
+    label, gib = gpu_gib(gpu)
+    workers = workers or cfg.run.worker_range[1]
+    spec = cfg.model
+    if vocab_size is None:
+        vocab_size, specials = vocabulary(cfg)
+    vocab = vocab_size
+    meta = build_meta(ModelSpec(family=spec.family, preset=spec.preset, overrides=dict(spec.overrides)), vocab,
+                      specials)
+    n_params = count_parameters(meta)
+    largest_block = max((count_parameters(b) for _, s in activation_checkpointing.block_stacks(meta) for b in s),
+                        default=0)
+    precision = cfg.step.precision if cfg.step.precision != "auto" else ("bf16" if cfg.run.use_gpu else "fp32")
+    rows, longest, accum = _rows_and_accumulation(cfg, workers)
+    tokens = _tokens(cfg, longest, specials)
+    # One row of half the longest duration is traced and scaled: a full micro-batch of a 1.5 B model
+    # under CPU autocast (emulated bf16 on an AVX2 CPU) took 100 s to trace here, this ~15 s.
+    traced_s = max(min(longest, 2.0), longest / TRACE_FRACTION)
+    act = trace(spec, vocab, specials, 1, traced_s, _tokens(cfg, traced_s, specials), precision).scaled(
+        rows * longest / traced_s)
+    settings = [("ddp", "none"), ("ddp", "blocks"), ("fsdp", "none"), ("fsdp", "blocks")]
+    if spec.activation_checkpointing not in ("none", "blocks"):
+        settings.append(("ddp", spec.activation_checkpointing))
+    plans = []
+    for parallelism, ac in settings:
+        s = static_bytes(n_params, precision, cfg.step.ema_decay is not None, parallelism, workers, largest_block)
+        p = MemoryPlan(parallelism, ac, activations=act.total(activation_checkpointing.parse(ac)), **s)
+        if parallelism == "fsdp":
+            p.notes.append("train.parallelism=fsdp is not built yet (issue 17): its figures are for planning")
+        plans.append(p)
+    # Activations grow linearly with rows and with duration (attention runs fused: flash / memory-
+    # efficient kernels keep O(T) per head, on the CPU trace as on a GPU), so one trace sizes every bucket.
+    largest: dict[float, dict[str, int]] = {}
+    for d in durations_s or _bucket_durations(cfg, longest):
+        largest[d] = {}
+        for p in plans:
+            per_row = p.activations / rows * d / longest
+            largest[d][f"{p.parallelism}+{p.activation_checkpointing}"] = max(0, int((gib * GIB - p.static) // per_row))
+    return RecipePlan(label, gib, workers, n_params, rows, longest, tokens, accum, plans, largest,
+                      f"ddp+{spec.activation_checkpointing}")
+
+
+def _tokens(cfg: Config, duration_s: float, specials: dict | None = None) -> int:
+    """Target tokens of a planned utterance: ~15 characters or ~4 subword tokens per second, at most
+    what the family and text.max_target_tokens allow."""
+    tokens = math.ceil(duration_s * TOKENS_PER_S.get(cfg.text.tokenizer, 4.0))
+    limit = target_limits(cfg.model, specials, cfg.text.max_target_tokens).get("max_tokens")
+    return min(tokens, limit) if limit else tokens
+
+
+def _bucket_durations(cfg: Config, longest: float) -> list[float]:
+    """Longest durations of the planned buckets: ``batching.duration_buckets`` (at most 6) equal steps up
+    to the longest (the recipe's edges are quantiles of its corpus, which the plan does not read); one
+    bucket when the front end pads every utterance to the same length."""
+    if cfg.features.pad_to_s:
+        return [longest]
+    n = max(1, min(6, cfg.batching.duration_buckets))
+    return [round(longest * k / n, 1) for k in range(1, n + 1)]
+
+
+def vocabulary(cfg: Config) -> tuple[int, dict | None]:
+    """(vocabulary size, special tokens) the recipe trains with: its tokenizer when this machine can
+    read it, else (a tokenizer file in a bucket out of reach) the preset's published vocabulary
+    (Whisper's), or the character tokenizer's."""
+    from raytrain_speech.data.text import CharTokenizer
+    from raytrain_speech.data.tokenizer import load_tokenizer
+    from raytrain_speech.models import whisper
+    from raytrain_speech.models.registry import resolve
+
+    try:
+        tokenizer = load_tokenizer(cfg.text, cfg.storage)
+        return tokenizer.vocab_size, tokenizer.specials or None
+    except Exception:
+        arch = resolve(cfg.model)
+        if cfg.model.family == "whisper" and getattr(arch, "vocab_size", None):
+            return arch.vocab_size, whisper.published_specials(arch)
+        return CharTokenizer().vocab_size, None
+
+
+def render(plan: RecipePlan) -> str:
+    """The plan as a console table, the verdicts, and the largest micro-batch per bucket."""
+    gb = lambda b: f"{b / GIB:6.1f}"  # noqa: E731
+    lines = [f"{plan.workers} x {plan.gpu} ({plan.gpu_gib:g} GiB each), {plan.n_params / 1e9:.3f} B parameters, "
+             f"micro-batch {plan.rows} x {plan.duration_s:g} s ({plan.tokens} target tokens), "
+             f"accumulation {plan.accumulation}",
+             "", "| setting | weights | grads | optimizer | buffers | activations | context | total GiB | fits |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for p in plan.plans:
+        name = f"{p.parallelism} + AC {p.activation_checkpointing}"
+        lines.append(f"| {name} | {gb(p.weights)} | {gb(p.gradients)} | {gb(p.optimizer)} | {gb(p.buffers)} | "
+                     f"{gb(p.activations)} | {gb(p.context)} | {gb(p.total)} | {'yes' if plan.fits(p) else 'NO'} |")
+    lines.append("")
+    for p in plan.plans:
+        verdict = "fits" if plan.fits(p) else "does not fit"
+        mark = " (the recipe's setting)" if f"{p.parallelism}+{p.activation_checkpointing}" == plan.recipe_setting else ""
+        lines.append(f"{p.parallelism} with activation checkpointing {p.activation_checkpointing}{mark}: {verdict} "
+                     f"({p.total / GIB:.1f} of {plan.gpu_gib:g} GiB)" + "".join(f"; {n}" for n in p.notes))
+    lines += ["", "largest micro-batch (utterances) per bucket, by its longest duration:",
+              "| bucket up to | " + " | ".join(plan.largest_rows[next(iter(plan.largest_rows))]) + " |",
+              "|---|" + "---:|" * len(plan.plans)]
+    for d, by in plan.largest_rows.items():
+        lines.append(f"| {d:g} s | " + " | ".join(str(v) for v in by.values()) + " |")
+    return "\n".join(lines)
