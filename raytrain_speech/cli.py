@@ -152,8 +152,8 @@ def cmd_plan(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"[plan] tracing {cfg.model.family}/{cfg.model.preset} on this CPU (one utterance of half the longest "
-          "duration; seconds for small models, ~20 s for 1.5 B) ...", flush=True)
+    print(f"[plan] tracing {cfg.model.family}/{cfg.model.preset} on this CPU (two of its blocks on 2 utterances "
+          "of 4 s and of 8 s: seconds for small models, ~30 s for 1.5 B) ...", flush=True)
     print(render(plan_recipe(cfg, args.gpu, args.workers)))
     return 0
 

@@ -4,18 +4,22 @@ Static memory is arithmetic on the parameter count (the full preset on the meta 
 fp32 weights, fp32 gradients (views into DDP's buckets, so one copy), AdamW's two fp32 moments (fused
 on CUDA: no full-size temporaries at the step), autocast's half-precision weight copies for bf16/fp16,
 an EMA copy when ``step.ema_decay`` is set; FSDP2 shards all of it over the workers and gathers one
-block at a time (plus the next, prefetched). Activations are not a formula: the model is traced. Each layer stack is cut to its first
-``TRACED_BLOCKS`` layers (same width, heads, vocabulary as the preset), materialised on the CPU and run
-forward (with the loss) on a batch of the planned shape under the run's autocast, while autograd's
-saved-tensor hooks count the bytes kept for the backward pass (each storage once, weights and their
-autocast copies excluded), attributed to the blocks or to what lies outside them. The full depth is
-``outside + depth x per-block``, and activation checkpointing keeps the checkpointed blocks' inputs
-plus one block's intermediates (its recomputation in backward). tests/unit/test_memory_plan.py checks
-the extrapolation against full-depth traces.
+block at a time (plus the next, prefetched).
+
+Activations are not a formula: the model is traced. Each Transformer/Conformer stack is cut to its
+first ``TRACED_BLOCKS`` layers (same width, heads, vocabulary as the preset; convolutional feature
+encoders stay whole), materialised on the CPU with random weights and run forward with the loss under
+the run's autocast, while autograd's saved-tensor hooks count the bytes kept for the backward pass
+(each storage once; weights and their autocast copies excluded), per block and outside the blocks.
+Two such traces, of (at most) 2 rows at ``TRACE_S`` and 2 x ``TRACE_S``, give each figure as
+b x T + c x T^2 (relative-position attention keeps a T x T bias), which is evaluated at the
+micro-batch's longest duration and scaled to its rows. Blocks past the traced ones keep what the last
+traced one does; activation checkpointing keeps the checkpointed blocks' inputs plus one block's
+intermediates (its recomputation in backward). tests/unit/test_memory_plan.py checks the
+extrapolation against full-depth traces of the whole micro-batch.
 
 What the trace does not see, and the plan adds as one ``CONTEXT_GIB`` line: the CUDA context, cuBLAS
-workspaces, the allocator's fragmentation, backward's transient gradients of activations. A plan that
-fits by less than that margin is reported as not fitting.
+workspaces, the allocator's fragmentation, backward's transient gradients of activations.
 """
 
 from __future__ import annotations
@@ -46,11 +50,12 @@ GPUS_GIB = {"a100-40gb": 40.0, "a100-80gb": 80.0, "h100-80gb": 80.0, "h100-94gb"
             "l40s": 48.0, "a10g": 24.0}
 """Memory of the GPUs --gpu names (GiB, as nvidia-smi reports them); NAME:GiB for any other."""
 CONTEXT_GIB = 1.0
-TRACED_BLOCKS = 1
-"""Blocks of each Transformer/Conformer stack traced (they keep the same activations; the first
-Conformer or WavLM block is no lighter than the others, so one stands for all)."""
-TRACE_FRACTION = 2
-"""The trace runs one utterance of (longest / TRACE_FRACTION) seconds; activations scale linearly."""
+TRACED_BLOCKS = 2
+"""Blocks of each Transformer/Conformer stack traced: the first (which may differ: WavLM's computes
+the relative position bias) and one that stands for all the others."""
+TRACE_S = 4.0
+"""The trace runs one utterance of this many seconds (or the longest, if shorter); activations scale
+linearly with duration and rows (tests/unit/test_memory_plan.py checks the extrapolation)."""
 TOKENS_PER_S = {"char": 15.0}
 """Target tokens per second of audio for the planned batch (characters); subword tokenizers: 4."""
 
@@ -73,26 +78,34 @@ class ActivationTrace:
     """Saved-for-backward bytes of one forward at one batch shape."""
 
     outside: int
-    per_block: dict[str, int]
-    """Per stack: bytes one block keeps (the traced blocks' mean)."""
-    block_input: dict[str, int]
+    blocks: dict[str, list[int]]
+    """Per stack: bytes each traced block keeps; the blocks past the traced ones keep what the last
+    traced one does (the first block of a stack may differ: WavLM's computes the position bias)."""
+    inputs: dict[str, list[int]]
+    """Per stack: bytes of each traced block's inputs (what a checkpointed block keeps)."""
     depth: dict[str, int]
     """Per stack: the preset's number of blocks."""
 
     def scaled(self, factor: float) -> ActivationTrace:
-        """The trace of ``factor`` x the audio (more rows, or longer ones: activations are linear in
-        both, attention included, as it runs fused and keeps O(T) per head)."""
-        return ActivationTrace(round(self.outside * factor), {k: round(v * factor) for k, v in self.per_block.items()},
-                               {k: round(v * factor) for k, v in self.block_input.items()}, dict(self.depth))
+        """The trace of ``factor`` x the rows."""
+        return self.mapped(lambda v: v * factor)
+
+    def mapped(self, fn) -> ActivationTrace:
+        return ActivationTrace(round(fn(self.outside)), {k: [round(fn(v)) for v in b] for k, b in self.blocks.items()},
+                               {k: [round(fn(v)) for v in b] for k, b in self.inputs.items()}, dict(self.depth))
 
     def total(self, every: int = 0) -> int:
         """Bytes at full depth; ``every`` = activation checkpointing (0 none, 1 blocks, N every N-th)."""
         kept, recompute = self.outside, 0
         for stack, n in self.depth.items():
-            checkpointed = len(range(0, n, every)) if every else 0
-            kept += (n - checkpointed) * self.per_block[stack] + checkpointed * self.block_input[stack]
-            if checkpointed:
-                recompute = max(recompute, self.per_block[stack])
+            traced, inputs = self.blocks[stack], self.inputs[stack]
+            for i in range(n):
+                block = traced[min(i, len(traced) - 1)]
+                if every and i % every == 0:
+                    kept += inputs[min(i, len(inputs) - 1)]
+                    recompute = max(recompute, block)
+                else:
+                    kept += block
         return kept + recompute
 
 
@@ -189,12 +202,12 @@ def trace(spec: ModelSpec, vocab_size: int, specials: dict | None, rows: int, du
         objective_for(spec).loss(batch, out)
     for h in handles:
         h.remove()
-    per_block, block_input = {}, {}
+    blocks_kept, block_inputs = {}, {}
     for stack_name in depth:
-        keys = [k for k in inputs if k[0] == stack_name]
-        per_block[stack_name] = round(sum(saved.get(k, 0) for k in keys) / max(1, len(keys)))
-        block_input[stack_name] = round(sum(inputs[k] for k in keys) / max(1, len(keys)))
-    return ActivationTrace(saved.get(None, 0), per_block, block_input, depth)
+        keys = sorted(k for k in inputs if k[0] == stack_name)
+        blocks_kept[stack_name] = [saved.get(k, 0) for k in keys]
+        block_inputs[stack_name] = [inputs[k] for k in keys]
+    return ActivationTrace(saved.get(None, 0), blocks_kept, block_inputs, depth)
 
 
 @contextmanager
@@ -290,6 +303,8 @@ def _rows_and_accumulation(cfg: Config, workers: int) -> tuple[int, float, int]:
     """(rows of the recipe's micro-batch at its longest utterances, that duration, accumulation)."""
     tc = cfg.train
     longest = cfg.data.max_duration_s or 30.0
+    if cfg.data.crop_s:  # self-supervised recipes train on windows of at most crop_s
+        longest = min(longest, cfg.data.crop_s)
     if cfg.features.pad_to_s:
         longest = max(longest, cfg.features.pad_to_s)
     accum, budget_s = tc.accumulation(workers)
@@ -316,11 +331,8 @@ def plan_recipe(cfg: Config, gpu: str, workers: int | None = None, vocab_size: i
     precision = cfg.step.precision if cfg.step.precision != "auto" else ("bf16" if cfg.run.use_gpu else "fp32")
     rows, longest, accum = _rows_and_accumulation(cfg, workers)
     tokens = _tokens(cfg, longest, specials)
-    # One row of half the longest duration is traced and scaled: a full micro-batch of a 1.5 B model
-    # under CPU autocast (emulated bf16 on an AVX2 CPU) took 100 s to trace here, this ~15 s.
-    traced_s = max(min(longest, 2.0), longest / TRACE_FRACTION)
-    act = trace(spec, vocab, specials, 1, traced_s, _tokens(cfg, traced_s, specials), precision).scaled(
-        rows * longest / traced_s)
+    fitted = activation_model(spec, vocab, specials, cfg, longest, rows, precision)
+    act = fitted.at(longest, rows)
     settings = [("ddp", "none"), ("ddp", "blocks"), ("fsdp", "none"), ("fsdp", "blocks")]
     if spec.activation_checkpointing not in ("none", "blocks"):
         settings.append(("ddp", spec.activation_checkpointing))
@@ -331,16 +343,62 @@ def plan_recipe(cfg: Config, gpu: str, workers: int | None = None, vocab_size: i
         if parallelism == "fsdp":
             p.notes.append("train.parallelism=fsdp is not built yet (issue 17): its figures are for planning")
         plans.append(p)
-    # Activations grow linearly with rows and with duration (attention runs fused: flash / memory-
-    # efficient kernels keep O(T) per head, on the CPU trace as on a GPU), so one trace sizes every bucket.
+    # Per bucket: the same fit at the bucket's longest duration, one row, then as many rows as fit.
     largest: dict[float, dict[str, int]] = {}
     for d in durations_s or _bucket_durations(cfg, longest):
         largest[d] = {}
+        one = fitted.at(d, 1)
         for p in plans:
-            per_row = p.activations / rows * d / longest
+            per_row = one.total(activation_checkpointing.parse(p.activation_checkpointing))
             largest[d][f"{p.parallelism}+{p.activation_checkpointing}"] = max(0, int((gib * GIB - p.static) // per_row))
     return RecipePlan(label, gib, workers, n_params, rows, longest, tokens, accum, plans, largest,
                       f"ddp+{spec.activation_checkpointing}")
+
+
+@dataclass
+class ActivationModel:
+    """Traces of ``traced_rows`` rows at two durations, each figure fitted as b x T + c x T^2 through
+    them: most activations are linear in T, but relative-position attention (Conformer, WavLM) keeps
+    a T x T bias per head, as a GPU does. Rows scale linearly from the traced ones (a tensor shared by
+    the rows, such as WavLM's position bias, is then counted high, never low, for larger batches)."""
+
+    short: ActivationTrace
+    short_s: float
+    longer: ActivationTrace | None = None
+    longer_s: float = 0.0
+    traced_rows: int = 1
+
+    def at(self, duration_s: float, rows: int) -> ActivationTrace:
+        per = rows / self.traced_rows
+        if self.longer is None:
+            return self.short.scaled(per * duration_s / self.short_s)
+        s1, s2 = self.short_s, self.longer_s
+
+        def fit(v1: float, v2: float) -> int:
+            c = max(0.0, (v2 / s2 - v1 / s1) / (s2 - s1))
+            b = v1 / s1 - c * s1
+            return round(per * max(b * duration_s + c * duration_s**2, 0.0))
+
+        a, b = self.short, self.longer
+        return ActivationTrace(
+            fit(a.outside, b.outside), {k: [fit(x, y) for x, y in zip(a.blocks[k], b.blocks[k])] for k in a.blocks},
+            {k: [fit(x, y) for x, y in zip(a.inputs[k], b.inputs[k])] for k in a.inputs}, dict(a.depth))
+
+
+def activation_model(spec: ModelSpec, vocab: int, specials: dict | None, cfg: Config, duration_s: float,
+                     rows: int, precision: str) -> ActivationModel:
+    """Traces of (at most) 2 rows at TRACE_S and 2 x TRACE_S (or the longest duration, if shorter):
+    a whole micro-batch of the 1.5 B Whisper under CPU autocast (emulated bf16 on an AVX2 CPU) took
+    100 s to trace here, one 30 s row of a large Conformer over 5 minutes."""
+    traced_rows = min(rows, 2)
+    short_s = min(duration_s, TRACE_S)
+    model = ActivationModel(trace(spec, vocab, specials, traced_rows, short_s, _tokens(cfg, short_s, specials),
+                                  precision), short_s, traced_rows=traced_rows)
+    if short_s < duration_s:
+        model.longer_s = min(duration_s, 2 * TRACE_S)
+        model.longer = trace(spec, vocab, specials, traced_rows, model.longer_s,
+                             _tokens(cfg, model.longer_s, specials), precision)
+    return model
 
 
 def _tokens(cfg: Config, duration_s: float, specials: dict | None = None) -> int:

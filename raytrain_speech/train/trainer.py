@@ -32,7 +32,7 @@ from raytrain_speech.data import corpus
 from raytrain_speech.data.augment import mask_batch
 from raytrain_speech.data.batching import duration_quantile_boundaries, filler_batch
 from raytrain_speech.data.features import DeviceLogMel
-from raytrain_speech.data.mixture import Mixture, build_mixture
+from raytrain_speech.data.mixture import Mixture, build_mixture, train_data_label
 from raytrain_speech.data.prefetch import WaitClock
 from raytrain_speech.data.preprocess import worker_batches
 from raytrain_speech.data.progress import DataCursor
@@ -471,10 +471,8 @@ class Trainer:
         self.cursor = self.cursor.next_epoch(self._epoch_size(self.state.epoch))
 
     def _train_data(self) -> str:
-        dc = self.cfg.data
-        if self.mixture is None:
-            return f"{dc.root} split {dc.train_split}"
-        return "data.sources " + ", ".join(f"{s.name} ({s.root} split {s.split})" for s in dc.sources)
+        root, split = train_data_label(self.cfg)
+        return f"{root} split {split}"
 
     def _finish(self) -> TrainState:
         if self.state.step != self.last_ckpt_step:  # stopped by max_epochs between checkpoints
