@@ -142,20 +142,11 @@ def cmd_config(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    """Per-GPU training memory of a recipe, for DDP and FSDP, with and without activation
-    checkpointing, and the largest micro-batch per duration bucket (train/memory_plan.py)."""
+    """Per-GPU training memory of a recipe (train/memory_plan.py)."""
     cfg = _load(args)
-    from raytrain_speech.train.memory_plan import gpu_gib, plan_recipe, render
+    from raytrain_speech.train.memory_plan import plan_command
 
-    try:
-        gpu_gib(args.gpu)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"[plan] tracing {cfg.model.family}/{cfg.model.preset} on this CPU (two of its blocks on 2 utterances "
-          "of 4 s and of 8 s: seconds for small models, ~30 s for 1.5 B) ...", flush=True)
-    print(render(plan_recipe(cfg, args.gpu, args.workers)))
-    return 0
+    return plan_command(cfg, args.gpu, args.workers)
 
 
 def cmd_tune(args) -> int:
@@ -289,32 +280,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_models(args) -> int:
-    """One line per (family, preset): parameters counted on the meta device, so billion-parameter
-    presets list in a second without memory. A preset published with a tokenizer (Whisper large-v3:
-    Whisper's 51,866 ids) is counted with that vocabulary's size and special-token layout; the others
-    with the default character tokenizer."""
-    from raytrain_speech.config import ModelSpec
+    """One line per (family, preset), parameters counted on the meta device (models.registry.presets_table)."""
     from raytrain_speech.data.text import CharTokenizer
-    from raytrain_speech.models import whisper
-    from raytrain_speech.models.registry import FAMILIES, build_meta, count_parameters, family, resolve
+    from raytrain_speech.models.registry import FAMILIES, presets_table
 
-    names = [args.family] if args.family else list(FAMILIES)
-    chars = CharTokenizer().vocab_size
-    print(f"{'family':<19} {'preset':<11} {'parameters':>15} {'vocabulary':>22}  {'objective':<11} {'input':<9} "
-          "description")
-    for name in names:
-        fam = family(ModelSpec(family=name))
-        for preset in fam.presets:
-            spec = ModelSpec(family=name, preset=preset)
-            published = getattr(resolve(spec), "vocab_size", None) if name == "whisper" else None
-            if published:
-                model = build_meta(spec, published, whisper.published_specials(resolve(spec)))
-                vocab = f"{published:,} (Whisper BPE)"
-            else:
-                model = build_meta(spec, chars)
-                vocab = f"{chars} (chars)" if fam.text_output else "-"
-            print(f"{name:<19} {preset:<11} {count_parameters(model):>15,} {vocab:>22}  {fam.objective:<11} "
-                  f"{fam.input_kind:<9} {fam.summary}")
+    print("\n".join(presets_table([args.family] if args.family else list(FAMILIES), CharTokenizer().vocab_size)))
     return 0
 
 

@@ -215,3 +215,27 @@ def count_parameters(model: nn.Module) -> int:
 
 def describe(spec: ModelSpec) -> dict:
     return {"family": spec.family, "preset": spec.preset, **to_dict(resolve(spec))}
+
+
+def presets_table(names: list[str], chars_vocab_size: int) -> list[str]:
+    """One line per (family, preset): parameters counted on the meta device, so billion-parameter
+    presets list in a second without memory. A preset published with a tokenizer (Whisper large-v3:
+    Whisper's 51,866 ids) is counted with that vocabulary's size and special-token layout; the others
+    with the character tokenizer's ``chars_vocab_size``."""
+    lines = [f"{'family':<19} {'preset':<11} {'parameters':>15} {'vocabulary':>22}  {'objective':<11} {'input':<9} "
+             "description"]
+    for name in names:
+        fam = family(ModelSpec(family=name))
+        for preset in fam.presets:
+            spec = ModelSpec(family=name, preset=preset)
+            published = getattr(resolve(spec), "vocab_size", None) if name == "whisper" else None
+            if published:
+                model = build_meta(spec, published, whisper.published_specials(resolve(spec)))
+                vocab = f"{published:,} (Whisper BPE)"
+            else:
+                model = build_meta(spec, chars_vocab_size)
+                vocab = f"{chars_vocab_size} (chars)" if fam.text_output else "-"
+            lines.append(f"{name:<19} {preset:<11} {count_parameters(model):>15,} {vocab:>22}  {fam.objective:<11} "
+                         f"{fam.input_kind:<9} {fam.summary}")
+    return lines
+

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 
 from raytrain_speech import storage
 from raytrain_speech.config import StorageConfig
@@ -54,6 +55,7 @@ class TensorBoardSink:
         self.writer = None
         self.attempt = None
         self.local_dir: str | None = None
+        self.opened_s = 0
 
     def _open(self, record: dict, history: list[dict]) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -67,8 +69,17 @@ class TensorBoardSink:
         if self.remote:  # a staging directory per attempt: each upload sends only this attempt's file
             self.local_dir = tempfile.mkdtemp(prefix="rts-tensorboard-")
             log_dir = self.local_dir
+            newest_s = self.opened_s
         else:
             log_dir = os.path.join(self.run_dir, TENSORBOARD_DIR)
+            newest_s = max(self.opened_s, _newest_event_file_s(log_dir))
+        # TensorBoard reads a run's event files in name order, and a name starts with the second its
+        # file was opened: a file opened in the same second as the previous attempt's sorts by pid and
+        # a counter (as text) and may be read first, losing its purge of the rolled-back steps.
+        wait_s = newest_s + 1 - time.time()
+        if wait_s > 0:
+            time.sleep(wait_s)
+        self.opened_s = int(time.time())
         self.writer = SummaryWriter(log_dir=log_dir, purge_step=start + 1 if rolled_back else None,
                                     filename_suffix=f".attempt{record.get('attempt', 1)}")
         config = storage.join(self.run_dir, "config.yaml")
@@ -98,6 +109,15 @@ class TensorBoardSink:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _newest_event_file_s(log_dir: str) -> int:
+    """The second the newest event file in ``log_dir`` was opened (its name says: events.out.tfevents.<s>...)."""
+    if not os.path.isdir(log_dir):
+        return 0
+    seconds = [int(n.split(".")[3]) for n in os.listdir(log_dir)
+               if n.startswith("events.out.tfevents.") and n.split(".")[3].isdigit()]
+    return max(seconds, default=0)
 
 
 def check_trackers(names) -> None:

@@ -50,7 +50,12 @@ def _loss_grads(name: str, mode: str):
     return float(loss.detach()), grads, buffers, total[0], model
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+DEFAULT_RUN = ("conformer_aed", "conformer_ctc", "wav2vec2_ctc", "wavlm_ctc", "whisper")
+"""One family per model type in the default run (the others share their blocks); all in the slow run."""
+
+
+@pytest.mark.parametrize("name", [n if n in DEFAULT_RUN else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(FAMILIES)])
 def test_same_gradients_with_and_without_and_less_kept_for_backward(name):
     loss, grads, buffers, kept, _ = _loss_grads(name, "none")
     loss_ac, grads_ac, buffers_ac, kept_ac, model = _loss_grads(name, "blocks")
