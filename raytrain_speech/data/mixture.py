@@ -139,10 +139,10 @@ class Mixture:
             keep = np.isfinite(d) & (d >= (lo if lo is not None else -np.inf)) & (d <= (hi if hi is not None else np.inf))
             self.units.append(np.where(keep, d if unit == "hours" else 1.0, 0.0))
         self.totals = np.array([u.sum() for u in self.units])
-        empty = [s.name for s, t in zip(sources, self.totals) if t <= 0]
+        empty = [s for s, t in zip(sources, self.totals) if t <= 0]
         if empty:
-            raise ValueError(f"data.sources {empty[0]}: no readable utterance within data.min/max_duration_s "
-                             f"in {sources[[s.name for s in sources].index(empty[0])].root}")
+            raise ValueError(f"data.sources {empty[0].name}: no readable utterance within data.min/max_duration_s "
+                             f"in {empty[0].root} split {empty[0].split}")
         self.budgets = self.shares * self.totals.sum()
         self.key = self._fingerprint(duration_range_s)
         self._plans: dict[int, EpochPlan] = {}

@@ -10,8 +10,9 @@ accounting instead, and never stops the run on its own.
 from __future__ import annotations
 
 from raytrain_speech import storage
-from raytrain_speech.config import Config
+from raytrain_speech.config import Config, ConfigError
 from raytrain_speech.data import corpus
+from raytrain_speech.data.mixture import build_mixture
 from raytrain_speech.models.registry import check_config
 from raytrain_speech.storage import StorageError
 from raytrain_speech.train.finetune import check_init_from
@@ -34,6 +35,11 @@ def check(cfg: Config) -> None:
             corpus.shard_uris(src.root, src.split, src.storage or cfg.storage)
         except StorageError as err:
             raise StorageError(f"data.sources {src.name}: {err}") from None
+    if cfg.data.sources:  # a source with nothing to train on is a config error, before Ray starts
+        try:
+            build_mixture(cfg)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     check_noise(cfg)
 
 

@@ -131,3 +131,17 @@ def test_on_ray_a_driver_kill_and_a_resume_at_another_world_size_keep_both_prope
     assert abs(shares[0] - 0.75) < 0.05 and abs(shares[1] - 0.25) < 0.05, shares
     assert audited["source_epochs"][1] == [0, 1] and audited["source_epochs"][0] == [0], audited["source_epochs"]
     assert_no_stale_rows(metrics)
+
+
+def test_a_source_with_nothing_to_train_on_or_out_of_reach_is_one_line_before_training(tmp_path, sources):
+    from raytrain_speech.config import ConfigError
+    from raytrain_speech.storage import StorageError
+
+    short = mixture_config(tmp_path, sources, "nothing", **{"run.backend": "local", "data.min_duration_s": 59})
+    with pytest.raises(ConfigError, match=r"^data.sources synth: no readable utterance within "
+                                          r"data.min/max_duration_s in .*synth split train$"):
+        fit(short, progress=False)
+    missing = mixture_config(tmp_path, sources, "missing", **{"run.backend": "local"})
+    missing.data.sources[1].root = str(tmp_path / "no-such-corpus")
+    with pytest.raises(StorageError, match="^data.sources libri: .*no-such-corpus"):
+        fit(missing, progress=False)
