@@ -80,7 +80,7 @@ class LocalRuntime:
         consumed = consumed if consumed is not None and consumed.any() else None
 
         def rows() -> Iterator[dict]:  # all of the epoch's reads, the shard list too, in the prefetch thread
-            raw = (self._mixture_rows(consumed) if cfg.data.sources else
+            raw = (self._mixture_rows(consumed, epoch) if cfg.data.sources else
                    corpus.read_batches(cfg.data.root, cfg.data.train_split, cfg.storage, uris=self.epoch_shards(),
                                        consumed=consumed, rows_per_batch=cfg.data.preprocess_batch_rows))
             for b in raw:
@@ -90,16 +90,16 @@ class LocalRuntime:
         return prefetch(rows(), cfg.data.prefetch_batches, cfg.data.stall_timeout_s,
                         lambda waited_s: stall_message(0, root, split, epoch, waited_s))
 
-    def _mixture_rows(self, consumed: np.ndarray | None) -> Iterator[dict]:
-        """A mixture epoch's rows: every source's shards, in an order shuffled per epoch."""
+    def _mixture_rows(self, consumed: np.ndarray | None, epoch: int) -> Iterator[dict]:
+        """Mixture epoch ``epoch``'s rows: every source's shards, in an order shuffled per epoch."""
         cfg = self.cfg
         if self.mixture is None:
             self.mixture = mixture.build_mixture(cfg)
         items = self.mixture.items(pieces=1)
         if cfg.data.shuffle_blocks:
-            random.Random(f"{cfg.train.seed}/{self.epoch}").shuffle(items)
+            random.Random(f"{cfg.train.seed}/{epoch}").shuffle(items)
         for item in items:
-            yield from mixture.item_batches(self.mixture, item, self.epoch, consumed, cfg.data.preprocess_batch_rows, 1)
+            yield from mixture.item_batches(self.mixture, item, epoch, consumed, cfg.data.preprocess_batch_rows, 1)
 
     def preempted_ranks(self) -> list[int] | None:
         return None  # one process: nothing drains it but the user
