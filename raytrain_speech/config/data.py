@@ -47,6 +47,10 @@ class SourceConfig:
     epoch of it starts when it runs out), a larger one is spread over several mixture epochs."""
     storage: StorageConfig | None = None
     """How to reach this source's storage when it differs from the run's (storage.*); null = storage.*."""
+    valid_split: str | None = None
+    """A held-out split of this source, validated on its own at every validation (metrics
+    source.<name>.valid_loss / valid_wer / valid_cer); null = none (data.valid_split of data.root is
+    validated either way)."""
 
     def validate(self) -> None:
         require(bool(re.fullmatch(r"[A-Za-z0-9_-]+", self.name)), "data.sources[].name",

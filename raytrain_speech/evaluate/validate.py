@@ -64,6 +64,17 @@ class Validator:
         return totals
 
 
+def source_validators(cfg, rank: int, world: int) -> list[tuple[str, Validator]]:
+    """(metric prefix ``source.<name>.``, Validator) for each mixture source with a ``valid_split``:
+    its own held-out split, read with its own storage settings."""
+    out = []
+    for src in cfg.data.sources:
+        if src.valid_split:
+            own = replace(cfg, data=replace(cfg.data, root=src.root), storage=src.storage or cfg.storage)
+            out.append((f"source.{src.name}.", Validator(own, src.valid_split, rank, world)))
+    return out
+
+
 def cfg_normalizer(cfg) -> str:
     """The scoring normaliser (eval.normalizer) applied to both sides of validation WER."""
     return cfg.eval.normalizer

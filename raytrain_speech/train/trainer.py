@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -39,7 +40,7 @@ from raytrain_speech.data.progress import DataCursor
 from raytrain_speech.data.shards import read_manifest
 from raytrain_speech.data.text import TOKENIZER_FILES
 from raytrain_speech.data.tokenizer import load_tokenizer
-from raytrain_speech.evaluate.validate import Validator, summarize
+from raytrain_speech.evaluate.validate import Validator, source_validators, summarize
 from raytrain_speech.models.masking import model_channel_mask, model_span_mask
 from raytrain_speech.models.registry import build_model, count_parameters, objective_for
 from raytrain_speech.seeding import epoch_seed
@@ -200,6 +201,7 @@ class Trainer:
         self.validator = None
         if tc.validate_every_steps or cfg.run.checkpoint_score_attribute:
             self.validator = Validator(cfg, cfg.data.valid_split, self.rank, self.world)
+        self.source_validators = source_validators(cfg, self.rank, self.world) if self.validator else []
         # Rank 0's id for this attempt: the run card and the trained logs group by it, so an attempt
         # that ends before its first checkpoint (and so restores the same attempt count as the next
         # one) is still an attempt of its own.
@@ -358,16 +360,19 @@ class Trainer:
     # -- validation ------------------------------------------------------------------------------------
 
     def _validate(self) -> dict:
-        """Loss (and greedy WER/CER for text families) on the valid split, summed over ranks; the EMA
-        weights when the run keeps them."""
+        """Loss (and greedy WER/CER for text families) on the valid split, summed over ranks (and on
+        each mixture source's own valid_split, as source.<name>.valid_*); the EMA weights when the run
+        keeps them."""
         model = self.stepper.model
-        if self.stepper.ema is not None:
-            with self.stepper.ema.applied(model) as averaged:
-                counts = self.validator.counts(averaged, self.device)
-        else:
-            counts = self.validator.counts(unwrap(model), self.device)
-        keys = sorted(counts)
-        return summarize(dict(zip(keys, collectives.all_reduce_sum([counts[k] for k in keys], self.device))))
+        applied = self.stepper.ema.applied(model) if self.stepper.ema is not None else nullcontext(unwrap(model))
+        out = {}
+        with applied as weights:
+            for prefix, validator in [("", self.validator), *self.source_validators]:
+                counts = validator.counts(weights, self.device)
+                keys = sorted(counts)
+                summed = summarize(dict(zip(keys, collectives.all_reduce_sum([counts[k] for k in keys], self.device))))
+                out.update({prefix + k: v for k, v in summed.items()})
+        return out
 
     def _should_stop(self, valid: dict) -> bool:
         """Early stopping bookkeeping (kept in TrainState, so it survives restarts)."""

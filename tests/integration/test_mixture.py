@@ -42,7 +42,7 @@ def sources(tmp_path_factory, s3_endpoint, s3fs_client):
 def source_spec(sources, weights) -> str:
     """data.sources as a command-line value: the synthesized source first (validation reads it)."""
     synth_root, prepared, storage_cfg = sources
-    return json.dumps([{"name": "synth", "root": synth_root, "weight": weights[0]},
+    return json.dumps([{"name": "synth", "root": synth_root, "weight": weights[0], "valid_split": "dev"},
                        {"name": "libri", "root": prepared, "weight": weights[1],
                         "storage": {"endpoint_url": storage_cfg.endpoint_url}}])
 
@@ -56,11 +56,12 @@ def mixture_config(tmp_path, sources, name: str, weights=(0.5, 0.5), **extra):
 
 
 def test_two_sources_keep_their_shares_and_exactly_once_across_a_resume(tmp_path, sources):
-    stopped = mixture_config(tmp_path, sources, "mix", **{"run.backend": "local", "train.max_steps": 7})
+    stopped = mixture_config(tmp_path, sources, "mix", **{"run.backend": "local", "train.max_steps": 7,
+                                                          "train.validate_every_steps": 5})
     assert stopped.data.root == sources[0]  # validation reads the first source's dev split
     first = fit(stopped, progress=False)
     assert first.metrics["step"] == 7 and first.metrics["epoch"] == 0  # stopped mid-epoch
-    cfg = mixture_config(tmp_path, sources, "mix", **{"run.backend": "local"})
+    cfg = mixture_config(tmp_path, sources, "mix", **{"run.backend": "local", "train.validate_every_steps": 5})
     outcome = fit(cfg, progress=False)
     assert outcome.metrics["epoch"] == 1
     mixture = build_mixture(cfg)
@@ -81,6 +82,10 @@ def test_two_sources_keep_their_shares_and_exactly_once_across_a_resume(tmp_path
     assert last["source.libri.passes"] > 2 > 1 > last["source.synth.passes"] > 0.5
     assert last["source.synth.bad_utterances"] == last["source.libri.bad_utterances"] == 0
     assert outcome.run_card["sources"]["libri"]["share"] == pytest.approx(shares[1])
+    # The synthesized source's own dev split validated beside data.root's (here the same corpus: equal)
+    validated = [m for m in metrics if "valid_loss" in m]
+    assert validated and all(m["source.synth.valid_loss"] == pytest.approx(m["valid_loss"]) for m in validated)
+    assert all("source.libri.valid_loss" not in m for m in metrics)
 
 
 @pytest.mark.slow  # two Ray runs (~3 min on the 2-core box)
