@@ -128,3 +128,29 @@ def assert_mixture_exactly_once(log_dir: str, mixture, final_step: int, last_epo
                                              f"{readable} utterances trained")
             complete[s].append(k)
     return {"audio_s": audio_s, "source_epochs": dict(complete)}
+
+
+def kill_driver_at_step(cmd: list[str], log_dir, at_step: int, timeout_s: float = 300) -> None:
+    """Run the CLI ``cmd`` in its own process group and SIGKILL the whole group (the driver and the
+    local Ray it started) once the trained-on logs in ``log_dir`` reach ``at_step``."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import pytest
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline:
+            attempts = read_attempts(str(log_dir)) if os.path.isdir(log_dir) else []
+            if attempts and max(attempts[-1]["steps"], default=0) >= at_step:
+                break
+            assert proc.poll() is None, "the first run ended before the fault"
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the first run never reached step {at_step}")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)

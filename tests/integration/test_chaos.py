@@ -14,7 +14,12 @@ from raytrain_speech.data.synth import synthesize
 from raytrain_speech.train.fit import fit
 from raytrain_speech.train.metrics import read_metrics
 from tests.conftest import tiny_config
-from tests.integration.audit import assert_exactly_once, assert_no_stale_rows, read_attempts
+from tests.integration.audit import (
+    assert_exactly_once,
+    assert_no_stale_rows,
+    kill_driver_at_step,
+    read_attempts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -105,20 +110,7 @@ def test_driver_killed_then_same_command_resumes(tmp_path, corpus):
     }
     cmd = [sys.executable, "-m", "raytrain_speech.cli", "train", "--config", "examples/conformer_ctc_tiny.yaml",
            "--no-progress", *_cli_args(overrides)]
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            attempts = read_attempts(str(log_dir)) if log_dir.exists() else []
-            if attempts and max(attempts[-1]["steps"], default=0) >= 9:
-                break
-            assert first.poll() is None, "the first run ended before the fault"
-            time.sleep(0.1)
-        else:
-            pytest.fail("the first run never reached step 9")
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=60)
+    kill_driver_at_step(cmd, log_dir, at_step=9)
     time.sleep(2)
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -92,13 +92,11 @@ def test_two_sources_keep_their_shares_and_exactly_once_across_a_resume(tmp_path
 def test_on_ray_a_driver_kill_and_a_resume_at_another_world_size_keep_both_properties(tmp_path, sources):
     """2 workers on Ray at the issue's 0.75 / 0.25; the driver (and the local Ray it started) killed
     mid-epoch; the same command resumed at 1 worker."""
-    import os
-    import signal
     import subprocess
     import sys
     import time
 
-    from tests.integration.audit import read_attempts
+    from tests.integration.audit import kill_driver_at_step, read_attempts
 
     cfg = mixture_config(tmp_path, sources, "mixray", weights=(0.75, 0.25), **{"train.max_epochs": 2})
     log_dir = tmp_path / "trained"
@@ -108,21 +106,7 @@ def test_on_ray_a_driver_kill_and_a_resume_at_another_world_size_keep_both_prope
                  "run.object_store_memory_mb=400", *TINY_SYNTH]
     cmd = [sys.executable, "-m", "raytrain_speech.cli", "train", "--config", "examples/conformer_ctc_tiny.yaml",
            "--no-progress", *overrides]
-    first = subprocess.Popen([*cmd, "run.num_workers=2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            attempts = read_attempts(str(log_dir)) if log_dir.exists() else []
-            if attempts and max(attempts[-1]["steps"], default=0) >= 7:
-                break
-            assert first.poll() is None, "the first run ended before the fault"
-            time.sleep(0.1)
-        else:
-            pytest.fail("the first run never reached step 7")
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=60)
+    kill_driver_at_step([*cmd, "run.num_workers=2"], log_dir, at_step=7)
     time.sleep(2)
     second = subprocess.run([*cmd, "run.num_workers=1"], capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
